@@ -1,0 +1,1 @@
+"""Shared library of the moescope scripts: model loading, the MoE adapter, capture, data, statistics, runs."""

@@ -1,0 +1,118 @@
+"""Load a causal LM and its tokenizer from one `--model` string, and wrap it as a `MoEModel`.
+
+`--model` accepts:
+- `demo` / `demo-dense`: the small models shipped in `data/` (see data/demo-moe/TRAINING.md);
+- `random:<model_type>`: a tiny randomly initialised model of any transformers MoE architecture (offline smoke runs);
+- a local directory written by `save_pretrained` (the real `from_pretrained` path);
+- a hub id (`allenai/OLMoE-1B-7B-0924`), with `--revision`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.errors import InputError
+from common.moe import MoEModel
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_MODELS = {"demo": PROJECT_ROOT / "data" / "demo-moe", "demo-dense": PROJECT_ROOT / "data" / "demo-dense"}
+RANDOM_PREFIX = "random:"
+
+
+def default_model() -> str:
+    """The shipped demo model when present, else a tiny random OLMoE (both offline)."""
+    return "demo" if (SHIPPED_MODELS["demo"] / "config.json").is_file() else "random:olmoe"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise InputError(f"--device: {err}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA (the models' training precision, half the memory), fp32 on CPU (bf16 matmuls are slow there)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise InputError(f"--dtype {dtype}: choose auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model: str
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    seed: int = 0
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are exactly `org/name`; anything else with a separator, or anything on disk, is a path."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def load_model_and_tokenizer(spec: ModelSpec):
+    """(model in eval mode on its device, tokenizer, resolved source string)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    name = spec.model
+    if name.startswith(RANDOM_PREFIX):
+        from common.tiny import build_random_model
+
+        model, tokenizer = build_random_model(name[len(RANDOM_PREFIX):], seed=spec.seed, dtype=dtype)
+        return model.to(device).eval(), tokenizer, name
+    source: str | Path = name
+    if name in SHIPPED_MODELS:
+        source = SHIPPED_MODELS[name]
+        if not (source / "config.json").is_file():
+            raise InputError(f"--model {name}: the shipped model is missing from {source}")
+    elif _looks_like_path(name):
+        source = Path(name).expanduser()
+        if not source.exists():
+            raise InputError(f"--model {name}: no such directory")
+        if not (source / "config.json").is_file():
+            raise InputError(f"--model {name}: not a model directory (no config.json)")
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
+    if spec.revision and not isinstance(source, Path):
+        kwargs["revision"] = spec.revision
+    if spec.device_map:
+        kwargs["device_map"] = spec.device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=spec.trust_remote_code, **({"revision": spec.revision} if "revision" in kwargs else {})
+        )
+    except (OSError, ValueError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"--model {name}: cannot load it ({first_line})") from None
+    if not spec.device_map:
+        model = model.to(device)
+    return model.eval(), tokenizer, str(source)
+
+
+def load_moe(spec: ModelSpec) -> MoEModel:
+    """Load `spec.model` and find its MoE layers (an `InputError` for dense models)."""
+    model, tokenizer, _ = load_model_and_tokenizer(spec)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padding never counts anyway
+    try:
+        return MoEModel(model, tokenizer, name=spec.model, revision=spec.revision)
+    except InputError as err:
+        raise InputError(f"--model {spec.model}: {err}") from None

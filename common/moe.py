@@ -1,0 +1,402 @@
+"""One view of every MoE layer of a transformers causal LM, whatever its architecture.
+
+Discovery uses transformers' own registry: `type(base_model)._can_record_outputs["router_logits"]` names the router
+class of every MoE causal LM in transformers 5.x, and the router's parent module is the MoE block. Remote-code
+models in the older DeepSeekMoE layout (a gate returning `(topk_idx, topk_weight, aux_loss)` or plain logits, a
+`ModuleList` of experts, ungated shared experts) are found structurally. A model where neither applies is
+refused with a message naming what was found; nothing is guessed from class-name substrings.
+
+Each `MoELayer` says how its routing is encoded (`kind`), so that `common.hooks` can read and rewrite the top-k
+indices and weights the experts really use, and gives `expert_fn(e, x)`, one expert's unweighted output.
+Measured facts behind each special case: `shared/notes/transformers-moe.md`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.errors import InputError
+
+# standard: router(h) -> (logits, w, idx) or logits only (DBRX); experts(h, idx, w) authoritative.
+# llama4:   router(h) -> (dense sigmoid scores [T,E], logits); scores multiply the expert *inputs*.
+# jetmoe:   router(h) -> (index_sorted, batch_index, batch_gates, expert_size, logits); ParallelExperts.
+# legacy:   gate(h) -> (topk_idx, topk_weight, aux_loss) or logits; experts is a ModuleList (DeepSeekMoE remote code).
+RoutingKind = Literal["standard", "llama4", "jetmoe", "legacy"]
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)(?:\.|$)")
+_FINAL_NORM_NAMES = ("norm", "norm_f", "ln_f", "final_layernorm", "final_norm", "final_layer_norm")
+
+
+@dataclass(frozen=True)
+class ExpertParams:
+    """One expert's weights in textbook orientation: out = down @ (act(gate @ x + gate_bias) * (up @ x + up_bias)).
+
+    Tensors are views into the model's parameters (in-place edits reach the model).
+    """
+
+    gate: torch.Tensor | None  # [I, H]; None for ungated experts
+    up: torch.Tensor  # [I, H]
+    down: torch.Tensor  # [H, I]
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+
+@dataclass(eq=False)
+class MoELayer:
+    """One MoE block: where it lives, its routing encoding, sizes, and per-expert access."""
+
+    position: int  # index among the model's MoE layers
+    layer: int  # 0-based decoder-layer index
+    path: str  # module path of the block
+    kind: RoutingKind
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    num_experts: int  # routed experts with parameters (E)
+    num_choices: int  # width of the router logits: E, or E + zero-compute experts (LongCat)
+    top_k: int
+    logit_index: int | None  # where the logits sit in the router's output tuple; None = output is the logits
+    shared_experts: list[nn.Module] = field(default_factory=list)
+
+    def expert_fn(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert `expert`'s unweighted output on hidden states x [..., H] (the experts' own input space)."""
+        if not 0 <= expert < self.num_experts:
+            raise InputError(f"expert {expert} out of range: layer {self.layer} has experts 0..{self.num_experts - 1}")
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        n = x.shape[0]
+        if self.kind == "standard":
+            # A zero-weight second slot: LongCat's experts crash with k=1, every other class accepts k=2.
+            other = (expert + 1) % self.num_experts
+            index = torch.tensor([[expert, other]], device=x.device).expand(n, 2)
+            weight = torch.tensor([[1.0, 0.0]], device=x.device, dtype=x.dtype).expand(n, 2)
+            out = self.experts(x, index, weight)
+        elif self.kind == "llama4":
+            routed_in = x.new_zeros(self.num_experts, n, shape[-1])
+            routed_in[expert] = x
+            out = self.experts(routed_in.view(-1, shape[-1])).view(self.num_experts, n, -1)[expert]
+        elif self.kind == "jetmoe":
+            sizes = [0] * self.num_experts
+            sizes[expert] = n
+            gate, up = self.block.input_linear(x, sizes).chunk(2, dim=-1)
+            out = self.block.output_linear(self.block.activation(gate) * up, sizes)
+        else:
+            out = self.experts[expert](x)
+        return out.reshape(shape)
+
+    def expert_params(self, expert: int) -> ExpertParams:
+        """Views of expert `expert`'s weights in textbook orientation (see `ExpertParams`)."""
+        ex = self.experts
+        if self.kind == "standard" and hasattr(ex, "mlp") and hasattr(ex.mlp, "w1"):  # DBRX: [E*I, H] stacks
+            e_i_h = (self.num_experts, -1, ex.mlp.w1.shape[-1])
+            return ExpertParams(
+                gate=ex.mlp.w1.view(e_i_h)[expert],
+                up=ex.mlp.v1.view(e_i_h)[expert],
+                down=ex.mlp.w2.view(e_i_h)[expert].T,
+            )
+        if self.kind in ("standard", "llama4"):
+            # Llama4 stores [E, H, 2I] / [E, I, H] like the decorator's is_transposed layout.
+            transposed = self.kind == "llama4" or getattr(ex, "is_transposed", False)
+            interleaved = hasattr(ex, "_apply_gate")  # gpt-oss: gate/up interleaved along the 2I axis
+            if getattr(ex, "has_gate", True) and hasattr(ex, "gate_up_proj"):
+                gate_up = ex.gate_up_proj[expert]
+                gate_up = gate_up.T if transposed else gate_up  # -> [2I, H]
+                gate, up = (gate_up[::2], gate_up[1::2]) if interleaved else gate_up.chunk(2, dim=0)
+                bias = getattr(ex, "gate_up_proj_bias", None)
+                gate_bias, up_bias = (None, None)
+                if bias is not None:
+                    b = bias[expert]
+                    gate_bias, up_bias = (b[::2], b[1::2]) if interleaved else b.chunk(2)
+            else:
+                gate, gate_bias = None, None
+                up = ex.up_proj[expert].T if transposed else ex.up_proj[expert]
+                up_bias = ex.up_proj_bias[expert] if getattr(ex, "up_proj_bias", None) is not None else None
+            down = ex.down_proj[expert].T if transposed else ex.down_proj[expert]
+            down_bias = ex.down_proj_bias[expert] if getattr(ex, "down_proj_bias", None) is not None else None
+            return ExpertParams(gate, up, down, gate_bias, up_bias, down_bias)
+        if self.kind == "jetmoe":
+            gate, up = self.block.input_linear.weight[expert].chunk(2, dim=0)
+            return ExpertParams(gate=gate, up=up, down=self.block.output_linear.weight[expert])
+        mlp = self.experts[expert]
+        return ExpertParams(
+            gate=mlp.gate_proj.weight if hasattr(mlp, "gate_proj") else None,
+            up=mlp.up_proj.weight,
+            down=mlp.down_proj.weight,
+        )
+
+    def describe(self) -> dict:
+        return {
+            "layer": self.layer,
+            "path": self.path,
+            "kind": self.kind,
+            "num_experts": self.num_experts,
+            "num_choices": self.num_choices,
+            "top_k": self.top_k,
+            "shared_experts": len(self.shared_experts),
+        }
+
+
+# --------------------------------------------------------------------------------------------- discovery
+
+
+def _router_specs(model: nn.Module) -> list[tuple[type, int]]:
+    """(router class, index of the logits in its output) from transformers' output-recording registry."""
+    for module in model.modules():
+        spec = (getattr(type(module), "_can_record_outputs", None) or {}).get("router_logits")
+        if spec is None:
+            continue
+        specs = []
+        for item in spec if isinstance(spec, list) else [spec]:
+            target = getattr(item, "target_class", item)
+            specs.append((target, getattr(item, "index", 0)))
+        return specs
+    return []
+
+
+def _first_attr(objects: Sequence[object], names: Sequence[str]) -> int | None:
+    for obj in objects:
+        for name in names:
+            value = getattr(obj, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _decoder_layer_index(path: str) -> int:
+    found = _LAYER_INDEX.findall(path)
+    if not found:
+        raise InputError(f"cannot tell which decoder layer the MoE block '{path}' belongs to")
+    return int(found[-1])
+
+
+def _shared_experts(block: nn.Module, decoder_layer: nn.Module | None) -> list[nn.Module]:
+    shared = [getattr(block, n) for n in ("shared_experts", "shared_expert", "shared_mlp") if hasattr(block, n)]
+    if decoder_layer is not None and hasattr(decoder_layer, "shared_mlp") and decoder_layer.shared_mlp not in shared:
+        shared.append(decoder_layer.shared_mlp)  # GraniteMoeShared keeps it on the decoder layer
+    return shared
+
+
+def _standard_layers(model: nn.Module, specs: list[tuple[type, int]]) -> list[MoELayer]:
+    named = dict(model.named_modules())
+    found = []
+    for path, module in model.named_modules():
+        for router_cls, logit_index in specs:
+            if not isinstance(module, router_cls) or "." not in path:
+                continue
+            block_path = path.rsplit(".", 1)[0]
+            block = named[block_path]
+            experts = getattr(block, "experts", None)
+            if hasattr(block, "input_linear") and hasattr(block, "output_linear"):
+                if hasattr(block, "reduce"):
+                    continue  # JetMoE mixture-of-attention: attention heads, not FFN experts
+                kind, experts = "jetmoe", block.input_linear
+            elif isinstance(experts, nn.Module) and len(inspect.signature(experts.forward).parameters) == 1:
+                kind = "llama4"
+            elif isinstance(experts, nn.Module):
+                kind = "standard"
+            else:
+                continue  # a wrapper that records logits but holds no experts (JetMoeAttention)
+            routed = _first_attr([experts], ["num_routed_experts"]) or _first_attr(
+                [experts, module, block], ["num_experts", "moe_num_experts", "n_routed_experts"]
+            )
+            top_k = _first_attr([module, block], ["top_k", "moe_top_k", "num_experts_per_tok", "moe_topk"])
+            if routed is None or top_k is None:
+                raise InputError(f"MoE block '{block_path}' ({type(block).__name__}): cannot read its expert count / top-k")
+            choices = _first_attr([module], ["n_routed_experts"]) if kind == "standard" else None
+            layer_index = _decoder_layer_index(block_path)
+            decoder_layer = named.get(block_path.rsplit(".", 1)[0]) if "." in block_path else None
+            found.append(
+                MoELayer(
+                    position=len(found),
+                    layer=layer_index,
+                    path=block_path,
+                    kind=kind,
+                    block=block,
+                    router=module,
+                    experts=experts,
+                    num_experts=routed,
+                    num_choices=max(choices or routed, routed),
+                    top_k=top_k,
+                    logit_index=logit_index,
+                    shared_experts=_shared_experts(block, decoder_layer),
+                )
+            )
+    return found
+
+
+def _legacy_layers(model: nn.Module) -> list[MoELayer]:
+    """DeepSeekMoE-style remote code: a block with `gate` and a `ModuleList` of experts."""
+    config = getattr(model, "config", None)
+    found = []
+    for path, block in model.named_modules():
+        experts, gate = getattr(block, "experts", None), getattr(block, "gate", None)
+        if not (isinstance(experts, nn.ModuleList) and len(experts) > 1 and isinstance(gate, nn.Module)):
+            continue
+        weight = getattr(gate, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise InputError(f"MoE block '{path}': its gate {type(gate).__name__} has no [E, H] weight to read logits from")
+        top_k = _first_attr([gate, block, config], ["top_k", "num_experts_per_tok", "moe_top_k"])
+        if top_k is None:
+            raise InputError(f"MoE block '{path}': cannot read top-k from the gate, block or config")
+        found.append(
+            MoELayer(
+                position=len(found),
+                layer=_decoder_layer_index(path),
+                path=path,
+                kind="legacy",
+                block=block,
+                router=gate,
+                experts=experts,
+                num_experts=len(experts),
+                num_choices=weight.shape[0],
+                top_k=top_k,
+                logit_index=None,
+                shared_experts=_shared_experts(block, None),
+            )
+        )
+    return found
+
+
+def _config_says_moe(config: object) -> list[str]:
+    names = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+    hits = []
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 1:
+            hits.append(f"{name}={value}")
+    return hits
+
+
+def find_moe_layers(model: nn.Module) -> list[MoELayer]:
+    """All MoE blocks of `model` in decoder-layer order; a clear `InputError` if there are none or the layout is unknown."""
+    specs = _router_specs(model)
+    layers = _standard_layers(model, specs) if specs else _legacy_layers(model)
+    if layers:
+        layers.sort(key=lambda m: m.layer)
+        for position, moe_layer in enumerate(layers):
+            moe_layer.position = position
+        return layers
+    name = type(model).__name__
+    hints = _config_says_moe(getattr(model, "config", None))
+    if specs:
+        routers = ", ".join(cls.__name__ for cls, _ in specs)
+        raise InputError(f"{name}: routers of type {routers} are declared but none sits next to separable experts")
+    if hints:
+        raise InputError(
+            f"{name}: the config suggests a MoE ({', '.join(hints)}) but its layout is unknown: no router in "
+            "transformers' registry and no block with a `gate` and a ModuleList of `experts`"
+        )
+    raise InputError(f"{name} has no MoE layers (a dense model?)")
+
+
+# --------------------------------------------------------------------------------------------- model view
+
+
+def _logits_postprocess(config: object) -> tuple[float | None, float | None]:
+    """(divide-by scale, soft cap) that some heads apply after the unembedding."""
+    scaling = getattr(config, "logits_scaling", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return (float(scaling) if scaling not in (None, 1, 1.0) else None, float(cap) if cap else None)
+
+
+class MoEModel:
+    """A causal LM with its tokenizer and the view of its MoE layers."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, name: str = "", revision: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        self.revision = revision
+        self.layers = find_moe_layers(model)
+        self._by_layer = {m.layer: m for m in self.layers}
+        self.num_decoder_layers = self._count_decoder_layers()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def _count_decoder_layers(self) -> int:
+        n = _first_attr([self.model.config], ["num_hidden_layers", "n_layers", "num_layers"])
+        if n is None:
+            text = getattr(self.model.config, "text_config", None)
+            n = _first_attr([text], ["num_hidden_layers", "n_layers", "num_layers"]) if text else None
+        return n or (max(self._by_layer) + 1)
+
+    def select(self, spec: Sequence[int | str] | None) -> list[MoELayer]:
+        """Layers named by `--layers`: decoder indices (negatives count from the end) or 'all'; None = all."""
+        if spec is None or any(str(s).lower() == "all" for s in spec):
+            return list(self.layers)
+        chosen: list[MoELayer] = []
+        moe_list = ", ".join(str(m.layer) for m in self.layers)
+        for item in spec:
+            try:
+                index = int(item)
+            except (TypeError, ValueError):
+                raise InputError(f"--layers: '{item}' is not a layer index or 'all'") from None
+            resolved = index + self.num_decoder_layers if index < 0 else index
+            if not 0 <= resolved < self.num_decoder_layers:
+                raise InputError(
+                    f"layer {index} does not exist: the model has {self.num_decoder_layers} decoder layers "
+                    f"(0..{self.num_decoder_layers - 1}); MoE layers: {moe_list}"
+                )
+            if resolved not in self._by_layer:
+                raise InputError(f"layer {index} is a dense (non-MoE) layer; MoE layers: {moe_list}")
+            if self._by_layer[resolved] not in chosen:
+                chosen.append(self._by_layer[resolved])
+        return chosen
+
+    def layer(self, index: int) -> MoELayer:
+        return self.select([index])[0]
+
+    # -- final norm + unembedding (the model's own, for logit lenses and profiles)
+    def final_norm(self) -> nn.Module:
+        base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
+        for name in _FINAL_NORM_NAMES:
+            module = getattr(base, name, None)
+            if isinstance(module, nn.Module):
+                return module
+        raise InputError(f"{type(self.model).__name__}: no final norm found among {', '.join(_FINAL_NORM_NAMES)}")
+
+    def unembed(self, residual: torch.Tensor) -> torch.Tensor:
+        """Logits from a residual-stream state, through the model's final norm and output head."""
+        logits = self.model.get_output_embeddings()(self.final_norm()(residual))
+        scaling, cap = _logits_postprocess(self.model.config)
+        if scaling is not None:
+            logits = logits / scaling
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        device = self.device
+        mask = attention_mask.to(device) if attention_mask is not None else None
+        return self.model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False, **kwargs)
+
+    def describe(self) -> dict:
+        return {
+            "model": self.name,
+            "revision": self.revision,
+            "architecture": type(self.model).__name__,
+            "num_decoder_layers": self.num_decoder_layers,
+            "moe_layers": [m.describe() for m in self.layers],
+        }
+
+
+def router_logits_from_gate_input(moe_layer: MoELayer, gate_input: torch.Tensor) -> torch.Tensor:
+    """Legacy gates return no logits; they are the same linear map the gate applies, recomputed identically."""
+    hidden = gate_input.reshape(-1, gate_input.shape[-1])
+    return F.linear(hidden, moe_layer.router.weight, getattr(moe_layer.router, "bias", None))

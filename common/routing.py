@@ -1,0 +1,219 @@
+"""Per-token routing quantities (SPEC "Entropy / decisiveness", "Distributions") and their streamed accumulators.
+
+Per-token functions are pure tensor maps on one layer's record. The accumulators keep, per (layer, domain), the
+moments and fixed-bin histograms of those quantities on the model's device; the overall ("all") row of every table
+is the domain axis pooled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from common.hooks import Capture, LayerRecord
+from common.moe import MoELayer
+from common.stats import Distribution, StatSet
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+ALL_DOMAINS = "all"
+
+
+def routing_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """p = softmax(z) over all router choices, in float32 whatever the model dtype."""
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def decisiveness(logits: torch.Tensor, topk_index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token decisiveness of one layer's router; every value is [T].
+
+    K is the set of experts the token was really sent to (for biased or sigmoid routers it need not be the top-k
+    of p). entropy = -Σ p ln p over all C choices (max ln C); topk_entropy is the entropy of p restricted to K
+    and renormalised (max ln k); margin = p(1) - p(2) of the sorted p.
+    """
+    p = routing_probabilities(logits)
+    choices, k = p.shape[-1], topk_index.shape[-1]
+    entropy = torch.special.entr(p).sum(-1)
+    p_topk = p.gather(-1, topk_index.long())
+    mass = p_topk.sum(-1)
+    renormalised = p_topk / mass.clamp_min(torch.finfo(p.dtype).tiny).unsqueeze(-1)
+    top2 = p.topk(min(2, choices), dim=-1).values
+    margin = top2[:, 0] - top2[:, 1] if choices > 1 else top2[:, 0]
+    return {
+        "entropy": entropy,
+        "entropy_normalized": entropy / math.log(choices),
+        "topk_entropy": torch.special.entr(renormalised).sum(-1),
+        "topk_entropy_normalized": torch.special.entr(renormalised).sum(-1) / math.log(k) if k > 1 else torch.zeros_like(mass),
+        "top1_prob": top2[:, 0],
+        "top1_top2_margin": margin,
+        "topk_mass": mass,
+    }
+
+
+def metric_ranges(layers: Sequence[MoELayer]) -> dict[str, tuple[float, float]]:
+    """Fixed histogram ranges: each quantity's mathematical range, so bins are identical across runs and ranks."""
+    max_choices = max(m.num_choices for m in layers)
+    max_k = max(m.top_k for m in layers)
+    unit = (0.0, 1.0)
+    return {
+        "entropy": (0.0, math.log(max_choices)),
+        "entropy_normalized": unit,
+        "topk_entropy": (0.0, math.log(max_k) if max_k > 1 else 1.0),
+        "topk_entropy_normalized": unit,
+        "top1_prob": unit,
+        "top1_top2_margin": unit,
+        "topk_mass": unit,
+    }
+
+
+class _LayerDomainStats:
+    """Shared bookkeeping: axes (layer, domain), the token weights, and tidy tables with an 'all' domain row."""
+
+    def __init__(self, layers: Sequence[MoELayer], domains: Sequence[str], device: torch.device) -> None:
+        self.layers = list(layers)
+        self.domains = list(domains)
+        self.device = device
+        self.axes = {"layer": [m.layer for m in self.layers], "domain": self.domains}
+        self.stats = StatSet()
+
+    def all_reduce(self):
+        self.stats.all_reduce()
+        return self
+
+    @staticmethod
+    def _with_overall(acc: Distribution, qs: Sequence[float]) -> pd.DataFrame:
+        per_domain = acc.frame(qs)
+        overall = acc.marginalize("domain").frame(qs)
+        overall.insert(list(per_domain.columns).index("domain"), "domain", ALL_DOMAINS)
+        return pd.concat([per_domain, overall[per_domain.columns]], ignore_index=True)
+
+    @staticmethod
+    def _hist_with_overall(acc: Distribution) -> pd.DataFrame:
+        per_domain = acc.histogram.frame()
+        overall = acc.histogram.marginalize("domain").frame()
+        overall.insert(list(per_domain.columns).index("domain"), "domain", ALL_DOMAINS)
+        return pd.concat([per_domain, overall[per_domain.columns]], ignore_index=True)
+
+
+class DecisivenessStats(_LayerDomainStats):
+    """Streamed moments + histograms of every `decisiveness` quantity per (layer, domain)."""
+
+    def __init__(self, layers: Sequence[MoELayer], domains: Sequence[str], device: torch.device, bins: int = 200) -> None:
+        super().__init__(layers, domains, device)
+        for name, (lo, hi) in metric_ranges(self.layers).items():
+            self.stats[name] = Distribution(self.axes, bins=bins, lo=lo, hi=hi, device=device)
+
+    def update(self, records: Capture, token_domain: torch.Tensor, token_weight: torch.Tensor) -> None:
+        for li, moe_layer in enumerate(self.layers):
+            record: LayerRecord = records[moe_layer.layer]
+            groups = {"layer": li, "domain": token_domain}
+            for name, values in decisiveness(record.logits, record.topk_index).items():
+                self.stats[name].update(values, groups, token_weight)
+
+    def summary(self, qs: Sequence[float] = QUANTILES) -> pd.DataFrame:
+        """One row per (metric, layer, domain incl. 'all'): count, mean, std, min, max, quantiles."""
+        tables = []
+        for name in self.stats:
+            table = self._with_overall(self.stats[name], qs)
+            table.insert(0, "metric", name)
+            tables.append(table)
+        return pd.concat(tables, ignore_index=True)
+
+    def histograms(self) -> pd.DataFrame:
+        tables = []
+        for name in self.stats:
+            table = self._hist_with_overall(self.stats[name])
+            table.insert(0, "metric", name)
+            tables.append(table)
+        return pd.concat(tables, ignore_index=True)
+
+    def histogram_array(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """counts [layer, domain + 1 ('all' last), bins] and the bin edges."""
+        result = self.stats[name].histogram.result()
+        counts = np.concatenate([result.counts, result.counts.sum(axis=1, keepdims=True)], axis=1)
+        return counts, result.edges
+
+
+def _rank_sorted(values: torch.Tensor) -> torch.Tensor:
+    """Each token's k values in descending order: column r is rank r+1."""
+    return values.sort(dim=-1, descending=True).values
+
+
+def distribution_values(record: LayerRecord) -> dict[str, torch.Tensor]:
+    """SPEC 'Distributions' for one layer: (a) raw logits z [T, C], (b) softmax p [T, C], (c) renormalised top-k
+    p̃ [T, k] and (d) the weights the experts really receive w [T, k], both sorted by rank."""
+    p = routing_probabilities(record.logits)
+    p_topk = p.gather(-1, record.topk_index.long())
+    renormalised = p_topk / p_topk.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    return {
+        "logit": record.logits.float(),
+        "softmax": p,
+        "topk_renormalized": _rank_sorted(renormalised),
+        "weight": _rank_sorted(record.topk_weight.float()),
+    }
+
+
+def _padded_range(low: float, high: float) -> tuple[float, float]:
+    """A range around the first batch's values with room on both sides (values beyond are clamped and counted)."""
+    span = max(high - low, 1e-3)
+    return math.floor(low - 0.5 * span), math.ceil(high + 0.5 * span)
+
+
+class DistributionStats(_LayerDomainStats):
+    """Histograms + moments of z and p (per layer, domain) and of p̃ and w (per layer, domain, rank)."""
+
+    RANKED = ("topk_renormalized", "weight")
+
+    def __init__(self, layers: Sequence[MoELayer], domains: Sequence[str], device: torch.device, bins: int = 200) -> None:
+        super().__init__(layers, domains, device)
+        self.bins = bins
+        self.max_k = max(m.top_k for m in self.layers)
+
+    def _create(self, records: Capture) -> None:
+        # Logits and weights have no fixed range; the first batch sets it once (one host sync for the whole run).
+        low_z = min(float(records[m.layer].logits.min()) for m in self.layers)
+        high_z = max(float(records[m.layer].logits.max()) for m in self.layers)
+        high_w = max(float(records[m.layer].topk_weight.max()) for m in self.layers)
+        ranges = {
+            "logit": _padded_range(low_z, high_z),
+            "softmax": (0.0, 1.0),
+            "topk_renormalized": (0.0, 1.0),
+            "weight": (0.0, max(1.0, math.ceil(high_w * 1.5))),
+        }
+        for name, (lo, hi) in ranges.items():
+            axes = {**self.axes, "rank": list(range(1, self.max_k + 1))} if name in self.RANKED else self.axes
+            self.stats[name] = Distribution(axes, bins=self.bins, lo=lo, hi=hi, device=self.device)
+
+    def update(self, records: Capture, token_domain: torch.Tensor, token_weight: torch.Tensor) -> None:
+        if not len(self.stats):
+            self._create(records)
+        for li, moe_layer in enumerate(self.layers):
+            values = distribution_values(records[moe_layer.layer])
+            for name, tensor in values.items():
+                groups = {"layer": li, "domain": token_domain.view(-1, 1)}
+                if name in self.RANKED:
+                    groups["rank"] = torch.arange(tensor.shape[-1], device=tensor.device).view(1, -1)
+                self.stats[name].update(tensor, groups, token_weight.view(-1, 1))
+
+    def summary(self, qs: Sequence[float] = QUANTILES) -> pd.DataFrame:
+        tables = []
+        for name in self.stats:
+            table = self._with_overall(self.stats[name], qs)
+            if "rank" not in table.columns:
+                table.insert(table.columns.get_loc("domain") + 1, "rank", "all")
+            table.insert(0, "quantity", name)
+            tables.append(table)
+        return pd.concat(tables, ignore_index=True)
+
+    def histograms(self) -> pd.DataFrame:
+        tables = []
+        for name in self.stats:
+            table = self._hist_with_overall(self.stats[name])
+            if "rank" not in table.columns:
+                table.insert(table.columns.get_loc("domain") + 1, "rank", "all")
+            table.insert(0, "quantity", name)
+            tables.append(table)
+        return pd.concat(tables, ignore_index=True)
