@@ -106,7 +106,7 @@ class MoELayer:
         if self.kind in ("standard", "llama4"):
             # Llama4 stores [E, H, 2I] / [E, I, H] like the decorator's is_transposed layout.
             transposed = self.kind == "llama4" or getattr(ex, "is_transposed", False)
-            interleaved = hasattr(ex, "_apply_gate")  # gpt-oss: gate/up interleaved along the 2I axis
+            interleaved = _gate_up_interleaved(ex)
             if getattr(ex, "has_gate", True) and hasattr(ex, "gate_up_proj"):
                 gate_up = ex.gate_up_proj[expert]
                 gate_up = gate_up.T if transposed else gate_up  # -> [2I, H]
@@ -143,6 +143,24 @@ class MoELayer:
             "top_k": self.top_k,
             "shared_experts": len(self.shared_experts),
         }
+
+
+def _gate_up_interleaved(experts: nn.Module) -> bool:
+    """Whether a fused gate_up axis alternates gate/up (gpt-oss) rather than holding [gate; up].
+
+    Read off the module's own gating function: nudging input 1 moves output 1 when the halves are stacked and
+    output 0 when they alternate. Classes without a custom `_apply_gate` use the stacked layout.
+    """
+    apply_gate = getattr(experts, "_apply_gate", None)
+    if apply_gate is None or "_apply_gate" not in type(experts).__dict__:
+        return False
+    width = experts.gate_up_proj.shape[-1 if getattr(experts, "is_transposed", False) else -2]
+    probe = torch.linspace(0.1, 0.9, width, dtype=torch.float64).view(1, -1)
+    nudged = probe.clone()
+    nudged[0, 1] += 0.25
+    with torch.no_grad():
+        moved = (apply_gate(nudged) - apply_gate(probe)).abs().view(-1)
+    return bool(moved[0] > moved[1])
 
 
 # --------------------------------------------------------------------------------------------- discovery
