@@ -106,8 +106,8 @@ class MoELayer:
         if self.kind in ("standard", "llama4"):
             # Llama4 stores [E, H, 2I] / [E, I, H] like the decorator's is_transposed layout.
             transposed = self.kind == "llama4" or getattr(ex, "is_transposed", False)
-            interleaved = _gate_up_interleaved(ex)
             if getattr(ex, "has_gate", True) and hasattr(ex, "gate_up_proj"):
+                interleaved = _gate_up_interleaved(ex)
                 gate_up = ex.gate_up_proj[expert]
                 gate_up = gate_up.T if transposed else gate_up  # -> [2I, H]
                 gate, up = (gate_up[::2], gate_up[1::2]) if interleaved else gate_up.chunk(2, dim=0)
@@ -203,6 +203,11 @@ def _shared_experts(block: nn.Module, decoder_layer: nn.Module | None) -> list[n
     return shared
 
 
+def _text_config(model: nn.Module) -> object:
+    config = getattr(model, "config", None)
+    return getattr(config, "text_config", None) or config
+
+
 def _standard_layers(model: nn.Module, specs: list[tuple[type, int]]) -> list[MoELayer]:
     named = dict(model.named_modules())
     found = []
@@ -226,10 +231,13 @@ def _standard_layers(model: nn.Module, specs: list[tuple[type, int]]) -> list[Mo
             routed = _first_attr([experts], ["num_routed_experts"]) or _first_attr(
                 [experts, module, block], ["num_experts", "moe_num_experts", "n_routed_experts"]
             )
-            top_k = _first_attr([module, block], ["top_k", "moe_top_k", "num_experts_per_tok", "moe_topk"])
+            top_k = _first_attr([module, block], ["top_k", "moe_top_k", "num_experts_per_tok", "moe_topk"]) or _first_attr(
+                [_text_config(model)], ["num_experts_per_tok", "top_k_experts", "moe_top_k", "moe_topk", "moe_k"]
+            )
             if routed is None or top_k is None:
                 raise InputError(f"MoE block '{block_path}' ({type(block).__name__}): cannot read its expert count / top-k")
-            choices = _first_attr([module], ["n_routed_experts"]) if kind == "standard" else None
+            # Zero-compute choices widen the logits: LongCat's identity experts, Zaya's skip expert.
+            choices = _first_attr([module], ["n_routed_experts", "num_router_classes"]) if kind == "standard" else None
             layer_index = _decoder_layer_index(block_path)
             decoder_layer = named.get(block_path.rsplit(".", 1)[0]) if "." in block_path else None
             found.append(

@@ -26,6 +26,8 @@ MIXED_ARCHS = [
     "lfm2_moe", "afmoe", "jamba",
 ]
 # fmt: on
+# Every MoE causal LM transformers has (56 in 5.23): the adapter must handle all of them.
+ALL_MOE_TYPES = tiny.moe_model_types()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from common.errors import InputError
 from common.hooks import RoutingEdit, capture, intervene, registered_hook_count
 from common.models import ModelSpec, load_moe
 from common.moe import MoEModel
-from tests.conftest import ARCHS, MIXED_ARCHS
+from tests.conftest import ALL_MOE_TYPES, ARCHS, MIXED_ARCHS
 from tests.legacy_moe import build_legacy_model, register
 
 BATCH, SEQ = 2, 9
@@ -54,13 +54,19 @@ def _activation(moe_layer):
 def _manual_expert(moe_layer, expert: int, x: torch.Tensor) -> torch.Tensor:
     """Textbook SwiGLU from the expert's own parameters; gpt-oss' clamped variant written out from its paper/config."""
     p = moe_layer.expert_params(expert)
-    gate = F.linear(x, p.gate, p.gate_bias)
+    gate = F.linear(x, p.gate, p.gate_bias) if p.gate is not None else None
     up = F.linear(x, p.up, p.up_bias)
     experts = moe_layer.experts
-    if hasattr(experts, "limit") and hasattr(experts, "alpha"):  # gpt-oss: (up + 1) * g * sigmoid(alpha * g), clamped
+    if p.gate is None:  # ungated experts (Nemotron-H): act(up x)
+        hidden = experts.act_fn(up)
+    elif hasattr(experts, "limit") and hasattr(experts, "alpha"):  # gpt-oss: (up + 1) * g * sigmoid(alpha * g), clamped
         gate = gate.clamp(max=experts.limit)
         up = up.clamp(-experts.limit, experts.limit)
         hidden = (up + 1) * gate * torch.sigmoid(gate * experts.alpha)
+    elif "_apply_gate" in type(experts).__dict__:
+        # Other custom gates (softcapped / clamped SwiGLUs): the module's own gate on [gate; up], so what is checked
+        # here is the parameter layout and the routing path, not the gate formula.
+        hidden = experts._apply_gate(torch.cat([gate, up], dim=-1))
     else:
         hidden = _activation(moe_layer)(gate) * up
     return F.linear(hidden, p.down, p.down_bias)
@@ -77,7 +83,7 @@ def legacy_dir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_MOE_TYPES)
 def test_adapter_exact_on_every_architecture(arch, saved_tiny_model):
     moe = _load(saved_tiny_model, arch)
     ids = _ids()

@@ -107,9 +107,12 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, docs: Sequence[str]) -> np.
     """Concatenate `<|bos|> doc <|eos|>` for every document into one int32 array."""
     parts: list[np.ndarray] = []
     batch = 256  # bounded memory for the 10 MB code domain
+    # The backend tokenizer directly: same ids as `tokenizer(...)`, without the per-call "longer than
+    # model_max_length" warning that whole documents trigger (they are cut into windows afterwards).
+    backend = tokenizer.backend_tokenizer
     for i in range(0, len(docs), batch):
-        for ids in tokenizer(list(docs[i : i + batch]), add_special_tokens=False)["input_ids"]:
-            parts.append(np.asarray([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id], dtype=np.int32))
+        for enc in backend.encode_batch(list(docs[i : i + batch]), add_special_tokens=False):
+            parts.append(np.asarray([tokenizer.bos_token_id, *enc.ids, tokenizer.eos_token_id], dtype=np.int32))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
