@@ -66,6 +66,58 @@ def _looks_like_path(name: str) -> bool:
     return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+def _source(spec: ModelSpec) -> str | Path:
+    """Where `from_pretrained` reads the model: a shipped folder, a local folder, or a hub id."""
+    name = spec.model
+    if name in SHIPPED_MODELS:
+        source = SHIPPED_MODELS[name]
+        if not (source / "config.json").is_file():
+            raise InputError(f"--model {name}: the shipped model is missing from {source}")
+        return source
+    if _looks_like_path(name):
+        source = Path(name).expanduser()
+        if not source.exists():
+            raise InputError(f"--model {name}: no such directory")
+        if not (source / "config.json").is_file():
+            raise InputError(f"--model {name}: not a model directory (no config.json)")
+        return source
+    return name
+
+
+def _load_error(name: str, err: Exception) -> InputError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return InputError(f"--model {name}: cannot load it ({first_line})")
+
+
+def inspect_moe(spec: ModelSpec) -> MoEModel:
+    """The model's MoE structure from its config alone (parameters on the meta device: no weights are read).
+
+    Lets a dense model or a wrong `--layers` be refused in seconds, before a large checkpoint is loaded.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.model.startswith(RANDOM_PREFIX):
+        from common.tiny import tiny_config, tiny_tokenizer
+
+        config = tiny_config(spec.model[len(RANDOM_PREFIX):], vocab_size=len(tiny_tokenizer()))
+    else:
+        source = _source(spec)
+        revision = {"revision": spec.revision} if spec.revision and not isinstance(source, Path) else {}
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **revision)
+        except (OSError, ValueError, KeyError) as err:
+            raise _load_error(spec.model, err) from None
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    except ValueError as err:
+        raise _load_error(spec.model, err) from None
+    try:
+        return MoEModel(skeleton, None, name=spec.model, revision=spec.revision)
+    except InputError as err:
+        raise InputError(f"--model {spec.model}: {err}") from None
+
+
 def load_model_and_tokenizer(spec: ModelSpec):
     """(model in eval mode on its device, tokenizer, resolved source string)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,17 +130,7 @@ def load_model_and_tokenizer(spec: ModelSpec):
 
         model, tokenizer = build_random_model(name[len(RANDOM_PREFIX):], seed=spec.seed, dtype=dtype)
         return model.to(device).eval(), tokenizer, name
-    source: str | Path = name
-    if name in SHIPPED_MODELS:
-        source = SHIPPED_MODELS[name]
-        if not (source / "config.json").is_file():
-            raise InputError(f"--model {name}: the shipped model is missing from {source}")
-    elif _looks_like_path(name):
-        source = Path(name).expanduser()
-        if not source.exists():
-            raise InputError(f"--model {name}: no such directory")
-        if not (source / "config.json").is_file():
-            raise InputError(f"--model {name}: not a model directory (no config.json)")
+    source = _source(spec)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
     if spec.revision and not isinstance(source, Path):
         kwargs["revision"] = spec.revision
@@ -100,8 +142,7 @@ def load_model_and_tokenizer(spec: ModelSpec):
             source, trust_remote_code=spec.trust_remote_code, **({"revision": spec.revision} if "revision" in kwargs else {})
         )
     except (OSError, ValueError, KeyError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"--model {name}: cannot load it ({first_line})") from None
+        raise _load_error(name, err) from None
     if not spec.device_map:
         model = model.to(device)
     return model.eval(), tokenizer, str(source)

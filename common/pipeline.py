@@ -11,12 +11,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from common.cli import model_spec
 from common.data import Batch, Domain, TokenBatches, resolve_domains, token_batches
 from common.errors import InputError
 from common.hooks import Capturable, Capture, capture
-from common.models import load_moe
+from common.models import inspect_moe, load_moe
 from common.moe import MoELayer, MoEModel
 
 DEFAULT_SEQ_LEN = 512
@@ -41,7 +42,11 @@ def model_context_length(moe: MoEModel) -> int | None:
 
 def setup(args: argparse.Namespace, *, data: bool = True) -> Setup:
     domains = resolve_domains(args.data, num_domains=args.num_domains, domains=args.domains) if data else []
-    moe = load_moe(model_spec(args))
+    spec = model_spec(args)
+    inspect_moe(spec).select(getattr(args, "layers", None))  # refuse dense models / bad layers before loading weights
+    if not args.progress:
+        hf_logging.disable_progress_bar()
+    moe = load_moe(spec)
     layers = moe.select(getattr(args, "layers", None))
     context = model_context_length(moe)
     seq_len = getattr(args, "seq_len", None) or min(DEFAULT_SEQ_LEN, context or DEFAULT_SEQ_LEN)
