@@ -83,6 +83,10 @@ def legacy_dir(tmp_path_factory):
     return path
 
 
+def test_every_required_architecture_is_covered():
+    assert set(ARCHS) <= set(ALL_MOE_TYPES)
+
+
 @pytest.mark.parametrize("arch", ALL_MOE_TYPES)
 def test_adapter_exact_on_every_architecture(arch, saved_tiny_model):
     moe = _load(saved_tiny_model, arch)
