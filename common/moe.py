@@ -387,11 +387,21 @@ class MoEModel:
     def layer(self, index: int) -> MoELayer:
         return self.select([index])[0]
 
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder's layer list (its outputs are the residual stream after each layer)."""
+        match = re.match(r"(.*?(?:^|\.)(?:layers|blocks|h))\.\d+(?:\.|$)", self.layers[0].path)
+        if match is None:
+            raise InputError(f"{type(self.model).__name__}: cannot find the decoder layer list")
+        return self.model.get_submodule(match.group(1))
+
     # -- final norm + unembedding (the model's own, for logit lenses and profiles)
     def final_norm(self) -> nn.Module:
-        base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
+        """The norm applied after the last decoder layer: a sibling of the decoder's layer list."""
+        layers_path = self.layers[0].path.split(".")
+        index = max(i for i, part in enumerate(layers_path) if part in ("layers", "blocks", "h"))
+        decoder = self.model.get_submodule(".".join(layers_path[:index]))
         for name in _FINAL_NORM_NAMES:
-            module = getattr(base, name, None)
+            module = getattr(decoder, name, None)
             if isinstance(module, nn.Module):
                 return module
         raise InputError(f"{type(self.model).__name__}: no final norm found among {', '.join(_FINAL_NORM_NAMES)}")

@@ -245,17 +245,24 @@ def test_set_force_logit_and_renormalize(olmoe):
     assert registered_hook_count(olmoe.model) <= len(olmoe.layers)  # only transformers' own recorders remain
 
 
-def test_unembed_reproduces_model_logits(olmoe):
-    ids = _ids()
+@pytest.mark.parametrize("arch", ["olmoe", "granitemoe", "dbrx", "gpt_oss", "deepseek_v3", "llama4_text"])
+def test_unembed_reproduces_model_logits(arch, saved_tiny_model):
+    """Final norm + unembedding (+ the head's logit scaling) of the last layer's residual gives the model's logits."""
+    moe = _load(saved_tiny_model, arch)
     residual = {}
-    last_layer = olmoe.model.model.layers[-1]
-    handle = last_layer.register_forward_hook(lambda m, a, out: residual.setdefault("h", out[0] if isinstance(out, tuple) else out))
+
+    def keep(module, args, out):
+        residual["h"] = out[0] if isinstance(out, tuple) else out
+
+    layers = moe.decoder_layers()
+    assert len(layers) == moe.num_decoder_layers
+    handle = layers[-1].register_forward_hook(keep)
     try:
-        logits = _forward(olmoe, ids).logits
+        logits = _forward(moe, _ids()).logits
     finally:
         handle.remove()
     with torch.no_grad():
-        torch.testing.assert_close(olmoe.unembed(residual["h"]), logits)
+        torch.testing.assert_close(moe.unembed(residual["h"]), logits)
 
 
 def test_layer_selection_and_errors(saved_tiny_model):

@@ -418,7 +418,7 @@ gives slightly different weights (losses agree to ~0.01–0.03).
             "held-out windows"], corpus_rows)}
 
 The French domain is small: Django's French catalogues are the only non-English text a `uv sync` of this project
-installs (German 35 kB, French 40 kB), so the model sees it ~{m['corpus'].get('french', {}).get('epochs', 0):.0f} times over; its held-out loss shows how
+installs (translated text: ~30 kB German, 35 kB French), so the model sees it ~{m['corpus'].get('french', {}).get('epochs', 0):.0f} times over; its held-out loss shows how
 little that generalises. Legal paragraphs are deduplicated across packages before splitting.
 
 ## Held-out loss (nats/token)
@@ -489,6 +489,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer-sample-mb", type=float, default=2.0, help="tokenizer training text per domain")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--skip-dense", action="store_true", help="train only the MoE (for quick trials)")
+    p.add_argument("--measure-only", action="store_true",
+                   help="no training: re-measure the models saved in OUT and rewrite TRAINING.md and the metrics")
     return p.parse_args(argv)
 
 
@@ -496,6 +498,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
+    if args.measure_only:
+        return remeasure(args)
     shown = list(argv) if argv is not None else sys.argv[1:]
     command = "uv run python -m tools.train_demo " + " ".join(shown)
 
@@ -554,18 +558,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model.to(torch.bfloat16).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    # Measure what was shipped: bf16 files loaded back as fp32, with the tokenizer as saved.
-    tok = AutoTokenizer.from_pretrained(moe_dir)
-    windows = {d: heldout_windows(tok, d) for d in domains}
-    moe_m = measure(AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32), windows)
-    dense_m = (
-        measure(AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32), windows)
-        if not args.skip_dense else {"loss": dict.fromkeys(domains, float("nan"))}
-    )
-    untrained_m = measure(untrained, windows)
-    for res in (moe_m, dense_m, untrained_m):
-        res["mean_loss"] = sum(res["loss"].values()) / len(res["loss"])
-
     tokens_seen = args.steps * args.seqs_per_domain * len(domains) * args.seq_len
     corpus_info = {}
     for d in domains:
@@ -585,32 +577,71 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "tokenizers": tokenizers.__version__, "python": platform.python_version(),
                      "platform": platform.platform()},
         "tokens_seen": tokens_seen,
-        "sample": {"seq_len": EVAL_SEQ_LEN, "max_windows": EVAL_WINDOWS,
-                   "windows": {d: len(w) for d, w in windows.items()},
-                   "sha256": {d: sample_fingerprint(w) for d, w in windows.items()}},
         "corpus": corpus_info,
-        "moe": {**moe_m, "parameters": sum(p.numel() for p in moe.parameters()), "train_time_s": moe_time,
+        "moe": {"parameters": sum(p.numel() for p in moe.parameters()), "train_time_s": moe_time,
                 "log": moe_log, "config": f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
                 f"{cfg.num_attention_heads} heads, {cfg.num_experts} experts of width {cfg.intermediate_size}, "
                 f"top-{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}, tied embeddings"},
-        "dense": {**dense_m, "parameters": sum(p.numel() for p in dense.parameters()), "train_time_s": dense_time,
+        "dense": {"parameters": sum(p.numel() for p in dense.parameters()), "train_time_s": dense_time,
                   "log": dense_log, "ffn_width": dcfg.intermediate_size,
                   "config": f"{dcfg.num_hidden_layers} layers, hidden {dcfg.hidden_size}, {dcfg.num_attention_heads} "
                   f"heads, FFN {dcfg.intermediate_size}, vocab {dcfg.vocab_size}, tied embeddings"},
-        "untrained": untrained_m,
+        "untrained": {},
     }
-    metrics["wall_time_s"] = time.perf_counter() - t_start
+    return measure_and_report(args, metrics, untrained, t_start)
+
+
+def measure_and_report(
+    args: argparse.Namespace, metrics: dict[str, Any], untrained: PreTrainedModel, t_start: float | None
+) -> dict[str, Any]:
+    """Measure what was shipped (bf16 files loaded back as fp32, with the tokenizer as saved) and the untrained
+    control on the fixed held-out sample; write heldout_metrics.json and TRAINING.md."""
+    moe_dir, dense_dir = args.out / "demo-moe", args.out / "demo-dense"
+    domains = metrics["domains"]
+    tok = AutoTokenizer.from_pretrained(moe_dir)
+    windows = {d: heldout_windows(tok, d) for d in domains}
+    results = {"moe": measure(AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32), windows),
+               "untrained": measure(untrained, windows)}
+    if (dense_dir / "config.json").is_file() and not args.skip_dense:
+        results["dense"] = measure(AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32), windows)
+    else:
+        results["dense"] = {"loss": dict.fromkeys(domains, float("nan"))}
+    for name, res in results.items():
+        res["mean_loss"] = sum(res["loss"].values()) / len(res["loss"])
+        metrics[name].update(res)
+    metrics["sample"] = {"seq_len": EVAL_SEQ_LEN, "max_windows": EVAL_WINDOWS,
+                         "windows": {d: len(w) for d, w in windows.items()},
+                         "sha256": {d: sample_fingerprint(w) for d, w in windows.items()}}
+    metrics["file_bytes"] = {f.parent.name: f.stat().st_size for f in (moe_dir / "model.safetensors",
+                             dense_dir / "model.safetensors") if f.is_file()}
+    if t_start is not None:  # a re-measurement keeps the training run's wall time
+        metrics["wall_time_s"] = time.perf_counter() - t_start
     (moe_dir / "heldout_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     write_training_md(moe_dir / "TRAINING.md", metrics)
 
-    r = moe_m["routing"]
+    moe_m, r = metrics["moe"], metrics["moe"]["routing"]
     print("held-out loss  MoE " + ", ".join(f"{d} {v:.3f}" for d, v in moe_m["loss"].items())
-          + f" | mean {moe_m['mean_loss']:.3f}; dense mean {dense_m['mean_loss']:.3f}")
+          + f" | mean {moe_m['mean_loss']:.3f}; dense mean {metrics['dense']['mean_loss']:.3f}")
+    untrained_best = metrics["untrained"]["routing"]["best_ratio_per_domain"]
     print(f"layers where every domain ≥3×: {r['layers_where_every_domain_reaches_3x']}; "
           f"best ratio per domain {json.dumps({d: round(v, 2) for d, v in r['best_ratio_per_domain'].items()})}; "
-          f"dead {r['dead_experts']}; untrained best {json.dumps({d: round(v, 2) for d, v in untrained_m['routing']['best_ratio_per_domain'].items()})}")
+          f"dead {r['dead_experts']}; untrained best {json.dumps({d: round(v, 2) for d, v in untrained_best.items()})}")
     print(f"wall time {metrics['wall_time_s']:.0f}s")
     return metrics
+
+
+def remeasure(args: argparse.Namespace) -> dict[str, Any]:
+    """`--measure-only`: redo the held-out measurement of already saved models without training again."""
+    moe_dir = args.out / "demo-moe"
+    metrics = json.loads((moe_dir / "heldout_metrics.json").read_text())
+    for name in ("moe", "dense", "untrained"):  # keep only what training recorded
+        for key in ("loss", "routing", "mean_loss"):
+            metrics[name].pop(key, None)
+    # The untrained control is the MoE's initialisation: same config, same seed, nothing drawn before it.
+    cfg = OlmoeConfig.from_pretrained(moe_dir)
+    torch.manual_seed(metrics["args"]["seed"])
+    untrained = OlmoeForCausalLM(cfg).float().eval()
+    return measure_and_report(args, metrics, untrained, None)
 
 
 if __name__ == "__main__":
