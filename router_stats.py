@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
     with Run(SCRIPT, vars(args), s.moe.name, args.out) as out:
         out.record(model_info=s.moe.describe(), domains=[d.__dict__ for d in s.domains], seq_len=s.seq_len)
         acc = DistributionStats(s.layers, [d.name for d in s.domains], s.moe.device, bins=args.bins)
-        for records, batch in pipeline.captured_batches(s.moe, stream, s.layers, ("logits", "topk")):
+        for records, batch, _ in pipeline.captured_batches(s.moe, stream, s.layers, ("logits", "topk")):
             acc.update(records, pipeline.token_domains(batch), pipeline.token_weights(batch))
         acc.all_reduce()
         out.record(tokens=stream.report.to_dict())

@@ -72,13 +72,16 @@ def batches(s: Setup, args: argparse.Namespace, split: str = "train") -> TokenBa
 
 def captured_batches(
     moe: MoEModel, stream: Iterator[Batch], layers: Sequence[MoELayer], what: Sequence[Capturable]
-) -> Iterator[tuple[Capture, Batch]]:
-    """Forward each batch with capture hooks on `layers`; yields the records with the batch (on the model's device)."""
+) -> Iterator[tuple[Capture, Batch, torch.Tensor]]:
+    """Forward each batch with capture hooks on `layers`.
+
+    Yields (records, batch on the model's device, the model's output logits [B, S, V]).
+    """
     with capture(moe, layers, what) as records:
         for batch in stream:
             batch = batch.to(moe.device)
-            moe.forward(batch.input_ids, batch.attention_mask)
-            yield records, batch
+            output = moe.forward(batch.input_ids, batch.attention_mask)
+            yield records, batch, output.logits
             records.clear()
 
 

@@ -1074,3 +1074,66 @@ class StatSet(MutableMapping[str, Accumulator]):
     def load(cls, path: str | os.PathLike[str], device: Any = "cpu") -> StatSet:
         """Read a file written by `save` (safe ``weights_only`` loading)."""
         return cls.from_state_dict(torch.load(path, map_location=device, weights_only=True), device)
+
+
+class Gram(Accumulator):
+    """Streamed second moments of a vector: ``gram = Σ w x xᵀ``, ``sum = Σ w x``, ``count = Σ w`` (no groups).
+
+    Enough for the Pearson correlation (or covariance) between all coordinates, e.g. the binary top-k indicators
+    of every (layer, expert), without keeping the tokens. Products are formed in float64.
+    """
+
+    _reduce_ops: ClassVar[dict[str, str]] = {"gram": "sum", "sum": "sum", "count": "sum"}
+
+    def __init__(self, size: int, *, device: Any = "cpu") -> None:
+        super().__init__(None, device)
+        self.size = size
+        self._init_state()
+
+    def config(self) -> dict[str, Any]:
+        return {"size": self.size}
+
+    def _init_state(self) -> None:
+        self._state = {
+            "gram": _zeros(self.size * self.size, self.device),
+            "sum": _zeros(self.size, self.device),
+            "count": _zeros(1, self.device),
+        }
+
+    @torch.no_grad()
+    def update(self, vectors: Tensor, weight: Tensor | None = None) -> None:
+        """Add rows of ``vectors`` [N, size] with per-row ``weight`` [N] (None = 1)."""
+        if self.reduced:
+            raise RuntimeError("update after all_reduce() would double-count; call reset() to start over")
+        x = _to(vectors, self.device).to(_F64)
+        w = torch.ones(x.shape[0], dtype=_F64, device=self.device) if weight is None else _to(weight, self.device).to(_F64)
+        weighted = x * w.unsqueeze(1)
+        self._state["gram"].add_((weighted.T @ x).reshape(-1))
+        self._state["sum"].add_(weighted.sum(0))
+        self._state["count"].add_(w.sum().reshape(1))
+
+    @property
+    def invalid(self) -> float:
+        return 0.0
+
+    def result(self) -> dict[str, np.ndarray]:
+        return {
+            "gram": self._state["gram"].cpu().numpy().reshape(self.size, self.size),
+            "sum": self._state["sum"].cpu().numpy(),
+            "count": float(self._state["count"].cpu()),
+        }
+
+    def correlation(self) -> np.ndarray:
+        """Pearson correlation matrix; NaN for coordinates that never vary."""
+        r = self.result()
+        n = r["count"]
+        mean = r["sum"] / n
+        cov = r["gram"] / n - np.outer(mean, mean)
+        std = np.sqrt(np.clip(np.diag(cov), 0, None))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return cov / np.outer(std, std)
+
+    def frame(self) -> pd.DataFrame:
+        corr = self.correlation()
+        i, j = np.meshgrid(np.arange(self.size), np.arange(self.size), indexing="ij")
+        return pd.DataFrame({"i": i.ravel(), "j": j.ravel(), "pearson": corr.ravel()})

@@ -77,7 +77,7 @@ def _naive(moe, domains, batches):
 
 
 def _stream(acc, moe, batches):
-    for records, batch in pipeline.captured_batches(moe, iter(batches), acc.layers, ("logits", "topk")):
+    for records, batch, _ in pipeline.captured_batches(moe, iter(batches), acc.layers, ("logits", "topk")):
         acc.update(records, pipeline.token_domains(batch), pipeline.token_weights(batch))
     return acc
 

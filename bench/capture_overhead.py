@@ -1,0 +1,471 @@
+"""What does collecting routing statistics cost over a bare forward pass? (DESIGN "Speed": goal ≤ 1.10×.)
+
+    uv run bench/capture_overhead.py                              # CPU defaults: 1 thread, 4 × 256 tokens, 7 repeats
+    uv run bench/capture_overhead.py --device cuda --batch_size 16 --seq_len 512
+
+On a random model with OLMoE-1B-7B's structure (64 SwiGLU experts, top-8, softmax routing without top-k
+renormalisation, qk-norm attention), scaled down to run on a small CPU, one process times on the same batch, in
+interleaved repeats after a warm-up (median of N, under `torch.inference_mode()`):
+
+  bare      the forward pass alone, no hooks;
+  capture   the forward with the capture hooks (logits + top-k) but no accumulation: the hooks' own cost;
+  stats     what the routing scripts do per batch (`pipeline.captured_batches`): capture logits + top-k of every
+            selected MoE layer and stream `DecisivenessStats`, per-(layer, domain) expert selection counts
+            (`BinCount`) and `DistributionStats` on the device, with no host sync per batch;
+  naive     the original study scripts' way: `output_router_logits=True`, every layer's logits copied to a growing
+            host store per batch, and the same entropies / top-k / counts / histograms computed with numpy
+            afterwards (timed per batch as `naive fwd+store` + `naive numpy`).
+
+It checks once that both ways agree (mean entropy per layer to 1e-6 relative, selection counts), prints the ratios
+to `bare`, tokens/s, memory held by each way, a per-accumulator breakdown of the stats update, and — when the
+stats cost more than the goal, or with --profile — the torch profiler's most expensive ops in the update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, OlmoeConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: make `common` importable
+
+from common import pipeline
+from common.data import Batch
+from common.hooks import Capture, capture
+from common.moe import MoELayer, MoEModel
+from common.routing import DecisivenessStats, DistributionStats, metric_ranges
+from common.stats import Accumulator, BinCount
+
+GOAL = 1.10  # DESIGN "Speed": routing statistics cost at most 10% over a bare forward pass
+DOMAINS = ("domain_a", "domain_b")  # rows alternate between two domains, so (layer, domain) groups are exercised
+MODES = ("bare", "capture", "stats", "naive")
+
+# OLMoE-1B-7B-0924's structure (hidden 2048, 16 layers, 16 heads, expert intermediate 1024, vocab 50304, 64 experts,
+# top-8, norm_topk_prob False), with the sizes divided so that one forward of ~1k tokens takes ~1 s on one CPU core.
+OLMOE_SCALED = {
+    "vocab_size": 4096,
+    "hidden_size": 512,
+    "intermediate_size": 256,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "num_experts": 64,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": False,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "clip_qkv": None,
+    "tie_word_embeddings": False,
+    "pad_token_id": None,
+    "bos_token_id": None,
+    "eos_token_id": None,
+}
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", "-l", nargs="+", default=None, metavar="L", help="decoder-layer indices or 'all' (default)")
+    p.add_argument("--batch_size", type=int, default=4, help="rows per forward pass")
+    p.add_argument("--seq_len", type=int, default=256, help="tokens per row")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats per mode (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repeats per mode before timing")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = stable on a shared machine)")
+    p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", help="auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--experts_implementation", default=None, help="transformers experts kernel (default: its own choice)")
+    p.add_argument("--bins", type=int, default=200, help="histogram bins, as in the routing scripts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="print the torch profiler's top ops of the stats update")
+    return p
+
+
+def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> MoEModel:
+    torch.manual_seed(args.seed)
+    config = OlmoeConfig(**OLMOE_SCALED)
+    kwargs = {} if args.experts_implementation is None else {"experts_implementation": args.experts_implementation}
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs).to(device).eval()
+    return MoEModel(model, tokenizer=None, name="random OLMoE-shaped (scaled)")
+
+
+def parameter_counts(moe: MoEModel) -> tuple[int, int]:
+    """(total, active per token): active counts top_k of each MoE layer's routed experts."""
+    total = sum(p.numel() for p in moe.model.parameters())
+    inactive = 0
+    for m in moe.layers:
+        per_expert = sum(p.numel() for p in m.experts.parameters()) // m.num_experts
+        inactive += (m.num_experts - m.top_k) * per_expert
+    return total, total - inactive
+
+
+def make_batch(args: argparse.Namespace, vocab: int, device: torch.device) -> Batch:
+    g = torch.Generator().manual_seed(args.seed)
+    shape = (args.batch_size, args.seq_len)
+    ids = torch.randint(0, vocab, shape, generator=g)
+    return Batch(
+        input_ids=ids,
+        attention_mask=torch.ones(shape, dtype=torch.long),
+        count_mask=torch.ones(shape, dtype=torch.bool),
+        domain_ids=torch.arange(args.batch_size) % len(DOMAINS),
+        doc_ids=torch.arange(args.batch_size).view(-1, 1).expand(shape).clone(),
+    ).to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------- streamed (device)
+
+
+@dataclass
+class RoutingStats:
+    """The per-batch work of the routing scripts: decisiveness, selection counts and distributions, streamed."""
+
+    layers: list[MoELayer]
+    decisiveness: DecisivenessStats
+    selections: BinCount
+    distributions: DistributionStats
+
+    @classmethod
+    def create(cls, layers: Sequence[MoELayer], device: torch.device, bins: int) -> RoutingStats:
+        axes = {"layer": [m.layer for m in layers], "domain": list(DOMAINS)}
+        return cls(
+            layers=list(layers),
+            decisiveness=DecisivenessStats(layers, DOMAINS, device, bins=bins),
+            selections=BinCount(axes, {"expert": max(m.num_choices for m in layers)}, device=device),
+            distributions=DistributionStats(layers, DOMAINS, device, bins=bins),
+        )
+
+    def update_selections(self, records: Capture, token_domain: torch.Tensor, token_weight: torch.Tensor) -> None:
+        for li, m in enumerate(self.layers):
+            index = records[m.layer].topk_index
+            self.selections.update(index, {"layer": li, "domain": token_domain}, token_weight)
+
+    def updaters(self) -> dict[str, Callable[[Capture, torch.Tensor, torch.Tensor], None]]:
+        return {
+            "DecisivenessStats.update": self.decisiveness.update,
+            "BinCount.update (selections)": self.update_selections,
+            "DistributionStats.update": self.distributions.update,
+        }
+
+    def update(self, records: Capture, token_domain: torch.Tensor, token_weight: torch.Tensor) -> None:
+        for fn in self.updaters().values():
+            fn(records, token_domain, token_weight)
+
+    def state_bytes(self) -> int:
+        accs: list[Accumulator] = [self.selections, *self.decisiveness.stats.values(), *self.distributions.stats.values()]
+        return sum(t.numel() * t.element_size() for acc in accs for t in acc.state_dict()["state"].values())
+
+
+# --------------------------------------------------------------------------------------------- naive (host, numpy)
+
+
+def _entr(p: np.ndarray) -> np.ndarray:
+    """-p ln p with 0 at p = 0 (torch.special.entr), in p's dtype."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(p > 0, -p * np.log(p), 0.0).astype(p.dtype)
+
+
+def naive_statistics(
+    store: list[np.ndarray], domain: np.ndarray, top_k: int, ranges: dict[str, tuple[float, float]], bins: int
+) -> dict[str, np.ndarray]:
+    """The study scripts' post-processing of stored logits [T, C] per layer: per token softmax, top-k, entropies,
+    top-1 / margin / top-k mass; per (layer, domain) means, selection counts and histograms of every quantity."""
+    num_domains = len(DOMAINS)
+    num_layers, (_, choices) = len(store), store[0].shape
+    mean_entropy = np.zeros(num_layers)
+    counts = np.zeros((num_layers, num_domains, choices), dtype=np.int64)
+    hists: dict[str, np.ndarray] = {}
+    for li, z in enumerate(store):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        p = e / e.sum(-1, keepdims=True)
+        index = np.argpartition(-p, top_k - 1, axis=-1)[:, :top_k]
+        p_topk = np.take_along_axis(p, index, -1)
+        mass = p_topk.sum(-1)
+        renormalised = p_topk / np.maximum(mass, np.finfo(p.dtype).tiny)[:, None]
+        top2 = np.partition(p, choices - 2, axis=-1)[:, -2:]
+        entropy = _entr(p).sum(-1)
+        per_token = {
+            "entropy": entropy,
+            "entropy_normalized": entropy / math.log(choices),
+            "topk_entropy": _entr(renormalised).sum(-1),
+            "top1_prob": top2.max(-1),
+            "top1_top2_margin": top2.max(-1) - top2.min(-1),
+            "topk_mass": mass,
+            "logit": z,
+            "softmax": p,
+            "topk_renormalized": -np.sort(-renormalised, axis=-1),
+            "weight": -np.sort(-p_topk, axis=-1),  # norm_topk_prob False: the experts get the top-k probabilities
+        }
+        mean_entropy[li] = entropy.astype(np.float64).mean()
+        for d in range(num_domains):
+            rows = domain == d
+            counts[li, d] = np.bincount(index[rows].ravel(), minlength=choices)
+            for name, values in per_token.items():
+                hist, _ = np.histogram(values[rows], bins=bins, range=ranges[name])
+                hists.setdefault(name, np.zeros((num_layers, num_domains, bins), dtype=np.int64))[li, d] += hist
+    return {"mean_entropy": mean_entropy, "counts": counts, **{f"hist.{k}": v for k, v in hists.items()}}
+
+
+# --------------------------------------------------------------------------------------------- the measured steps
+
+
+class Bench:
+    """The model, one batch, the streamed accumulators and the naive host store; one method per timed mode."""
+
+    def __init__(self, moe: MoEModel, layers: list[MoELayer], batch: Batch, bins: int) -> None:
+        self.moe, self.layers, self.batch, self.bins = moe, layers, batch, bins
+        self.device = moe.device
+        self.stats = RoutingStats.create(layers, self.device, bins)
+        self.store: list[list[np.ndarray]] = [[] for _ in layers]  # naive: per layer, one [T, C] array per batch
+        self.naive_batch: list[np.ndarray] = []  # the naive store's latest batch, for the per-batch numpy step
+        self.positions = [m.layer for m in moe.layers]  # output_router_logits covers every MoE layer
+        self.host_domain = pipeline.token_domains(batch.to("cpu")).numpy()
+
+    def bare(self) -> None:
+        batch = self.batch.to(self.device)
+        self.moe.forward(batch.input_ids, batch.attention_mask)
+
+    def capture_only(self) -> None:
+        for _ in pipeline.captured_batches(self.moe, iter([self.batch]), self.layers, ("logits", "topk")):
+            pass
+
+    def stats_step(self) -> None:
+        for records, batch, *_ in pipeline.captured_batches(self.moe, iter([self.batch]), self.layers, ("logits", "topk")):
+            self.stats.update(records, pipeline.token_domains(batch), pipeline.token_weights(batch))
+
+    def naive_forward_store(self) -> None:
+        batch = self.batch.to(self.device)
+        out = self.moe.forward(batch.input_ids, batch.attention_mask, output_router_logits=True)
+        # .to("cpu", copy=True) is `.cpu()` on a GPU (a synchronising device-to-host copy); on CPU it still copies,
+        # so the store never aliases the model's outputs.
+        self.naive_batch = [
+            out.router_logits[self.positions.index(m.layer)].float().to("cpu", copy=True).numpy() for m in self.layers
+        ]
+        for li, logits in enumerate(self.naive_batch):
+            self.store[li].append(logits)
+
+    def naive_numpy(self, store: list[np.ndarray] | None = None, domain: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return naive_statistics(
+            self.naive_batch if store is None else store,
+            self.host_domain if domain is None else domain,
+            self.layers[0].top_k,
+            self.naive_ranges(),
+            self.bins,
+        )
+
+    def naive_ranges(self) -> dict[str, tuple[float, float]]:
+        """The streamed accumulators' histogram ranges (fixed, or set by their first batch)."""
+        ranges = dict(metric_ranges(self.layers))
+        for name, acc in self.stats.distributions.stats.items():
+            ranges[name] = (acc.histogram.lo, acc.histogram.hi)
+        return ranges
+
+    def store_bytes(self) -> int:
+        return sum(a.nbytes for per_layer in self.store for a in per_layer)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def check_agreement(bench: Bench) -> tuple[float, int]:
+    """After one stats step and one naive step on the same batch: (max rel. diff of the mean entropy per layer,
+    number of differing selection counts). Must run before any other update."""
+    streamed = bench.stats.decisiveness.stats["entropy"].marginalize("domain").moments.result().mean
+    naive = bench.naive_numpy()
+    rel = float(np.max(np.abs(streamed - naive["mean_entropy"]) / np.abs(naive["mean_entropy"])))
+    counts = bench.stats.selections.result()
+    return rel, int(np.sum(counts != naive["counts"]))
+
+
+# --------------------------------------------------------------------------------------------- reporting
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def print_header(args: argparse.Namespace, moe: MoEModel, layers: list[MoELayer], dtype: torch.dtype) -> None:
+    total, active = parameter_counts(moe)
+    m0 = moe.layers[0]
+    print("model: random OlmoeForCausalLM with OLMoE-1B-7B's structure, scaled down")
+    print(f"  parameters: {total / 1e6:.1f} M total, {active / 1e6:.1f} M active per token")
+    print("  config: " + ", ".join(f"{k}={v}" for k, v in OLMOE_SCALED.items() if not k.endswith("token_id")))
+    print(
+        f"  MoE layers: {len(moe.layers)} ({m0.num_experts} experts, top-{m0.top_k}); "
+        f"measured: {len(layers)} ({', '.join(str(m.layer) for m in layers)})"
+    )
+    print(f"  experts implementation: {moe.config._experts_implementation}, dtype {str(dtype).removeprefix('torch.')}")
+    tokens = args.batch_size * args.seq_len
+    print(
+        f"run: device {moe.device}, torch threads {torch.get_num_threads()}, batch {args.batch_size} × {args.seq_len} "
+        f"= {tokens} tokens, {args.warmup} warm-up + {args.repeats} timed repeats per mode (interleaved), "
+        f"torch {torch.__version__}"
+    )
+
+
+def print_times(times: dict[str, list[float]], tokens: int) -> dict[str, float]:
+    median = {k: statistics.median(v) for k, v in times.items()}
+    median["naive"] = median["naive fwd+store"] + median["naive numpy"]
+    bare = median["bare"]
+    print(f"\n{'mode':<34}{'median s':>10}{'min s':>9}{'max s':>9}{'tokens/s':>11}{'× bare':>9}")
+    for name in ("bare", "capture", "stats", "naive fwd+store", "naive numpy", "naive"):
+        values = times.get(name)
+        lo, hi = (f"{min(values):9.3f}", f"{max(values):9.3f}") if values else (f"{'':9}", f"{'':9}")
+        label = {"naive": "naive (fwd+store + numpy)", "capture": "capture hooks only"}.get(name, name)
+        print(f"{label:<34}{median[name]:10.3f}{lo}{hi}{tokens / median[name]:11.0f}{median[name] / bare:9.3f}")
+    return median
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def resolve_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu"))
+    if args.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, getattr(torch, args.dtype)
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    device, dtype = resolve_device(args)
+    moe = build_model(args, device, dtype)
+    layers = moe.select(args.layers)
+    print_header(args, moe, layers, dtype)
+    batch = make_batch(args, moe.config.vocab_size, device)
+    tokens = args.batch_size * args.seq_len
+    bench = Bench(moe, layers, batch, args.bins)
+
+    with torch.inference_mode():
+        # Warm-up; the first stats and naive steps are also the agreement check (and fix the histogram ranges).
+        bench.stats_step()
+        bench.naive_forward_store()
+        rel, count_diffs = check_agreement(bench)
+        for _ in range(args.warmup):
+            for fn in (bench.bare, bench.capture_only, bench.stats_step, bench.naive_forward_store, bench.naive_numpy):
+                fn()
+
+        steps: dict[str, list[tuple[str, Callable[[], object]]]] = {
+            "bare": [("bare", bench.bare)],
+            "capture": [("capture", bench.capture_only)],
+            "stats": [("stats", bench.stats_step)],
+            "naive": [("naive fwd+store", bench.naive_forward_store), ("naive numpy", bench.naive_numpy)],
+        }
+        times: dict[str, list[float]] = {name: [] for parts in steps.values() for name, _ in parts}
+        for r in range(args.repeats):
+            shift = r % len(MODES)  # rotate the modes so that none always runs first or after the same one
+            for mode in MODES[shift:] + MODES[:shift]:
+                for name, fn in steps[mode]:
+                    times[name].append(timed(fn, device))
+
+        median = print_times(times, tokens)
+        stats_ratio, naive_ratio = median["stats"] / median["bare"], median["naive"] / median["bare"]
+        print(f"\nstats / bare = {stats_ratio:.3f}   naive / bare = {naive_ratio:.3f}")
+        verdict = "PASS" if stats_ratio <= GOAL else "FAIL"
+        print(f"statistics ≤ {GOAL:.2f}× bare forward: {verdict} ({stats_ratio:.3f}×)")
+
+        ok = rel <= 1e-6
+        print(
+            f"\nagreement (one batch): mean entropy per layer streamed vs numpy, max rel. diff {rel:.2e} "
+            f"({'OK' if ok else 'MISMATCH'} at 1e-6); selection counts differing: {count_diffs}"
+        )
+
+        print_memory(bench, tokens)
+        print_breakdown(bench, args.repeats, median["bare"], tokens)
+        if args.profile or stats_ratio > GOAL:
+            print_profile(bench)
+    return 0 if ok else 1
+
+
+def print_memory(bench: Bench, tokens: int) -> None:
+    batches = len(bench.store[0])
+    per_token = bench.store_bytes() / (batches * tokens)
+    print("\nmemory:")
+    print(
+        f"  naive host store: {fmt_bytes(bench.store_bytes())} after {batches} batches = {per_token:.0f} B/token "
+        f"(grows with tokens: {fmt_bytes(per_token * 1e6)} per 1M tokens)"
+    )
+    print(f"  streamed accumulators: {fmt_bytes(bench.stats.state_bytes())}, flat in the number of tokens")
+    if bench.device.type == "cuda":
+        records = _captured(bench)
+        torch.cuda.reset_peak_memory_stats(bench.device)
+        before = torch.cuda.memory_allocated(bench.device)
+        bench.stats.update(records, *_domain_weight(bench))
+        peak = torch.cuda.max_memory_allocated(bench.device) - before
+        print(f"  transient peak of one stats update: {fmt_bytes(peak)}")
+
+
+def _captured(bench: Bench) -> Capture:
+    with capture(bench.moe, bench.layers, ("logits", "topk")) as records:
+        bench.bare()
+    return records
+
+
+def _domain_weight(bench: Bench) -> tuple[torch.Tensor, torch.Tensor]:
+    return pipeline.token_domains(bench.batch), pipeline.token_weights(bench.batch)
+
+
+def print_breakdown(bench: Bench, repeats: int, bare: float, tokens: int) -> None:
+    """Median time of each accumulator's update on one captured batch, into scratch accumulators."""
+    records = _captured(bench)
+    domain, weight = _domain_weight(bench)
+    scratch = RoutingStats.create(bench.layers, bench.device, bench.bins)
+    for fn in scratch.updaters().values():  # first call: DistributionStats sets its ranges (one host sync)
+        fn(records, domain, weight)
+    print(f"\nstats update breakdown ({len(bench.layers)} layers, {tokens} tokens; median of {repeats}):")
+    total = 0.0
+    for name, fn in scratch.updaters().items():
+        t = statistics.median(timed(lambda fn=fn: fn(records, domain, weight), bench.device) for _ in range(repeats))
+        total += t
+        print(f"  {name:<32}{t * 1e3:9.1f} ms  {t / bare * 100:6.1f}% of bare")
+    print(f"  {'sum':<32}{total * 1e3:9.1f} ms  {total / bare * 100:6.1f}% of bare")
+
+
+def print_profile(bench: Bench, rows: int = 15) -> None:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    records = _captured(bench)
+    domain, weight = _domain_weight(bench)
+    scratch = RoutingStats.create(bench.layers, bench.device, bench.bins)
+    scratch.update(records, domain, weight)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for name, fn in scratch.updaters().items():
+            with record_function(name):
+                fn(records, domain, weight)
+    sync(bench.device)
+    key = "self_cuda_time_total" if bench.device.type == "cuda" else "self_cpu_time_total"
+    print(f"\ntorch profiler, one stats update, top {rows} ops by self time:")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
