@@ -20,6 +20,7 @@ indicator_correlation npy (+ shuffled control) and summary CSV, load_balance.csv
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,7 +85,7 @@ def revision_specs(args: argparse.Namespace) -> list[ModelSpec]:
     specs = []
     for item in args.revisions:
         path = Path(item).expanduser()
-        if path.exists() or "/" in item and not item.count("/") == 1:
+        if path.exists() or item.startswith((".", "/", "~")):
             specs.append(ModelSpec(**{**base.__dict__, "model": str(path), "revision": None}))
         else:
             specs.append(ModelSpec(**{**base.__dict__, "revision": item}))
@@ -238,7 +239,7 @@ def write_outputs(out: Run, counts: dict[str, np.ndarray], s: pipeline.Setup, ar
 
     if "transitions" in counts:
         transition_rows, probabilities = [], []
-        for pair, (a, b) in enumerate(zip(layers, layers[1:], strict=False)):
+        for pair, (a, b) in enumerate(itertools.pairwise(layers)):
             probs = transition_probabilities(counts["transitions"][pair], counts["topk"][pair].sum(0))
             probabilities.append(probs)
             i, j = np.meshgrid(np.arange(probs.shape[0]), np.arange(probs.shape[1]), indexing="ij")
@@ -287,7 +288,7 @@ def write_outputs(out: Run, counts: dict[str, np.ndarray], s: pipeline.Setup, ar
         out.save_figure(plot_matrix(conditional, f"Co-activation P(j | i), layer {moe_layer.layer}", "expert j", "expert i",
                                     "P(j in top-k | i in top-k)"), f"coactivation_layer{moe_layer.layer}")
     if "transitions" in counts:
-        for pair, (a, b) in enumerate(zip(layers, layers[1:], strict=False)):
+        for pair, (a, b) in enumerate(itertools.pairwise(layers)):
             probs = transition_probabilities(counts["transitions"][pair], counts["topk"][pair].sum(0))
             out.save_figure(plot_matrix(probs, f"Routing transitions, layer {a.layer} → {b.layer}", f"expert at layer {b.layer}",
                                         f"expert at layer {a.layer}", "P(e' | e)"), f"transitions_{a.layer}_{b.layer}")

@@ -182,14 +182,14 @@ def _entr(p: np.ndarray) -> np.ndarray:
 
 def naive_statistics(
     store: list[np.ndarray], domain: np.ndarray, top_k: int, ranges: dict[str, tuple[float, float]], bins: int
-) -> dict[str, np.ndarray]:
-    """The study scripts' post-processing of stored logits [T, C] per layer: per token softmax, top-k, entropies,
-    top-1 / margin / top-k mass; per (layer, domain) means, selection counts and histograms of every quantity."""
-    num_domains = len(DOMAINS)
-    num_layers, (_, choices) = len(store), store[0].shape
-    mean_entropy = np.zeros(num_layers)
-    counts = np.zeros((num_layers, num_domains, choices), dtype=np.int64)
-    hists: dict[str, np.ndarray] = {}
+) -> dict[str, dict]:
+    """The study scripts' post-processing of stored logits [T, C] per layer, with numpy: per token softmax, top-k,
+    the `decisiveness` quantities and the `distribution_values`; per (layer, domain) — and per rank for the ranked
+    top-k quantities — mean, std, min, max and a histogram of each, and the expert selection counts."""
+    num_domains, choices = len(DOMAINS), store[0].shape[-1]
+    moments: dict[tuple, tuple[float, ...]] = {}  # (quantity, layer, domain[, rank]) -> mean, std, min, max
+    hists: dict[tuple, np.ndarray] = {}
+    counts = np.zeros((len(store), num_domains, choices), dtype=np.int64)
     for li, z in enumerate(store):
         e = np.exp(z - z.max(-1, keepdims=True))
         p = e / e.sum(-1, keepdims=True)
@@ -198,27 +198,38 @@ def naive_statistics(
         mass = p_topk.sum(-1)
         renormalised = p_topk / np.maximum(mass, np.finfo(p.dtype).tiny)[:, None]
         top2 = np.partition(p, choices - 2, axis=-1)[:, -2:]
-        entropy = _entr(p).sum(-1)
-        per_token = {
+        entropy, topk_entropy = _entr(p).sum(-1), _entr(renormalised).sum(-1)
+        pooled = {
             "entropy": entropy,
             "entropy_normalized": entropy / math.log(choices),
-            "topk_entropy": _entr(renormalised).sum(-1),
+            "topk_entropy": topk_entropy,
+            "topk_entropy_normalized": topk_entropy / math.log(top_k),
             "top1_prob": top2.max(-1),
             "top1_top2_margin": top2.max(-1) - top2.min(-1),
             "topk_mass": mass,
             "logit": z,
             "softmax": p,
+        }
+        ranked = {
             "topk_renormalized": -np.sort(-renormalised, axis=-1),
             "weight": -np.sort(-p_topk, axis=-1),  # norm_topk_prob False: the experts get the top-k probabilities
         }
-        mean_entropy[li] = entropy.astype(np.float64).mean()
         for d in range(num_domains):
             rows = domain == d
             counts[li, d] = np.bincount(index[rows].ravel(), minlength=choices)
-            for name, values in per_token.items():
-                hist, _ = np.histogram(values[rows], bins=bins, range=ranges[name])
-                hists.setdefault(name, np.zeros((num_layers, num_domains, bins), dtype=np.int64))[li, d] += hist
-    return {"mean_entropy": mean_entropy, "counts": counts, **{f"hist.{k}": v for k, v in hists.items()}}
+            columns = [((name, li, d), v[rows]) for name, v in pooled.items()]
+            columns += [((name, li, d, r), v[rows, r]) for name, v in ranked.items() for r in range(top_k)]
+            for key, values in columns:
+                x = values.astype(np.float64)
+                moments[key] = (x.mean(), x.std(), x.min(), x.max())
+                hists[key] = np.histogram(x, bins=bins, range=ranges[key[0]])[0]
+    return {"moments": moments, "histograms": hists, "counts": counts}
+
+
+def naive_mean_entropy(result: dict[str, dict], num_layers: int, domain: np.ndarray) -> np.ndarray:
+    """Mean entropy per layer over all tokens, from the per-domain means."""
+    share = np.bincount(domain, minlength=len(DOMAINS)) / len(domain)
+    return np.array([sum(share[d] * result["moments"]["entropy", li, d][0] for d in range(len(DOMAINS))) for li in range(num_layers)])
 
 
 # --------------------------------------------------------------------------------------------- the measured steps
@@ -259,7 +270,7 @@ class Bench:
         for li, logits in enumerate(self.naive_batch):
             self.store[li].append(logits)
 
-    def naive_numpy(self, store: list[np.ndarray] | None = None, domain: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def naive_numpy(self, store: list[np.ndarray] | None = None, domain: np.ndarray | None = None) -> dict[str, dict]:
         return naive_statistics(
             self.naive_batch if store is None else store,
             self.host_domain if domain is None else domain,
@@ -292,7 +303,8 @@ def check_agreement(bench: Bench) -> tuple[float, int]:
     number of differing selection counts). Must run before any other update."""
     streamed = bench.stats.decisiveness.stats["entropy"].marginalize("domain").moments.result().mean
     naive = bench.naive_numpy()
-    rel = float(np.max(np.abs(streamed - naive["mean_entropy"]) / np.abs(naive["mean_entropy"])))
+    naive_mean = naive_mean_entropy(naive, len(bench.layers), bench.host_domain)
+    rel = float(np.max(np.abs(streamed - naive_mean) / np.abs(naive_mean)))
     counts = bench.stats.selections.result()
     return rel, int(np.sum(counts != naive["counts"]))
 

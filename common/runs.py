@@ -169,7 +169,7 @@ class Run:
         return self.dir / name
 
     def save_table(self, table: pd.DataFrame, name: str) -> Path:
-        return _atomic_write(self.dir / f"{name}.csv", lambda p: table.to_csv(p, index=False, float_format="%.9g"))
+        return _atomic_write(self.dir / f"{name}.csv", lambda p: table.to_csv(p, index=False))
 
     def save_array(self, array: np.ndarray, name: str) -> Path:
         def write(p: Path) -> None:

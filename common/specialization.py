@@ -73,7 +73,7 @@ class RoutingCounts:
         self.choices = max(m.num_choices for m in self.layers)
         C, L = self.choices, len(self.layers)
         layer_domain = {"layer": [m.layer for m in self.layers], "domain": self.domains}
-        pairs = [f"{a.layer}->{b.layer}" for a, b in zip(self.layers, self.layers[1:], strict=False)]
+        pairs = [f"{a.layer}->{b.layer}" for a, b in itertools.pairwise(self.layers)]
         stats = {
             "tokens": BinCount(None, {"domain": self.domains}, device=device),
             "topk": BinCount(layer_domain, {"expert": C}, device=device),
@@ -141,7 +141,7 @@ class RoutingCounts:
             self.stats["occurrences_next"].update(next_ids, None, next_counted)
             if predicted is not None:
                 self.stats["occurrences_predicted"].update(predicted.reshape(-1), None, counted)
-        for (a, b), pair in zip(zip(self.layers, self.layers[1:], strict=False), range(len(self.layers) - 1), strict=False):
+        for (a, b), pair in zip(itertools.pairwise(self.layers), range(len(self.layers) - 1), strict=False):
             ia, ib = records[a.layer].topk_index.long(), records[b.layer].topk_index.long()
             wa = counted.view(-1, 1) * (records[a.layer].topk_weight != 0)
             wb = (records[b.layer].topk_weight != 0).to(wa.dtype)
