@@ -22,8 +22,7 @@ class ExpertActivity:
         self.moe_layer, self.experts, self.device = moe_layer, list(experts), device
         self.top_n, self.radius = top_n, radius
         self.weights = Distribution({"expert": self.experts}, bins=bins, lo=0.0, hi=max_weight, device=device)
-        hidden = None
-        self.output_sum: torch.Tensor | None = hidden
+        self.output_sum: torch.Tensor | None = None  # [X, H] once the hidden size is seen
         self.selected = torch.zeros(len(self.experts), dtype=torch.float64, device=device)
         width = 2 * radius + 1
         self.best_score = torch.full((top_n, len(self.experts)), float("-inf"), device=device)
@@ -50,7 +49,7 @@ class ExpertActivity:
 
     def _keep_best(self, score: torch.Tensor, weight: torch.Tensor, batch: Batch) -> None:
         """Merge this batch's top contexts per expert into the running top-N (all on the device)."""
-        B, S = batch.input_ids.shape
+        S = batch.input_ids.shape[1]
         n = min(self.top_n, score.shape[0])
         top_score, top_token = score.topk(n, dim=0)  # [n, X]
         rows, positions = top_token // S, top_token % S
