@@ -292,12 +292,22 @@ class Bench:
         return sum(a.nbytes for per_layer in self.store for a in per_layer)
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall-clock, process CPU) seconds of fn(); on a GPU the wall clock waits for the device."""
     sync(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def clock_name(device: torch.device) -> str:
+    """The clock the ratios use: CPU time on CPU (other processes on a shared machine barely move it), else wall."""
+    return "process CPU time" if device.type == "cpu" else "wall clock"
+
+
+def pick(timing: tuple[float, float], device: torch.device) -> float:
+    return timing[1] if device.type == "cpu" else timing[0]
 
 
 @dataclass
@@ -358,20 +368,25 @@ def print_header(args: argparse.Namespace, moe: MoEModel, layers: list[MoELayer]
     )
 
 
-def print_times(times: dict[str, list[float]], tokens: int) -> dict[str, float]:
+def print_times(times: dict[str, list[float]], walls: dict[str, list[float]], tokens: int) -> dict[str, float]:
     """Table of the modes; '× bare' is the ratio of medians, 'paired' the median of the per-repeat ratios (each
     repeat runs every mode back to back, so paired ratios are less sensitive to load drifting on a shared machine)."""
-    times = {**times, "naive": [a + b for a, b in zip(times["naive fwd+store"], times["naive numpy"], strict=True)]}
+
+    def with_naive(t: dict[str, list[float]]) -> dict[str, list[float]]:
+        return {**t, "naive": [a + b for a, b in zip(t["naive fwd+store"], t["naive numpy"], strict=True)]}
+
+    times, walls = with_naive(times), with_naive(walls)
     median = {k: statistics.median(v) for k, v in times.items()}
     bare = median["bare"]
-    print(f"\n{'mode':<28}{'median s':>10}{'min s':>9}{'max s':>9}{'tokens/s':>11}{'× bare':>9}{'paired':>9}")
+    header = f"{'mode':<28}{'median s':>10}{'min s':>9}{'max s':>9}{'tokens/s':>11}{'× bare':>9}{'paired':>9}{'wall s':>9}"
+    print(header)
     for name in ("bare", "capture", "stats", "naive fwd+store", "naive numpy", "naive"):
         values = times[name]
         paired = statistics.median(v / b for v, b in zip(values, times["bare"], strict=True))
         label = {"naive": "naive (fwd+store + numpy)", "capture": "capture hooks only"}.get(name, name)
         print(
             f"{label:<28}{median[name]:10.3f}{min(values):9.3f}{max(values):9.3f}{tokens / median[name]:11.0f}"
-            f"{median[name] / bare:9.3f}{paired:9.3f}"
+            f"{median[name] / bare:9.3f}{paired:9.3f}{statistics.median(walls[name]):9.3f}"
         )
         median[f"{name} paired"] = paired
     return median
@@ -413,13 +428,17 @@ def run(args: argparse.Namespace) -> int:
             "naive": [("naive fwd+store", bench.naive_forward_store), ("naive numpy", bench.naive_numpy)],
         }
         times: dict[str, list[float]] = {name: [] for parts in steps.values() for name, _ in parts}
+        walls: dict[str, list[float]] = {name: [] for name in times}
         for r in range(args.repeats):
             shift = r % len(MODES)  # rotate the modes so that none always runs first or after the same one
             for mode in MODES[shift:] + MODES[:shift]:
                 for name, fn in steps[mode]:
-                    times[name].append(timed(fn, device))
+                    timing = timed(fn, device)
+                    times[name].append(pick(timing, device))
+                    walls[name].append(timing[0])
 
-        median = print_times(times, tokens)
+        print(f"\ntimes: {clock_name(device)} per batch (wall clock in the last column)")
+        median = print_times(times, walls, tokens)
         stats_ratio, naive_ratio = median["stats"] / median["bare"], median["naive"] / median["bare"]
         print(
             f"\nstats / bare = {stats_ratio:.3f} (paired {median['stats paired']:.3f})   "
@@ -496,11 +515,14 @@ def print_breakdown(bench: Bench, repeats: int, bare: float, tokens: int) -> Non
     scratch = RoutingStats.create(bench.layers, bench.device, bench.bins)
     for fn in scratch.updaters().values():  # first call: DistributionStats sets its ranges (one host sync)
         fn(records, domain, weight)
-    print(f"\nstats update breakdown ({len(bench.layers)} layers, {tokens} tokens; median of {repeats}):")
+    print(
+        f"\nstats update breakdown ({len(bench.layers)} layers, {tokens} tokens; median {clock_name(bench.device)} "
+        f"of {repeats}):"
+    )
     total, total_ops = 0.0, 0
     for name, fn in scratch.updaters().items():
         step = functools.partial(fn, records, domain, weight)
-        t = statistics.median(timed(step, bench.device) for _ in range(repeats))
+        t = statistics.median(pick(timed(step, bench.device), bench.device) for _ in range(repeats))
         ops = count_ops(step)
         total, total_ops = total + t, total_ops + ops
         print(f"  {name:<32}{t * 1e3:9.1f} ms  {t / bare * 100:6.1f}% of bare  {ops:7d} aten ops")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from common import distributed
 from common.errors import InputError
 from common.moe import MoEModel
 
@@ -29,7 +30,9 @@ def default_model() -> str:
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return distributed.local_cuda_device() if distributed.world_size() > 1 else torch.device("cuda")
     try:
         resolved = torch.device(device)
     except RuntimeError as err:

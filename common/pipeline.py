@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import logging as hf_logging
 
+from common import distributed
 from common.cli import model_spec
 from common.data import Batch, Domain, TokenBatches, resolve_domains, token_batches
 from common.errors import InputError
@@ -41,6 +42,7 @@ def model_context_length(moe: MoEModel) -> int | None:
 
 
 def setup(args: argparse.Namespace, *, data: bool = True) -> Setup:
+    distributed.init_from_env()
     domains = resolve_domains(args.data, num_domains=args.num_domains, domains=args.domains) if data else []
     spec = model_spec(args)
     inspect_moe(spec).select(getattr(args, "layers", None))  # refuse dense models / bad layers before loading weights
@@ -77,8 +79,11 @@ def captured_batches(
 
     Yields (records, batch on the model's device, the model's output logits [B, S, V]).
     """
+    rank, world = distributed.rank(), distributed.world_size()
     with capture(moe, layers, what) as records:
-        for batch in stream:
+        for number, batch in enumerate(stream):
+            if number % world != rank:  # torchrun: every rank reads the same stream and takes its share
+                continue
             batch = batch.to(moe.device)
             output = moe.forward(batch.input_ids, batch.attention_mask)
             yield records, batch, output.logits

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 
 from common.hooks import Capture, LayerRecord
 from common.moe import MoELayer
@@ -177,6 +178,10 @@ class DistributionStats(_LayerDomainStats):
         low_z = min(float(records[m.layer].logits.min()) for m in self.layers)
         high_z = max(float(records[m.layer].logits.max()) for m in self.layers)
         high_w = max(float(records[m.layer].topk_weight.max()) for m in self.layers)
+        if dist.is_initialized():  # every rank must bin identically for all_reduce to add like with like
+            extremes = torch.tensor([-low_z, high_z, high_w], dtype=torch.float64, device=self.device)
+            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+            low_z, high_z, high_w = -float(extremes[0]), float(extremes[1]), float(extremes[2])
         ranges = {
             "logit": _padded_range(low_z, high_z),
             "softmax": (0.0, 1.0),

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from common import distributed
 from common.errors import InputError
 
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "numpy", "pandas", "matplotlib", "scikit-learn")
@@ -97,7 +98,10 @@ class Run:
     def __init__(self, script: str, args: dict[str, Any], model: str, out: str | Path = "results") -> None:
         self.script, self.args = script, dict(args)
         self.started = time.time()
-        parent = Path(out) / script / model_slug(model)
+        # Under torchrun only rank 0 publishes; the others write into a scratch folder that is deleted.
+        self.scratch = distributed.rank() != 0
+        root = Path(tempfile.mkdtemp(prefix="moescope-rank")) if self.scratch else Path(out)
+        parent = root / script / model_slug(model)
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_id, n = stamp, 1
         while (parent / run_id).exists() or (parent / f".{run_id}.partial").exists():
@@ -156,6 +160,9 @@ class Run:
         _atomic_write(self.dir / "run.json", lambda p: p.write_text(text))
 
     def finish(self) -> Path:
+        if self.scratch:
+            shutil.rmtree(self.dir.parents[2], ignore_errors=True)
+            return self.dir
         self.info["wall_time_s"] = round(time.time() - self.started, 3)
         self.info["finished"] = dt.datetime.now().isoformat(timespec="seconds")
         self._write_info()

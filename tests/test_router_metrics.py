@@ -233,3 +233,41 @@ def test_bad_input(case, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_frequency_and_coactivation_equal_naive_loop_on_demo(tmp_path):
+    """On the shipped demo model: streamed counts equal a per-token Python loop over transformers' router logits."""
+    from common import pipeline
+    from common.data import resolve_domains
+    from common.models import ModelSpec, load_moe
+    from common.specialization import RoutingCounts
+
+    moe = load_moe(ModelSpec(model="demo", device="cpu", dtype="float32"))
+    domains = resolve_domains(["demo"], num_domains=3)
+    batches = list(token_batches(domains, moe.tokenizer, num_tokens=300, seq_len=128, batch_size=4, progress=False))
+    counts = RoutingCounts(moe.layers, [d.name for d in domains], len(moe.tokenizer), torch.device("cpu"))
+    for records, batch, logits in pipeline.captured_batches(moe, iter(batches), moe.layers, ("logits", "topk")):
+        counts.update(records, batch, predicted=logits.argmax(-1))
+    arrays = counts.arrays()
+
+    E, k = moe.layers[0].num_experts, moe.layers[0].top_k
+    topk = np.zeros((len(moe.layers), len(domains), E))
+    coact = np.zeros((len(moe.layers), E, E))
+    for batch in batches:
+        with torch.no_grad():
+            out = moe.model(**batch.model_inputs(), output_router_logits=True, use_cache=False)
+        d = int(batch.domain_ids[0])
+        counted = batch.count_mask.reshape(-1).tolist()
+        for li, logits in enumerate(out.router_logits):
+            for row, c in zip(logits.tolist(), counted, strict=True):
+                if not c:
+                    continue
+                chosen = sorted(range(E), key=lambda e, row=row: -row[e])[:k]  # softmax is monotonic in the logits
+                for e in chosen:
+                    topk[li, d, e] += 1
+                    for other in chosen:
+                        if other != e:
+                            coact[li, e, other] += 1
+    np.testing.assert_array_equal(arrays["topk"], topk)
+    np.testing.assert_array_equal(arrays["coactivation"], coact)
+    assert arrays["tokens"].tolist() == [300.0] * 3
