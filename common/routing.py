@@ -41,13 +41,14 @@ def decisiveness(logits: torch.Tensor, topk_index: torch.Tensor) -> dict[str, to
     p_topk = p.gather(-1, topk_index.long())
     mass = p_topk.sum(-1)
     renormalised = p_topk / mass.clamp_min(torch.finfo(p.dtype).tiny).unsqueeze(-1)
+    topk_entropy = torch.special.entr(renormalised).sum(-1)
     top2 = p.topk(min(2, choices), dim=-1).values
     margin = top2[:, 0] - top2[:, 1] if choices > 1 else top2[:, 0]
     return {
         "entropy": entropy,
         "entropy_normalized": entropy / math.log(choices),
-        "topk_entropy": torch.special.entr(renormalised).sum(-1),
-        "topk_entropy_normalized": torch.special.entr(renormalised).sum(-1) / math.log(k) if k > 1 else torch.zeros_like(mass),
+        "topk_entropy": topk_entropy,
+        "topk_entropy_normalized": topk_entropy / math.log(k) if k > 1 else torch.zeros_like(mass),
         "top1_prob": top2[:, 0],
         "top1_top2_margin": margin,
         "topk_mass": mass,
@@ -68,6 +69,27 @@ def metric_ranges(layers: Sequence[MoELayer]) -> dict[str, tuple[float, float]]:
         "top1_top2_margin": unit,
         "topk_mass": unit,
     }
+
+
+def _stacked_layers(layers: Sequence[MoELayer], records: Capture, with_weights: bool = False):
+    """Records of the layers that share a shape (router width, top-k), concatenated along the tokens.
+
+    Yields (layer positions [n], logits [n·T, C], top-k index [n·T, k][, top-k weight]) per shape group.
+    """
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for position, moe_layer in enumerate(layers):
+        by_shape.setdefault((moe_layer.num_choices, moe_layer.top_k), []).append(position)
+    for positions in by_shape.values():
+        recs = [records[layers[p].layer] for p in positions]
+        device = recs[0].logits.device
+        stacked = [
+            torch.tensor(positions, device=device),
+            torch.cat([r.logits.to(device) for r in recs]),
+            torch.cat([r.topk_index.to(device) for r in recs]),
+        ]
+        if with_weights:
+            stacked.append(torch.cat([r.topk_weight.to(device) for r in recs]))
+        yield tuple(stacked)
 
 
 class _LayerDomainStats:
@@ -108,11 +130,13 @@ class DecisivenessStats(_LayerDomainStats):
             self.stats[name] = Distribution(self.axes, bins=bins, lo=lo, hi=hi, device=device)
 
     def update(self, records: Capture, token_domain: torch.Tensor, token_weight: torch.Tensor) -> None:
-        for li, moe_layer in enumerate(self.layers):
-            record: LayerRecord = records[moe_layer.layer]
-            groups = {"layer": li, "domain": token_domain}
-            for name, values in decisiveness(record.logits, record.topk_index).items():
-                self.stats[name].update(values, groups, token_weight)
+        for positions, logits, index in _stacked_layers(self.layers, records):
+            # One call per quantity for all layers of a shape: the op count no longer grows with the layers.
+            layer_of_token = positions.repeat_interleave(token_domain.shape[0])
+            groups = {"layer": layer_of_token, "domain": token_domain.repeat(len(positions))}
+            weight = token_weight.repeat(len(positions))
+            for name, values in decisiveness(logits, index).items():
+                self.stats[name].update(values, groups, weight)
 
     def summary(self, qs: Sequence[float] = QUANTILES) -> pd.DataFrame:
         """One row per (metric, layer, domain incl. 'all'): count, mean, std, min, max, quantiles."""
@@ -195,13 +219,16 @@ class DistributionStats(_LayerDomainStats):
     def update(self, records: Capture, token_domain: torch.Tensor, token_weight: torch.Tensor) -> None:
         if not len(self.stats):
             self._create(records)
-        for li, moe_layer in enumerate(self.layers):
-            values = distribution_values(records[moe_layer.layer])
-            for name, tensor in values.items():
-                groups = {"layer": li, "domain": token_domain.view(-1, 1)}
+        for positions, logits, index, weight in _stacked_layers(self.layers, records, with_weights=True):
+            layer_of_token = positions.repeat_interleave(token_domain.shape[0]).view(-1, 1)
+            domain = token_domain.repeat(len(positions)).view(-1, 1)
+            counted = token_weight.repeat(len(positions)).view(-1, 1)
+            stacked = LayerRecord(logits=logits, topk_index=index, topk_weight=weight)
+            for name, tensor in distribution_values(stacked).items():
+                groups = {"layer": layer_of_token, "domain": domain}
                 if name in self.RANKED:
                     groups["rank"] = torch.arange(tensor.shape[-1], device=tensor.device).view(1, -1)
-                self.stats[name].update(tensor, groups, token_weight.view(-1, 1))
+                self.stats[name].update(tensor, groups, counted)
 
     def summary(self, qs: Sequence[float] = QUANTILES) -> pd.DataFrame:
         tables = []
