@@ -27,7 +27,6 @@ from common import pipeline
 from common.cli import base_parser, run_main
 from common.errors import InputError
 from common.expert_profile import ExpertActivity
-from common.runs import Run
 from common.specialization import RoutingCounts, transition_probabilities
 
 SCRIPT = "profiles"
@@ -153,8 +152,7 @@ def run(args: argparse.Namespace) -> None:
     count_layers = [m for m in (previous, layer, following) if m is not None]
     domains = [d.name for d in s.domains]
     stream = pipeline.batches(s, args)
-    with Run(SCRIPT, vars(args), s.moe.name, args.out) as out:
-        out.record(model_info=s.moe.describe(), domains=[d.__dict__ for d in s.domains], seq_len=s.seq_len)
+    with pipeline.start_run(SCRIPT, args, s) as out:
         vocab = s.moe.model.get_output_embeddings().weight.shape[0]
         counts_acc = RoutingCounts(count_layers, domains, vocab, s.moe.device, seed=args.seed)
         activity = None

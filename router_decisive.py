@@ -26,7 +26,6 @@ from common import pipeline
 from common.cli import base_parser, run_main
 from common.plots import grid, plt
 from common.routing import ALL_DOMAINS, DecisivenessStats
-from common.runs import Run
 
 SCRIPT = "router_decisive"
 
@@ -77,8 +76,7 @@ def plot_by_layer(summary: pd.DataFrame, domains: Sequence[str]) -> plt.Figure:
 def run(args: argparse.Namespace) -> None:
     s = pipeline.setup(args)
     stream = pipeline.batches(s, args)
-    with Run(SCRIPT, vars(args), s.moe.name, args.out) as out:
-        out.record(model_info=s.moe.describe(), domains=[d.__dict__ for d in s.domains], seq_len=s.seq_len)
+    with pipeline.start_run(SCRIPT, args, s) as out:
         acc = DecisivenessStats(s.layers, [d.name for d in s.domains], s.moe.device, bins=args.bins)
         for records, batch, _ in pipeline.captured_batches(s.moe, stream, s.layers, ("logits", "topk")):
             acc.update(records, pipeline.token_domains(batch), pipeline.token_weights(batch))

@@ -202,8 +202,7 @@ def run(args: argparse.Namespace) -> None:
     check_expectations(args, s.moe, s.layers)
     domains = [d.name for d in s.domains]
     stream = pipeline.batches(s, args)
-    with Run(SCRIPT, vars(args), s.moe.name, args.out) as out:
-        out.record(model_info=s.moe.describe(), domains=[d.__dict__ for d in s.domains], seq_len=s.seq_len)
+    with pipeline.start_run(SCRIPT, args, s) as out:
         vocab = s.moe.model.get_output_embeddings().weight.shape[0]
         counts_acc = RoutingCounts(s.layers, domains, vocab, s.moe.device, olmoe_compat=args.olmoe_compat,
                                    token_tables=args.token_tables, seed=args.seed)

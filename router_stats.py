@@ -19,14 +19,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import numpy as np
 import pandas as pd
 
 from common import pipeline
 from common.cli import base_parser, run_main
 from common.plots import grid, plt
 from common.routing import ALL_DOMAINS, DistributionStats
-from common.runs import Run
 
 SCRIPT = "router_stats"
 TITLES = {
@@ -67,17 +65,10 @@ def plot_layer(hist: pd.DataFrame, layer: int) -> plt.Figure:
     return fig
 
 
-def _hist_array(acc: DistributionStats, name: str) -> tuple[np.ndarray, np.ndarray]:
-    result = acc.stats[name].histogram.result()
-    counts = np.concatenate([result.counts, result.counts.sum(axis=1, keepdims=True)], axis=1)
-    return counts, result.edges
-
-
 def run(args: argparse.Namespace) -> None:
     s = pipeline.setup(args)
     stream = pipeline.batches(s, args)
-    with Run(SCRIPT, vars(args), s.moe.name, args.out) as out:
-        out.record(model_info=s.moe.describe(), domains=[d.__dict__ for d in s.domains], seq_len=s.seq_len)
+    with pipeline.start_run(SCRIPT, args, s) as out:
         acc = DistributionStats(s.layers, [d.name for d in s.domains], s.moe.device, bins=args.bins)
         for records, batch, _ in pipeline.captured_batches(s.moe, stream, s.layers, ("logits", "topk")):
             acc.update(records, pipeline.token_domains(batch), pipeline.token_weights(batch))
@@ -88,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
         hist = acc.histograms()
         out.save_table(hist, "distribution_histograms")
         for name in TITLES:
-            counts, edges = _hist_array(acc, name)
+            counts, edges = acc.histogram_array(name)
             out.save_array(counts, f"{name}_hist")
             out.save_array(edges, f"{name}_edges")
         for moe_layer in s.layers:

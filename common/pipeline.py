@@ -20,6 +20,7 @@ from common.errors import InputError
 from common.hooks import Capturable, Capture, capture
 from common.models import inspect_moe, load_moe
 from common.moe import MoELayer, MoEModel
+from common.runs import Run
 
 DEFAULT_SEQ_LEN = 512
 
@@ -55,6 +56,13 @@ def setup(args: argparse.Namespace, *, data: bool = True) -> Setup:
     if context is not None and seq_len > context:
         raise InputError(f"--seq_len {seq_len} exceeds the model's context length {context}")
     return Setup(moe=moe, layers=layers, domains=domains, seq_len=seq_len)
+
+
+def start_run(script: str, args: argparse.Namespace, s: Setup) -> Run:
+    """The run folder of a script, with the model and data it will use recorded in run.json."""
+    run = Run(script, vars(args), s.moe.name, args.out)
+    run.record(model_info=s.moe.describe(), domains=[d.__dict__ for d in s.domains], seq_len=s.seq_len)
+    return run
 
 
 def batches(s: Setup, args: argparse.Namespace, split: str = "train") -> TokenBatches:

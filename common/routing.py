@@ -113,6 +113,12 @@ class _LayerDomainStats:
         overall.insert(list(per_domain.columns).index("domain"), "domain", ALL_DOMAINS)
         return pd.concat([per_domain, overall[per_domain.columns]], ignore_index=True)
 
+    def histogram_array(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """counts [layer, domain + 1 ('all' last)(, rank), bins] and the bin edges."""
+        result = self.stats[name].histogram.result()
+        counts = np.concatenate([result.counts, result.counts.sum(axis=1, keepdims=True)], axis=1)
+        return counts, result.edges
+
     @staticmethod
     def _hist_with_overall(acc: Distribution) -> pd.DataFrame:
         per_domain = acc.histogram.frame()
@@ -155,11 +161,6 @@ class DecisivenessStats(_LayerDomainStats):
             tables.append(table)
         return pd.concat(tables, ignore_index=True)
 
-    def histogram_array(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """counts [layer, domain + 1 ('all' last), bins] and the bin edges."""
-        result = self.stats[name].histogram.result()
-        counts = np.concatenate([result.counts, result.counts.sum(axis=1, keepdims=True)], axis=1)
-        return counts, result.edges
 
 
 def _rank_sorted(values: torch.Tensor) -> torch.Tensor:
