@@ -32,15 +32,16 @@ class ExpertActivity:
 
     @torch.no_grad()
     def update(self, record: LayerRecord, batch: Batch) -> None:
-        index, weight, x = record.topk_index.long(), record.topk_weight.float(), record.expert_input
-        counted = batch.count_mask.reshape(-1)
+        x = record.expert_input  # stays on the layer's device for expert_fn
+        index, weight = record.topk_index.to(self.device).long(), record.topk_weight.to(self.device).float()
+        counted = batch.count_mask.reshape(-1).to(self.device)
         experts = torch.tensor(self.experts, device=index.device)
         hit = (index.unsqueeze(2) == experts.view(1, 1, -1)) & (weight.unsqueeze(2) != 0)  # [T, k, X]
         selected = hit.any(1) & counted.view(-1, 1)  # [T, X]
         w = (weight.unsqueeze(2) * hit).sum(1)  # [T, X] weight of each expert (0 if not selected)
         self.weights.update(w, {"expert": torch.arange(len(self.experts), device=w.device).view(1, -1)}, selected)
         self.selected += selected.sum(0).double()
-        outputs = torch.stack([self.moe_layer.expert_fn(e, x) for e in self.experts], dim=1).float()  # [T, X, H]
+        outputs = torch.stack([self.moe_layer.expert_fn(e, x) for e in self.experts], dim=1).to(self.device).float()
         mask = selected.unsqueeze(2).to(outputs.dtype)
         summed = (outputs * mask).sum(0).double()
         self.output_sum = summed if self.output_sum is None else self.output_sum + summed

@@ -112,13 +112,13 @@ class RoutingCounts:
         next_counted = counted * has_next
         indicators, shuffled = [], []
         for li, moe_layer in enumerate(self.layers):
-            record = records[moe_layer.layer]
-            index, weight = record.topk_index.long(), record.topk_weight
+            record = records[moe_layer.layer]  # layers may sit on other GPUs under --device_map auto
+            index, weight = record.topk_index.to(self.device).long(), record.topk_weight.to(self.device)
             picked = counted.view(-1, 1) * (weight != 0).to(counted.dtype)
             groups = {"layer": li, "domain": token_domain.view(-1, 1)}
             self.stats["topk"].update(index, groups, picked)
             self.stats["top1"].update(top1_index(index, weight), {"layer": li, "domain": token_domain}, counted)
-            probs = torch.softmax(record.logits.float(), dim=-1)
+            probs = torch.softmax(record.logits.to(self.device).float(), dim=-1)
             experts = torch.arange(probs.shape[1], device=probs.device).view(1, -1).expand_as(probs)
             self.stats["prob_sum"].update(experts, groups, probs * counted.view(-1, 1))
             pairs = slot_pairs(index.shape[1], self.olmoe_compat)
@@ -142,9 +142,9 @@ class RoutingCounts:
             if predicted is not None:
                 self.stats["occurrences_predicted"].update(predicted.reshape(-1), None, counted)
         for (a, b), pair in zip(itertools.pairwise(self.layers), range(len(self.layers) - 1), strict=False):
-            ia, ib = records[a.layer].topk_index.long(), records[b.layer].topk_index.long()
-            wa = counted.view(-1, 1) * (records[a.layer].topk_weight != 0)
-            wb = (records[b.layer].topk_weight != 0).to(wa.dtype)
+            ia, ib = (records[m.layer].topk_index.to(self.device).long() for m in (a, b))
+            wa = counted.view(-1, 1) * (records[a.layer].topk_weight.to(self.device) != 0)
+            wb = (records[b.layer].topk_weight.to(self.device) != 0).to(wa.dtype)
             cats = ia.unsqueeze(2) * C + ib.unsqueeze(1)
             self.stats["transitions"].update(cats, pair, wa.unsqueeze(2) * wb.unsqueeze(1))
         self.stats["indicators"].update(torch.cat(indicators, dim=1), counted)
