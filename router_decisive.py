@@ -69,7 +69,7 @@ def plot_by_layer(summary: pd.DataFrame, domains: Sequence[str]) -> plt.Figure:
         ax.set_xlabel("decoder layer")
         ax.set_ylim(0, 1.02)
     axes[-1].legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle("Router decisiveness: mean per layer and domain", y=1.04)
+    fig.suptitle("Router decisiveness: mean per layer and domain")
     return fig
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.ticker import MaxNLocator
 
 from common import pipeline
 from common.cli import base_parser, model_spec, run_main
@@ -148,10 +149,11 @@ def plot_frequency(freq: pd.DataFrame, layer: int, domains: Sequence[str]) -> pl
         ax.bar(d.expert, 100 * d.freq_topk, color="C0" if domain != ALL else "black", width=0.8)
         ax.axhline(100 * d.uniform_topk.iloc[0], color="C3", linestyle="--", linewidth=1, label="uniform k/E")
         ax.set_title(domain)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("expert")
         ax.set_ylabel("% of tokens")
     axes[0].legend(fontsize=7, frameon=False)
-    fig.suptitle(f"Expert selection frequency (top-k), layer {layer}", y=1.02)
+    fig.suptitle(f"Expert selection frequency (top-k), layer {layer}")
     return fig
 
 

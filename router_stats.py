@@ -61,7 +61,7 @@ def plot_layer(hist: pd.DataFrame, layer: int) -> plt.Figure:
         ax.set_ylabel("density")
         if q["rank"].nunique() > 1:
             ax.legend(fontsize=7, frameon=False)
-    fig.suptitle(f"Router output distributions, layer {layer}", y=1.04)
+    fig.suptitle(f"Router output distributions, layer {layer}")
     return fig
 
 

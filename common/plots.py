@@ -53,7 +53,8 @@ def grid(n_panels: int, ncols: int = 4, panel_size: tuple[float, float] = (3.2, 
     """A figure with `n_panels` axes in rows of `ncols`; unused axes are hidden."""
     ncols = max(1, min(ncols, n_panels))
     nrows = -(-n_panels // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size[0] * ncols, panel_size[1] * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size[0] * ncols, panel_size[1] * nrows), squeeze=False,
+                             layout="constrained")
     flat = list(axes.flat)
     for ax in flat[n_panels:]:
         ax.set_visible(False)
