@@ -78,9 +78,7 @@ def run(args: argparse.Namespace) -> None:
     stream = pipeline.batches(s, args)
     with pipeline.start_run(SCRIPT, args, s) as out:
         acc = DecisivenessStats(s.layers, [d.name for d in s.domains], s.moe.device, bins=args.bins)
-        for records, batch, _ in pipeline.captured_batches(s.moe, stream, s.layers, ("logits", "topk")):
-            acc.update(records, pipeline.token_domains(batch), pipeline.token_weights(batch))
-        acc.all_reduce()
+        pipeline.accumulate_routing(acc, s, stream)
         out.record(tokens=stream.report.to_dict())
 
         summary = acc.summary()

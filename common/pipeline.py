@@ -106,3 +106,10 @@ def token_domains(batch: Batch) -> torch.Tensor:
 def token_weights(batch: Batch) -> torch.Tensor:
     """[T] 1.0 on the tokens that count (real, non-special, inside the budget), 0.0 elsewhere."""
     return batch.count_mask.reshape(-1).to(torch.float32)
+
+
+def accumulate_routing(acc, s: Setup, stream: Iterator[Batch]) -> None:
+    """Stream every batch's router logits and top-k into a (layer, domain) accumulator, then all-reduce it."""
+    for records, batch, _ in captured_batches(s.moe, stream, s.layers, ("logits", "topk")):
+        acc.update(records, token_domains(batch), token_weights(batch))
+    acc.all_reduce()
