@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from common.errors import InputError
@@ -85,7 +86,12 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
 
 
 def run_main(parser: ArgumentParser, body: Callable[[argparse.Namespace], None], argv: Sequence[str] | None) -> int:
-    """Parse, validate and run; `InputError` -> one line on stderr, exit code 2."""
+    """Parse, validate and run; `InputError` -> one line on stderr, exit code 2. Warnings print as one line too."""
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"{parser.prog}: warning: {message}", file=sys.stderr)
+
+    previous, warnings.showwarning = warnings.showwarning, one_line_warning
     try:
         args = parser.parse_args(argv)
         validate_common(args)
@@ -95,4 +101,6 @@ def run_main(parser: ArgumentParser, body: Callable[[argparse.Namespace], None],
         return 2
     except SystemExit as exit_:  # --help / --version
         return int(exit_.code or 0)
+    finally:
+        warnings.showwarning = previous
     return 0
