@@ -122,11 +122,15 @@ class RoutingCounts:
             experts = torch.arange(probs.shape[1], device=probs.device).view(1, -1).expand_as(probs)
             self.stats["prob_sum"].update(experts, groups, probs * counted.view(-1, 1))
             pairs = slot_pairs(index.shape[1], self.olmoe_compat)
+            pair_index, pair_picked = index, picked
+            if pairs and self.olmoe_compat:  # rank-adjacent means adjacent by weight, whatever the slot order
+                order = weight.argsort(dim=1, descending=True)
+                pair_index, pair_picked = index.gather(1, order), picked.gather(1, order)
             if pairs:
                 first = torch.tensor([a for a, _ in pairs], device=index.device)
                 second = torch.tensor([b for _, b in pairs], device=index.device)
-                pair_cats = index[:, first] * C + index[:, second]
-                self.stats["coactivation"].update(pair_cats, {"layer": li}, picked[:, first] * picked[:, second])
+                pair_cats = pair_index[:, first] * C + pair_index[:, second]
+                self.stats["coactivation"].update(pair_cats, {"layer": li}, pair_picked[:, first] * pair_picked[:, second])
             if self.token_tables:
                 table_groups = {"layer": li}
                 self.stats["token_current"].update(index, {**table_groups, "token": ids.view(-1, 1)}, picked)

@@ -26,6 +26,7 @@ from tests.planted import (
     NUM_EXPERTS,
     NUM_LAYERS,
     TOP_K,
+    VOCAB,
     build_planted_model,
     group_of,
     planted_experts,
@@ -271,3 +272,27 @@ def test_frequency_and_coactivation_equal_naive_loop_on_demo(tmp_path):
     np.testing.assert_array_equal(arrays["topk"], topk)
     np.testing.assert_array_equal(arrays["coactivation"], coact)
     assert arrays["tokens"].tolist() == [300.0] * 3
+
+
+def test_olmoe_compat_counts_rank_adjacent_pairs_only():
+    """Top-3 routing with known weights: all pairs vs the OLMoE script's rank-adjacent pairs (by weight, not slot)."""
+    from common.data import Batch
+    from common.hooks import Capture, LayerRecord
+    from common.specialization import RoutingCounts
+
+    model = build_planted_model()
+    moe_layer = MoEModel(model).layers[0]
+    index = torch.tensor([[4, 1, 7]])  # ranks by weight: 7 (0.5), 4 (0.3), 1 (0.2)
+    weight = torch.tensor([[0.3, 0.2, 0.5]])
+    records = Capture({moe_layer.layer: LayerRecord(logits=torch.zeros(1, NUM_EXPERTS), topk_index=index, topk_weight=weight)})
+    ids = torch.tensor([[97]])
+    batch = Batch(input_ids=ids, attention_mask=torch.ones_like(ids), count_mask=torch.ones_like(ids, dtype=torch.bool),
+                  domain_ids=torch.zeros(1, dtype=torch.long), doc_ids=torch.zeros_like(ids))
+    pairs = {}
+    for compat in (False, True):
+        counts = RoutingCounts([moe_layer], ["d"], VOCAB, torch.device("cpu"), olmoe_compat=compat)
+        counts.update(records, batch)
+        matrix = counts.arrays()["coactivation"][0]
+        pairs[compat] = {(int(i), int(j)) for i, j in zip(*np.nonzero(matrix), strict=True)}
+    assert pairs[False] == {(a, b) for a in (1, 4, 7) for b in (1, 4, 7) if a != b}
+    assert pairs[True] == {(7, 4), (4, 7), (4, 1), (1, 4)}
