@@ -41,11 +41,16 @@ class ExpertActivity:
         w = (weight.unsqueeze(2) * hit).sum(1)  # [T, X] weight of each expert (0 if not selected)
         self.weights.update(w, {"expert": torch.arange(len(self.experts), device=w.device).view(1, -1)}, selected)
         self.selected += selected.sum(0).double()
-        outputs = torch.stack([self.moe_layer.expert_fn(e, x) for e in self.experts], dim=1).to(self.device).float()
-        mask = selected.unsqueeze(2).to(outputs.dtype)
-        summed = (outputs * mask).sum(0).double()
+        # One expert at a time: stacking all experts' outputs would need T × E × H floats (GBs for OLMoE-size layers).
+        sums, norms = [], []
+        for column, e in enumerate(self.experts):
+            out = self.moe_layer.expert_fn(e, x).to(self.device).float()  # [T, H]
+            sums.append((out * selected[:, column : column + 1]).sum(0).double())
+            norms.append(out.norm(dim=1))
+        summed = torch.stack(sums)  # [X, H]
         self.output_sum = summed if self.output_sum is None else self.output_sum + summed
-        score = torch.where(selected, w * outputs.norm(dim=2), torch.tensor(float("-inf"), device=w.device))
+        norm = torch.stack(norms, dim=1)  # [T, X]
+        score = torch.where(selected, w * norm, torch.tensor(float("-inf"), device=w.device))
         self._keep_best(score, w, batch)
 
     def _keep_best(self, score: torch.Tensor, weight: torch.Tensor, batch: Batch) -> None:
