@@ -10,6 +10,7 @@ the tokens its mean output promotes and suppresses through the model's final nor
 most often co-activated with it, and its most frequent predecessors / successors in the neighbouring MoE layers.
 
 Outputs: profile_layer<L>_expert<E>.json per expert, profiles_layer<L>.csv (one summary row per expert).
+Under torchrun the counts are summed over ranks; the top contexts are those of rank 0's batches.
 """
 
 from __future__ import annotations

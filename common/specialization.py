@@ -44,7 +44,12 @@ def slot_pairs(k: int, olmoe_compat: bool) -> list[tuple[int, int]]:
 
 
 def shuffled_rows(x: torch.Tensor, counted: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Rows of x [T, n] reordered by a random permutation of the counted tokens (uncounted rows stay last)."""
+    """Rows of x [T, n] reordered by a random permutation of the counted tokens (uncounted rows stay last).
+
+    Applied per layer within one batch, and a batch holds one domain: the control removes token-level coupling
+    between layers but keeps what the domain alone explains. (A shuffle over all tokens would give r = 0 in
+    expectation, which needs no measurement.)
+    """
     keys = torch.rand(x.shape[0], generator=generator, device=x.device)
     keys = torch.where(counted > 0, keys, 2.0)
     return x[keys.argsort()]
