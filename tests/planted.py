@@ -72,10 +72,6 @@ def build_planted_model(swap_group: int | None = None, swap_layer: int = 1) -> O
     return model
 
 
-def unused_experts() -> set[int]:
-    return {NUM_EXPERTS - 1, NUM_EXPERTS - 2}
-
-
 def save_planted(path: Path, swap_group: int | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     build_planted_model(swap_group).save_pretrained(path)
