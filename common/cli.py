@@ -55,7 +55,8 @@ def base_parser(description: str, *, layers: bool = True, data: bool = True) -> 
         )
         group.add_argument("--domains", nargs="+", default=None, help="use only these domains of the preset")
         group.add_argument("--num_domains", type=int, default=None, help="use the first N domains of the preset")
-        group.add_argument("--num_tokens", type=int, default=20_000, help="tokens counted per domain (padding and specials never count)")
+        group.add_argument("--num_tokens", type=int, default=10_000,
+                           help="tokens counted per domain (padding and specials never count); the demo's smallest training split (french) holds ~14.8k")
         group.add_argument("--seq_len", type=int, default=None, help="window length; default min(512, the model's context)")
         group.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
         group.add_argument("--keep-special", dest="keep_special", action="store_true", help="count BOS/special tokens too")
