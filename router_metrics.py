@@ -290,7 +290,7 @@ def write_outputs(out: Run, counts: dict[str, np.ndarray], s: pipeline.Setup, ar
                                     "P(j in top-k | i in top-k)"), f"coactivation_layer{moe_layer.layer}")
     if "transitions" in counts:
         for pair, (a, b) in enumerate(itertools.pairwise(layers)):
-            probs = transition_probabilities(counts["transitions"][pair], counts["topk"][pair].sum(0))
+            probs = probabilities[pair]
             out.save_figure(plot_matrix(probs, f"Routing transitions, layer {a.layer} → {b.layer}", f"expert at layer {b.layer}",
                                         f"expert at layer {a.layer}", "P(e' | e)"), f"transitions_{a.layer}_{b.layer}")
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))

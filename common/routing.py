@@ -102,9 +102,30 @@ class _LayerDomainStats:
         self.axes = {"layer": [m.layer for m in self.layers], "domain": self.domains}
         self.stats = StatSet()
 
+    NAME_COLUMN = "metric"  # the column naming which accumulated quantity a row belongs to
+
     def all_reduce(self):
         self.stats.all_reduce()
         return self
+
+    def summary(self, qs: Sequence[float] = QUANTILES) -> pd.DataFrame:
+        """One row per (quantity, layer, domain incl. 'all'[, rank]): count, mean, std, min, max, quantiles."""
+        return self._long_table(lambda acc: self._with_overall(acc, qs))
+
+    def histograms(self) -> pd.DataFrame:
+        """One row per (quantity, layer, domain incl. 'all'[, rank], bin): left, right, count."""
+        return self._long_table(self._hist_with_overall)
+
+    def _long_table(self, frame) -> pd.DataFrame:
+        tables = []
+        for name in self.stats:
+            table = self._tidy(frame(self.stats[name]))
+            table.insert(0, self.NAME_COLUMN, name)
+            tables.append(table)
+        return pd.concat(tables, ignore_index=True)
+
+    def _tidy(self, table: pd.DataFrame) -> pd.DataFrame:
+        return table
 
     @staticmethod
     def _with_overall(acc: Distribution, qs: Sequence[float]) -> pd.DataFrame:
@@ -144,24 +165,6 @@ class DecisivenessStats(_LayerDomainStats):
             for name, values in decisiveness(logits, index).items():
                 self.stats[name].update(values, groups, weight)
 
-    def summary(self, qs: Sequence[float] = QUANTILES) -> pd.DataFrame:
-        """One row per (metric, layer, domain incl. 'all'): count, mean, std, min, max, quantiles."""
-        tables = []
-        for name in self.stats:
-            table = self._with_overall(self.stats[name], qs)
-            table.insert(0, "metric", name)
-            tables.append(table)
-        return pd.concat(tables, ignore_index=True)
-
-    def histograms(self) -> pd.DataFrame:
-        tables = []
-        for name in self.stats:
-            table = self._hist_with_overall(self.stats[name])
-            table.insert(0, "metric", name)
-            tables.append(table)
-        return pd.concat(tables, ignore_index=True)
-
-
 
 def _rank_sorted(values: torch.Tensor) -> torch.Tensor:
     """Each token's k values in descending order: column r is rank r+1."""
@@ -191,6 +194,7 @@ def _padded_range(low: float, high: float) -> tuple[float, float]:
 class DistributionStats(_LayerDomainStats):
     """Histograms + moments of z and p (per layer, domain) and of p̃ and w (per layer, domain, rank)."""
 
+    NAME_COLUMN = "quantity"
     RANKED = ("topk_renormalized", "weight")
 
     def __init__(self, layers: Sequence[MoELayer], domains: Sequence[str], device: torch.device, bins: int = 200) -> None:
@@ -231,22 +235,7 @@ class DistributionStats(_LayerDomainStats):
                     groups["rank"] = torch.arange(tensor.shape[-1], device=tensor.device).view(1, -1)
                 self.stats[name].update(tensor, groups, counted)
 
-    def summary(self, qs: Sequence[float] = QUANTILES) -> pd.DataFrame:
-        tables = []
-        for name in self.stats:
-            table = self._with_overall(self.stats[name], qs)
-            if "rank" not in table.columns:
-                table.insert(table.columns.get_loc("domain") + 1, "rank", "all")
-            table.insert(0, "quantity", name)
-            tables.append(table)
-        return pd.concat(tables, ignore_index=True)
-
-    def histograms(self) -> pd.DataFrame:
-        tables = []
-        for name in self.stats:
-            table = self._hist_with_overall(self.stats[name])
-            if "rank" not in table.columns:
-                table.insert(table.columns.get_loc("domain") + 1, "rank", "all")
-            table.insert(0, "quantity", name)
-            tables.append(table)
-        return pd.concat(tables, ignore_index=True)
+    def _tidy(self, table: pd.DataFrame) -> pd.DataFrame:
+        if "rank" not in table.columns:  # z and p are not ranked: one row per (layer, domain)
+            table.insert(table.columns.get_loc("domain") + 1, "rank", "all")
+        return table
