@@ -82,7 +82,10 @@ def _stream(acc, moe, batches):
     return acc
 
 
-def _assert_hist_matches(counts: np.ndarray, edges: np.ndarray, naive_values: list[float]) -> None:
+def _assert_hist_matches(part, naive_values: list[float]) -> None:
+    """`part`: the tidy histogram rows (left, right, count) of one group, compared with np.histogram on the same edges."""
+    counts = part["count"].to_numpy()
+    edges = np.append(part["left"].to_numpy(), part["right"].to_numpy()[-1])
     expected, _ = np.histogram(np.clip(naive_values, edges[0], edges[-1]), bins=edges)
     # float32 (model) vs float64 (reference) may put a value that sits on a bin edge into the neighbouring bin.
     near_edge = sum(np.min(np.abs(edges - v)) < 1e-5 for v in naive_values)
@@ -106,8 +109,7 @@ def test_decisiveness_equals_naive_loop(setup):
             assert row["min"] == pytest.approx(min(values), rel=1e-5, abs=1e-6)
             assert row["max"] == pytest.approx(max(values), rel=1e-5, abs=1e-6)
             hist = histograms[(histograms.metric == metric) & (histograms.layer == layer) & (histograms.domain == domain)]
-            edges = np.append(hist["left"].to_numpy(), hist["right"].to_numpy()[-1])
-            _assert_hist_matches(hist["count"].to_numpy(), edges, values)
+            _assert_hist_matches(hist, values)
     # The pooled row is the union of the domains.
     entropy = summary[(summary.metric == "entropy") & (summary.domain == ALL_DOMAINS)]
     for layer in {key[0] for key in naive}:
@@ -132,13 +134,11 @@ def test_distributions_equal_naive_loop(setup):
             ("softmax", [q for t in tokens for q in t["p"]]),
         ):
             part = rows(quantity)
-            edges = np.append(part["left"].to_numpy(), part["right"].to_numpy()[-1])
-            _assert_hist_matches(part["count"].to_numpy(), edges, values)
+            _assert_hist_matches(part, values)
         for rank in (1, 2):
             values = [t["renorm_ranks"][rank - 1] for t in tokens]
             part = rows("topk_renormalized", rank)
-            edges = np.append(part["left"].to_numpy(), part["right"].to_numpy()[-1])
-            _assert_hist_matches(part["count"].to_numpy(), edges, values)
+            _assert_hist_matches(part, values)
             # OLMoE does not renormalise (norm_topk_prob=False): the weights it uses are the raw top-k p.
             weight = summary[(summary.quantity == "weight") & (summary.layer == layer) & (summary.domain == domain)
                              & (summary["rank"] == rank)].iloc[0]
