@@ -172,9 +172,6 @@ class Run:
         return self.final_dir
 
     # -- outputs
-    def path(self, name: str) -> Path:
-        return self.dir / name
-
     def save_table(self, table: pd.DataFrame, name: str) -> Path:
         return _atomic_write(self.dir / f"{name}.csv", lambda p: table.to_csv(p, index=False))
 
