@@ -14,8 +14,7 @@ Measured facts behind each special case: `shared/notes/transformers-moe.md`.
 from __future__ import annotations
 
 import inspect
-import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,6 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import InputError
+from common.model_view import (
+    FFNParams,
+    LanguageModel,
+    decoder_layer_index,
+    gated_neurons,
+    module_activation,
+    project_down,
+    text_config,
+)
 
 # standard: router(h) -> (logits, w, idx) or logits only (DBRX); experts(h, idx, w) authoritative.
 # llama4:   router(h) -> (dense sigmoid scores [T,E], logits); scores multiply the expert *inputs*.
@@ -31,23 +39,6 @@ from common.errors import InputError
 # legacy:   gate(h) -> (topk_idx, topk_weight, aux_loss) or logits; experts is a ModuleList (DeepSeekMoE remote code).
 RoutingKind = Literal["standard", "llama4", "jetmoe", "legacy"]
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)(?:\.|$)")
-_FINAL_NORM_NAMES = ("norm", "norm_f", "ln_f", "final_layernorm", "final_norm", "final_layer_norm")
-
-
-@dataclass(frozen=True)
-class ExpertParams:
-    """One expert's weights in textbook orientation: out = down @ (act(gate @ x + gate_bias) * (up @ x + up_bias)).
-
-    Tensors are views into the model's parameters (in-place edits reach the model).
-    """
-
-    gate: torch.Tensor | None  # [I, H]; None for ungated experts
-    up: torch.Tensor  # [I, H]
-    down: torch.Tensor  # [H, I]
-    gate_bias: torch.Tensor | None = None
-    up_bias: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -93,17 +84,17 @@ class MoELayer:
             out = self.experts[expert](x)
         return out.reshape(shape)
 
-    def expert_params(self, expert: int) -> ExpertParams:
-        """Views of expert `expert`'s weights in textbook orientation (see `ExpertParams`)."""
+    def expert_params(self, expert: int) -> FFNParams:
+        """Views of expert `expert`'s weights in textbook orientation (see `FFNParams`)."""
         ex = self.experts
         if self.kind == "standard" and hasattr(ex, "mlp") and hasattr(ex.mlp, "w1"):  # DBRX: [E*I, H] stacks
             e_i_h = (self.num_experts, -1, ex.mlp.w1.shape[-1])
-            return ExpertParams(
+            return FFNParams(
                 gate=ex.mlp.w1.view(e_i_h)[expert],
                 up=ex.mlp.v1.view(e_i_h)[expert],
                 down=ex.mlp.w2.view(e_i_h)[expert].T,
             )
-        if self.kind in ("standard", "llama4"):
+        if self.kind in ("standard", "llama4") and not isinstance(ex, nn.ModuleList):
             # Llama4 stores [E, H, 2I] / [E, I, H] like the decorator's is_transposed layout.
             transposed = self.kind == "llama4" or getattr(ex, "is_transposed", False)
             if getattr(ex, "has_gate", True) and hasattr(ex, "gate_up_proj"):
@@ -122,16 +113,63 @@ class MoELayer:
                 up_bias = ex.up_proj_bias[expert] if getattr(ex, "up_proj_bias", None) is not None else None
             down = ex.down_proj[expert].T if transposed else ex.down_proj[expert]
             down_bias = ex.down_proj_bias[expert] if getattr(ex, "down_proj_bias", None) is not None else None
-            return ExpertParams(gate, up, down, gate_bias, up_bias, down_bias)
+            return FFNParams(gate, up, down, gate_bias, up_bias, down_bias)
         if self.kind == "jetmoe":
             gate, up = self.block.input_linear.weight[expert].chunk(2, dim=0)
-            return ExpertParams(gate=gate, up=up, down=self.block.output_linear.weight[expert])
-        mlp = self.experts[expert]
-        return ExpertParams(
-            gate=mlp.gate_proj.weight if hasattr(mlp, "gate_proj") else None,
+            return FFNParams(gate=gate, up=up, down=self.block.output_linear.weight[expert])
+        mlp = self.experts[expert]  # a ModuleList of per-expert MLPs (DeepSeekMoE layout, native or remote code)
+        gate = getattr(mlp, "gate_proj", None)
+        return FFNParams(
+            gate=gate.weight if gate is not None else None,
             up=mlp.up_proj.weight,
             down=mlp.down_proj.weight,
+            gate_bias=getattr(gate, "bias", None),
+            up_bias=mlp.up_proj.bias,
+            down_bias=mlp.down_proj.bias,
         )
+
+    def activation(self, expert: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The experts' activation (the gate's, for gated experts)."""
+        if isinstance(self.experts, nn.ModuleList):
+            found = module_activation(self.experts[expert])
+        elif self.kind == "jetmoe":
+            found = getattr(self.block, "activation", None)
+        elif hasattr(self.experts, "mlp") and hasattr(self.experts.mlp, "activation_fn"):  # DBRX
+            found = self.experts.mlp.activation_fn
+        else:
+            found = module_activation(self.experts)
+        if found is None:
+            raise InputError(f"MoE block '{self.path}': cannot find its experts' activation function")
+        return found
+
+    def _custom_gate(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A fused-experts class's own gating of the [gate; up] product (gpt-oss' clamped SwiGLU and kin)."""
+        ex = self.experts
+        if "_apply_gate" in type(ex).__dict__ and hasattr(ex, "gate_up_proj") and getattr(ex, "has_gate", True):
+            return ex._apply_gate
+        return None
+
+    def expert_neurons(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert `expert`'s intermediate neurons act(gate·x)·(up·x) on x [..., H] -> [..., I].
+
+        `expert_output_from_neurons` of them is `expert_fn(expert, x)`.
+        """
+        if not 0 <= expert < self.num_experts:
+            raise InputError(f"expert {expert} out of range: layer {self.layer} has experts 0..{self.num_experts - 1}")
+        custom = self._custom_gate()
+        if custom is None:
+            return gated_neurons(self.expert_params(expert), self.activation(expert), x)
+        ex = self.experts
+        weight = ex.gate_up_proj[expert]
+        fused = x @ weight.to(x.dtype) if getattr(ex, "is_transposed", False) else F.linear(x, weight.to(x.dtype))
+        bias = getattr(ex, "gate_up_proj_bias", None)
+        if bias is not None:
+            fused = fused + bias[expert].to(x.dtype)
+        return custom(fused)
+
+    def expert_output_from_neurons(self, expert: int, neurons: torch.Tensor) -> torch.Tensor:
+        """down · neurons (+ bias) with expert `expert`'s down projection."""
+        return project_down(self.expert_params(expert), neurons)
 
     def describe(self) -> dict:
         return {
@@ -189,23 +227,11 @@ def _first_attr(objects: Sequence[object], names: Sequence[str]) -> int | None:
     return None
 
 
-def _decoder_layer_index(path: str) -> int:
-    found = _LAYER_INDEX.findall(path)
-    if not found:
-        raise InputError(f"cannot tell which decoder layer the MoE block '{path}' belongs to")
-    return int(found[-1])
-
-
 def _shared_experts(block: nn.Module, decoder_layer: nn.Module | None) -> list[nn.Module]:
     shared = [getattr(block, n) for n in ("shared_experts", "shared_expert", "shared_mlp") if hasattr(block, n)]
     if decoder_layer is not None and hasattr(decoder_layer, "shared_mlp") and decoder_layer.shared_mlp not in shared:
         shared.append(decoder_layer.shared_mlp)  # GraniteMoeShared keeps it on the decoder layer
     return shared
-
-
-def _text_config(model: nn.Module) -> object:
-    config = getattr(model, "config", None)
-    return getattr(config, "text_config", None) or config
 
 
 def _standard_layers(model: nn.Module, specs: list[tuple[type, int]]) -> list[MoELayer]:
@@ -232,13 +258,13 @@ def _standard_layers(model: nn.Module, specs: list[tuple[type, int]]) -> list[Mo
                 [experts, module, block], ["num_experts", "moe_num_experts", "n_routed_experts"]
             )
             top_k = _first_attr([module, block], ["top_k", "moe_top_k", "num_experts_per_tok", "moe_topk"]) or _first_attr(
-                [_text_config(model)], ["num_experts_per_tok", "top_k_experts", "moe_top_k", "moe_topk", "moe_k"]
+                [text_config(model)], ["num_experts_per_tok", "top_k_experts", "moe_top_k", "moe_topk", "moe_k"]
             )
             if routed is None or top_k is None:
                 raise InputError(f"MoE block '{block_path}' ({type(block).__name__}): cannot read its expert count / top-k")
             # Zero-compute choices widen the logits: LongCat's identity experts, Zaya's skip expert.
             choices = _first_attr([module], ["n_routed_experts", "num_router_classes"]) if kind == "standard" else None
-            layer_index = _decoder_layer_index(block_path)
+            layer_index = decoder_layer_index(block_path)
             decoder_layer = named.get(block_path.rsplit(".", 1)[0]) if "." in block_path else None
             found.append(
                 MoELayer(
@@ -276,7 +302,7 @@ def _legacy_layers(model: nn.Module) -> list[MoELayer]:
         found.append(
             MoELayer(
                 position=len(found),
-                layer=_decoder_layer_index(path),
+                layer=decoder_layer_index(path),
                 path=path,
                 kind="legacy",
                 block=block,
@@ -327,39 +353,18 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
 # --------------------------------------------------------------------------------------------- model view
 
 
-def _logits_postprocess(config: object) -> tuple[float | None, float | None]:
-    """(divide-by scale, soft cap) that some heads apply after the unembedding."""
-    scaling = getattr(config, "logits_scaling", None)
-    cap = getattr(config, "final_logit_softcapping", None)
-    return (float(scaling) if scaling not in (None, 1, 1.0) else None, float(cap) if cap else None)
+class MoEModel(LanguageModel):
+    """A causal LM with its tokenizer, the view of its decoder (see `LanguageModel`) and of its MoE layers.
 
-
-class MoEModel:
-    """A causal LM with its tokenizer and the view of its MoE layers."""
+    Building one from a dense model raises the one-line `InputError` the routing scripts show.
+    """
 
     def __init__(self, model: nn.Module, tokenizer=None, name: str = "", revision: str | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.name = name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-        self.revision = revision
         self.layers = find_moe_layers(model)
         self._by_layer = {m.layer: m for m in self.layers}
-        self.num_decoder_layers = self._count_decoder_layers()
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def _count_decoder_layers(self) -> int:
-        n = _first_attr([self.model.config], ["num_hidden_layers", "n_layers", "num_layers"])
-        if n is None:
-            text = getattr(self.model.config, "text_config", None)
-            n = _first_attr([text], ["num_hidden_layers", "n_layers", "num_layers"]) if text else None
-        return n or (max(self._by_layer) + 1)
+        super().__init__(model, tokenizer, name, revision)
+        # A MoE block's own shared/dense MLP is not a dense FFN layer (Qwen2-MoE names it `mlp.shared_expert`).
+        self.ffns = {i: ffn for i, ffn in self.ffns.items() if i not in self._by_layer}
 
     def select(self, spec: Sequence[int | str] | None) -> list[MoELayer]:
         """Layers named by `--layers`: decoder indices (negatives count from the end) or 'all'; None = all."""
@@ -369,17 +374,11 @@ class MoEModel:
         moe_list = ", ".join(str(m.layer) for m in self.layers)
         for item in spec:
             try:
-                index = int(item)
-            except (TypeError, ValueError):
-                raise InputError(f"--layers: '{item}' is not a layer index or 'all'") from None
-            resolved = index + self.num_decoder_layers if index < 0 else index
-            if not 0 <= resolved < self.num_decoder_layers:
-                raise InputError(
-                    f"layer {index} does not exist: the model has {self.num_decoder_layers} decoder layers "
-                    f"(0..{self.num_decoder_layers - 1}); MoE layers: {moe_list}"
-                )
+                resolved = self.resolve_layer(item)
+            except InputError as err:
+                raise InputError(f"{err}; MoE layers: {moe_list}") from None
             if resolved not in self._by_layer:
-                raise InputError(f"layer {index} is a dense (non-MoE) layer; MoE layers: {moe_list}")
+                raise InputError(f"layer {item} is a dense (non-MoE) layer; MoE layers: {moe_list}")
             if self._by_layer[resolved] not in chosen:
                 chosen.append(self._by_layer[resolved])
         return chosen
@@ -387,49 +386,8 @@ class MoEModel:
     def layer(self, index: int) -> MoELayer:
         return self.select([index])[0]
 
-    def decoder_layers(self) -> nn.ModuleList:
-        """The decoder's layer list (its outputs are the residual stream after each layer)."""
-        match = re.match(r"(.*?(?:^|\.)(?:layers|blocks|h))\.\d+(?:\.|$)", self.layers[0].path)
-        if match is None:
-            raise InputError(f"{type(self.model).__name__}: cannot find the decoder layer list")
-        return self.model.get_submodule(match.group(1))
-
-    # -- final norm + unembedding (the model's own, for logit lenses and profiles)
-    def final_norm(self) -> nn.Module:
-        """The norm applied after the last decoder layer: a sibling of the decoder's layer list."""
-        layers_path = self.layers[0].path.split(".")
-        index = max(i for i, part in enumerate(layers_path) if part in ("layers", "blocks", "h"))
-        decoder = self.model.get_submodule(".".join(layers_path[:index]))
-        for name in _FINAL_NORM_NAMES:
-            module = getattr(decoder, name, None)
-            if isinstance(module, nn.Module):
-                return module
-        raise InputError(f"{type(self.model).__name__}: no final norm found among {', '.join(_FINAL_NORM_NAMES)}")
-
-    def unembed(self, residual: torch.Tensor) -> torch.Tensor:
-        """Logits from a residual-stream state, through the model's final norm and output head."""
-        logits = self.model.get_output_embeddings()(self.final_norm()(residual))
-        scaling, cap = _logits_postprocess(self.model.config)
-        if scaling is not None:
-            logits = logits / scaling
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        device = self.device
-        mask = attention_mask.to(device) if attention_mask is not None else None
-        return self.model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False, **kwargs)
-
     def describe(self) -> dict:
-        return {
-            "model": self.name,
-            "revision": self.revision,
-            "architecture": type(self.model).__name__,
-            "num_decoder_layers": self.num_decoder_layers,
-            "moe_layers": [m.describe() for m in self.layers],
-        }
+        return {**super().describe(), "moe_layers": [m.describe() for m in self.layers]}
 
 
 def router_logits_from_gate_input(moe_layer: MoELayer, gate_input: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,212 @@
+"""`intervene`: edit the routing of chosen experts during every forward pass; hooks removed in `finally`.
+
+Edits (`RoutingEdit`): scale / set / force an expert's routing weight, or shift its router logit before selection,
+at chosen token positions. `TopKRestriction` keeps only each token's k' highest-weighted experts at a layer (MoE
+Lens' "perplexity vs experts kept"); shared experts are never touched.
+
+Token positions: hooks see T = B·S flattened tokens; a forward pre-hook on the whole model records the batch shape
+(and `cache_position` during cached generation) so `positions` can be turned into a token mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from common.errors import InputError
+from common.hooks.routing import EDITED_LLAMA4_ROUTING, Hooks, register_routing_rewrite
+from common.moe import MoELayer, MoEModel
+
+EditMode = Literal["scale", "set", "force", "logit"]
+
+
+# --------------------------------------------------------------------------------------------- intervene
+
+
+@dataclass(frozen=True)
+class RoutingEdit:
+    """One change to the routing of one expert at one layer.
+
+    scale: w_e *= value (0 ablates); set: w_e = value; force: route to the expert even if not selected, replacing
+    the lowest-weighted slot, with weight `value` (None: the replaced slot's weight); logit: z_e += value before
+    selection. `positions`: sequence positions (negatives count from the end of the forward's input); None = all.
+    `renormalize` rescales each edited token's weights to their original sum.
+    """
+
+    layer: int
+    expert: int
+    mode: EditMode = "scale"
+    value: float | None = 0.0
+    positions: Sequence[int] | None = None
+    renormalize: bool = False
+
+
+def _token_mask(edit: RoutingEdit, batch_shape: dict, num_tokens: int, device: torch.device) -> torch.Tensor | None:
+    """[T] bool mask of the tokens an edit applies to; None = all tokens."""
+    if edit.positions is None:
+        return None
+    batch, seq = batch_shape.get("shape", (1, num_tokens))
+    if batch * seq != num_tokens:  # a call outside the recorded forward (e.g. a direct block call)
+        batch, seq = 1, num_tokens
+    absolute = batch_shape.get("cache_position")
+    if absolute is None or absolute.numel() != seq:
+        absolute = torch.arange(seq, device=device)
+    wanted = torch.tensor([p if p >= 0 else seq + p for p in edit.positions], device=device)
+    per_position = (absolute.to(device).view(-1, 1) == wanted.view(1, -1)).any(dim=1)
+    return per_position.view(1, seq).expand(batch, seq).reshape(-1)
+
+
+def edit_routing(
+    index: torch.Tensor, weight: torch.Tensor, edit: RoutingEdit, token_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply a scale/set/force edit to top-k routing [T, k]; returns new (index, weight)."""
+    tokens = torch.ones(index.shape[0], dtype=torch.bool, device=index.device) if token_mask is None else token_mask
+    hit = (index == edit.expert) & tokens.view(-1, 1)
+    new_index = index
+    if edit.mode == "scale":
+        new_weight = torch.where(hit, weight * edit.value, weight)
+    elif edit.mode == "set":
+        new_weight = torch.where(hit, torch.full_like(weight, edit.value), weight)
+    elif edit.mode == "force":
+        missing = tokens & ~hit.any(dim=1)
+        slot = weight.argmin(dim=1, keepdim=True)
+        replace = torch.zeros_like(hit).scatter_(1, slot, True) & missing.view(-1, 1)
+        forced_weight = weight.gather(1, slot).expand_as(weight) if edit.value is None else torch.full_like(weight, edit.value)
+        new_index = torch.where(replace, torch.full_like(index, edit.expert), index)
+        new_weight = torch.where(replace, forced_weight, weight)
+        if edit.value is not None:
+            new_weight = torch.where(hit, torch.full_like(weight, edit.value), new_weight)
+    else:
+        raise ValueError(f"edit_routing does not handle mode '{edit.mode}'")
+    if edit.renormalize:
+        edited = tokens.view(-1, 1)
+        old_sum, new_sum = weight.sum(1, keepdim=True), new_weight.sum(1, keepdim=True)
+        factor = torch.where(new_sum != 0, old_sum / torch.where(new_sum != 0, new_sum, 1), 1)
+        new_weight = torch.where(edited, new_weight * factor, new_weight)
+    return new_index, new_weight.to(weight.dtype)
+
+
+class _ShiftLogit(TorchFunctionMode):
+    """Adds `delta` to column `column` of the first linear output of width `width` (the router logits)."""
+
+    def __init__(self, width: int, column: int, delta: float, mask_fn: Callable[[int, torch.device], torch.Tensor | None]):
+        super().__init__()
+        self.width, self.column, self.delta, self.mask_fn, self.done = width, column, delta, mask_fn, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (
+            not self.done
+            and func is torch.nn.functional.linear
+            and isinstance(out, torch.Tensor)
+            and out.shape[-1] == self.width
+        ):
+            self.done = True
+            flat = out.reshape(-1, self.width)
+            shift = torch.zeros(self.width, dtype=out.dtype, device=out.device)
+            shift[self.column] = self.delta
+            mask = self.mask_fn(flat.shape[0], out.device)
+            rows = shift.expand_as(flat) if mask is None else shift * mask.view(-1, 1).to(out.dtype)
+            out = (flat + rows).reshape(out.shape)
+        return out
+
+
+@dataclass(frozen=True)
+class TopKRestriction:
+    """Keep only each token's `keep` highest-weighted experts at decoder layer `layer` (ties: the earlier slot).
+
+    The others get weight 0, so they contribute nothing; `renormalize` rescales the kept weights to the original
+    sum of the token's top-k weights. `keep` >= k leaves the routing untouched.
+    """
+
+    layer: int
+    keep: int
+    renormalize: bool = False
+
+
+def restrict_topk(index: torch.Tensor, weight: torch.Tensor, keep: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing [T, k] with all but the `keep` largest weights of each token set to 0."""
+    if keep >= weight.shape[1]:
+        return index, weight
+    order = weight.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(weight.shape[1], device=weight.device).expand_as(order))
+    kept = torch.where(rank < keep, weight, torch.zeros_like(weight))
+    if renormalize:
+        total, kept_total = weight.sum(1, keepdim=True), kept.sum(1, keepdim=True)
+        kept = kept * torch.where(kept_total != 0, total / torch.where(kept_total != 0, kept_total, 1), 1)
+    return index, kept.to(weight.dtype)
+
+
+@contextlib.contextmanager
+def intervene(moe: MoEModel, edits: Sequence[RoutingEdit | TopKRestriction]) -> Iterator[None]:
+    """Apply routing edits during every forward pass inside the block (register before any `capture`)."""
+    hooks = Hooks()
+    batch_shape: dict = {}
+
+    def model_pre_hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if isinstance(ids, torch.Tensor):
+            batch_shape["shape"] = (ids.shape[0], ids.shape[1])
+        batch_shape["cache_position"] = kwargs.get("cache_position")
+        for moe_layer in moe.layers:  # a previous forward's Llama4 edits must not leak into this one
+            EDITED_LLAMA4_ROUTING.pop(moe_layer.router, None)
+
+    try:
+        hooks.add(moe.model.register_forward_pre_hook(model_pre_hook, with_kwargs=True, prepend=True))
+        for edit in edits:
+            moe_layer = moe.layer(edit.layer)
+            if isinstance(edit, TopKRestriction):
+                if edit.keep < 1:
+                    raise InputError(f"top-k restriction: keep at least 1 expert (got {edit.keep})")
+                keep, renormalize = edit.keep, edit.renormalize
+                register_routing_rewrite(moe_layer, lambda i, w, n, d, k=keep, r=renormalize: restrict_topk(i, w, k, r), hooks)
+                continue
+            if not 0 <= edit.expert < moe_layer.num_choices:
+                raise InputError(
+                    f"expert {edit.expert} out of range: layer {moe_layer.layer} has experts 0..{moe_layer.num_experts - 1}"
+                )
+            _register_edit(moe_layer, edit, batch_shape, hooks)
+        yield
+    finally:
+        hooks.remove()
+        for moe_layer in moe.layers:
+            EDITED_LLAMA4_ROUTING.pop(moe_layer.router, None)
+
+
+def _register_edit(moe_layer: MoELayer, edit: RoutingEdit, batch_shape: dict, hooks: Hooks) -> None:
+    def mask_for(num_tokens: int, device: torch.device) -> torch.Tensor | None:
+        return _token_mask(edit, batch_shape, num_tokens, device)
+
+    if edit.mode == "logit":
+        router = moe_layer.router
+        original_forward = router.forward
+
+        def shifted_forward(*args, **kwargs):
+            with _ShiftLogit(moe_layer.num_choices, edit.expert, float(edit.value or 0.0), mask_for):
+                return original_forward(*args, **kwargs)
+
+        router.forward = shifted_forward
+        hooks.restore.append(lambda: delattr(router, "forward"))
+        return
+
+    def rewrite(index: torch.Tensor, weight: torch.Tensor, num_tokens: int, device: torch.device):
+        return edit_routing(index, weight, edit, mask_for(num_tokens, device))
+
+    register_routing_rewrite(moe_layer, rewrite, hooks)
+
+
+def registered_hook_count(module: nn.Module) -> int:
+    """Forward (pre-)hooks left on a module tree: tests assert it returns to its baseline after a context exits."""
+    total = 0
+    for sub in module.modules():
+        total += len(sub._forward_hooks) + len(sub._forward_pre_hooks)
+        total += int("forward" in sub.__dict__)
+    return total

@@ -1,0 +1,282 @@
+"""A causal LM seen as a stack of decoder layers: the view every analysis starts from, dense or MoE.
+
+`LanguageModel` finds, in any transformers causal LM, the decoder's layer list (whose outputs are the residual
+stream), the dense feed-forward network of each layer that has one, the final norm and the unembedding. Dense
+baselines (probing, logit lens) use it directly; `common.moe.MoEModel` extends it with the MoE layers.
+Callers ask the view for `vocab_size`, `dtype` and `context_length` instead of reading the model's config.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.errors import InputError
+
+_LAYER_LIST_NAMES = ("layers", "blocks", "h")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)(?:\.|$)")
+# LFM2 names its final norm `embedding_norm` (applied after the last layer).
+_FINAL_NORM_NAMES = ("norm", "norm_f", "ln_f", "final_layernorm", "final_norm", "final_layer_norm", "embedding_norm")
+_FFN_NAMES = ("mlp", "feed_forward", "ffn")
+_ACTIVATION_NAMES = ("act_fn", "activation_fn", "act")
+_CONTEXT_NAMES = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length")
+
+
+@dataclass(frozen=True)
+class FFNParams:
+    """A feed-forward network's weights in textbook orientation: out = down @ (act(gate @ x + gate_bias) * (up @ x + up_bias)).
+
+    Used for dense FFNs and for each expert. Tensors are views into the model's parameters (in-place edits reach
+    the model).
+    """
+
+    gate: torch.Tensor | None  # [I, H]; None for ungated FFNs
+    up: torch.Tensor  # [I, H]
+    down: torch.Tensor  # [H, I]
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return self.up.shape[0]
+
+
+def gated_neurons(params: FFNParams, activation: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The intermediate neurons act(gate·x)·(up·x) (act(up·x) when ungated) on x [..., H] -> [..., I]."""
+    up = F.linear(x, params.up.to(x.dtype), _cast(params.up_bias, x))
+    if params.gate is None:
+        return activation(up)
+    return activation(F.linear(x, params.gate.to(x.dtype), _cast(params.gate_bias, x))) * up
+
+
+def project_down(params: FFNParams, neurons: torch.Tensor) -> torch.Tensor:
+    """down · neurons (+ bias): the FFN's output from its intermediate neurons."""
+    return F.linear(neurons, params.down.to(neurons.dtype), _cast(params.down_bias, neurons))
+
+
+def _cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t.to(like.dtype)
+
+
+def module_activation(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    for name in _ACTIVATION_NAMES:
+        fn = getattr(module, name, None)
+        if callable(fn):
+            return fn
+    return None
+
+
+@dataclass(eq=False)
+class DenseFFN:
+    """The dense feed-forward network of one decoder layer (a dense model's, or a dense layer of a MoE model)."""
+
+    layer: int  # 0-based decoder-layer index
+    path: str
+    module: nn.Module
+    activation: Callable[[torch.Tensor], torch.Tensor]
+
+    def params(self) -> FFNParams:
+        m = self.module
+        if hasattr(m, "gate_up_proj") and isinstance(m.gate_up_proj, nn.Linear):  # Phi-3 style fused [gate; up]
+            gate, up = m.gate_up_proj.weight.chunk(2, dim=0)
+            biases = m.gate_up_proj.bias.chunk(2) if m.gate_up_proj.bias is not None else (None, None)
+            return FFNParams(gate, up, m.down_proj.weight, biases[0], biases[1], m.down_proj.bias)
+        gate = getattr(m, "gate_proj", None)
+        return FFNParams(
+            gate=gate.weight if gate is not None else None,
+            up=m.up_proj.weight,
+            down=m.down_proj.weight,
+            gate_bias=gate.bias if gate is not None else None,
+            up_bias=m.up_proj.bias,
+            down_bias=m.down_proj.bias,
+        )
+
+    @property
+    def width(self) -> int:
+        return self.params().width
+
+    def neurons(self, x: torch.Tensor) -> torch.Tensor:
+        """Intermediate neurons act(gate·x)·(up·x) on the FFN's input x [..., H] -> [..., I]."""
+        return gated_neurons(self.params(), self.activation, x)
+
+    def describe(self) -> dict:
+        return {"layer": self.layer, "path": self.path, "width": self.width}
+
+
+def _is_dense_ffn(module: nn.Module) -> bool:
+    has_down = isinstance(getattr(module, "down_proj", None), nn.Linear)
+    has_up = isinstance(getattr(module, "up_proj", None), nn.Linear) or isinstance(
+        getattr(module, "gate_up_proj", None), nn.Linear
+    )
+    return has_down and has_up and module_activation(module) is not None
+
+
+def _first_int(objects: Sequence[object], names: Sequence[str]) -> int | None:
+    for obj in objects:
+        for name in names:
+            value = getattr(obj, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def decoder_layer_index(path: str) -> int:
+    found = _LAYER_INDEX.findall(path)
+    if not found:
+        raise InputError(f"cannot tell which decoder layer '{path}' belongs to")
+    return int(found[-1])
+
+
+def text_config(model: nn.Module) -> object:
+    config = getattr(model, "config", None)
+    return getattr(config, "text_config", None) or config
+
+
+def _logits_postprocess(config: object) -> tuple[float | None, float | None]:
+    """(divide-by scale, soft cap) that some heads apply after the unembedding."""
+    scaling = getattr(config, "logits_scaling", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return (float(scaling) if scaling not in (None, 1, 1.0) else None, float(cap) if cap else None)
+
+
+class LanguageModel:
+    """A causal LM with its tokenizer: decoder layers, dense FFNs, final norm and unembedding."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, name: str = "", revision: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        self.revision = revision
+        self._layers_path = self._find_layer_list()
+        self.num_decoder_layers = len(self.model.get_submodule(self._layers_path))
+        self.ffns: dict[int, DenseFFN] = self._find_dense_ffns()
+
+    # -- facts callers need (so nobody reaches into .model.config)
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the output head (can exceed the tokenizer's vocabulary: padded embeddings)."""
+        head = self.model.get_output_embeddings()
+        if head is not None and getattr(head, "weight", None) is not None:
+            return head.weight.shape[0]
+        return int(text_config(self.model).vocab_size)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(text_config(self.model).hidden_size)
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model was configured for; None if the config does not say."""
+        return _first_int([text_config(self.model), self.model.config], _CONTEXT_NAMES)
+
+    # -- structure
+    def _find_layer_list(self) -> str:
+        """The path of the decoder's layer list: the longest ModuleList named layers/blocks/h."""
+        expected = _first_int([text_config(self.model), self.model.config], ("num_hidden_layers", "n_layers", "num_layers"))
+        best: tuple[bool, int, str] | None = None
+        for path, module in self.model.named_modules():
+            if isinstance(module, nn.ModuleList) and path.rsplit(".", 1)[-1] in _LAYER_LIST_NAMES and len(module) > 0:
+                candidate = (len(module) == expected, len(module), path)  # the config's layer count wins ties
+                if best is None or candidate[:2] > best[:2]:
+                    best = candidate
+        if best is None:
+            raise InputError(f"{type(self.model).__name__}: cannot find the decoder layer list (layers/blocks/h)")
+        return best[2]
+
+    def _find_dense_ffns(self) -> dict[int, DenseFFN]:
+        found = {}
+        for index, layer in enumerate(self.decoder_layers()):
+            for name in _FFN_NAMES:
+                module = getattr(layer, name, None)
+                if isinstance(module, nn.Module) and _is_dense_ffn(module):
+                    found[index] = DenseFFN(index, f"{self._layers_path}.{index}.{name}", module, module_activation(module))
+                    break
+        return found
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder's layer list (its outputs are the residual stream after each layer)."""
+        return self.model.get_submodule(self._layers_path)
+
+    def resolve_layer(self, index: int | str) -> int:
+        """A 0-based decoder-layer index from a flag value (negatives count from the end)."""
+        try:
+            value = int(index)
+        except (TypeError, ValueError):
+            raise InputError(f"--layers: '{index}' is not a layer index or 'all'") from None
+        resolved = value + self.num_decoder_layers if value < 0 else value
+        if not 0 <= resolved < self.num_decoder_layers:
+            raise InputError(
+                f"layer {value} does not exist: the model has {self.num_decoder_layers} decoder layers "
+                f"(0..{self.num_decoder_layers - 1})"
+            )
+        return resolved
+
+    def select_ffns(self, spec: Sequence[int | str] | None) -> list[DenseFFN]:
+        """Dense FFNs named by `--layers` (None / 'all' = every layer that has one)."""
+        dense = ", ".join(str(i) for i in self.ffns) or "none"
+        if not self.ffns:
+            raise InputError(f"{type(self.model).__name__}: no dense feed-forward layer found (gate/up/down projections)")
+        if spec is None or any(str(s).lower() == "all" for s in spec):
+            return list(self.ffns.values())
+        chosen = []
+        for item in spec:
+            index = self.resolve_layer(item)
+            if index not in self.ffns:
+                raise InputError(f"layer {item} has no dense feed-forward network; dense layers: {dense}")
+            if self.ffns[index] not in chosen:
+                chosen.append(self.ffns[index])
+        return chosen
+
+    def final_norm(self) -> nn.Module:
+        """The norm applied after the last decoder layer: a sibling of the decoder's layer list."""
+        parent = self._layers_path.rsplit(".", 1)[0] if "." in self._layers_path else ""
+        decoder = self.model.get_submodule(parent)
+        for name in _FINAL_NORM_NAMES:
+            module = getattr(decoder, name, None)
+            if isinstance(module, nn.Module):
+                return module
+        raise InputError(f"{type(self.model).__name__}: no final norm found among {', '.join(_FINAL_NORM_NAMES)}")
+
+    def unembed(self, residual: torch.Tensor) -> torch.Tensor:
+        """Logits from a residual-stream state, through the model's final norm and output head."""
+        logits = self.model.get_output_embeddings()(self.final_norm()(residual))
+        scaling, cap = _logits_postprocess(self.model.config)
+        if scaling is not None:
+            logits = logits / scaling
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        device = self.device
+        mask = attention_mask.to(device) if attention_mask is not None else None
+        return self.model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False, **kwargs)
+
+    def describe(self) -> dict:
+        return {
+            "model": self.name,
+            "revision": self.revision,
+            "architecture": type(self.model).__name__,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "num_decoder_layers": self.num_decoder_layers,
+            "dense_ffn_layers": sorted(self.ffns),
+        }
