@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common import pipeline
+from common import cli, pipeline
 from common.cli import base_parser, run_main
 from common.errors import InputError
 from common.expert_profile import ExpertActivity
@@ -140,8 +140,7 @@ def build_profile(e: int, position: int, ctx: dict, top: int, min_count: int) ->
 
 
 def run(args: argparse.Namespace) -> None:
-    args.layers = [args.layer]
-    s = pipeline.setup(args)
+    s = pipeline.setup(cli.config(args, SCRIPT, layers=[args.layer]))
     layer = s.layers[0]
     experts = list(range(layer.num_experts)) if args.all else args.expert_id
     for e in experts:
@@ -152,10 +151,9 @@ def run(args: argparse.Namespace) -> None:
     following = s.moe.layers[position + 1] if position + 1 < len(s.moe.layers) else None
     count_layers = [m for m in (previous, layer, following) if m is not None]
     domains = [d.name for d in s.domains]
-    stream = pipeline.batches(s, args)
-    with pipeline.start_run(SCRIPT, args, s) as out:
-        vocab = s.moe.model.get_output_embeddings().weight.shape[0]
-        counts_acc = RoutingCounts(count_layers, domains, vocab, s.moe.device, seed=args.seed)
+    stream = pipeline.batches(s)
+    with pipeline.start_run(s) as out:
+        counts_acc = RoutingCounts(count_layers, domains, s.moe.vocab_size, s.moe.device, seed=args.seed)
         activity = None
         for records, batch, logits in pipeline.captured_batches(s.moe, stream, count_layers, ("logits", "topk", "input")):
             counts_acc.update(records, batch, predicted=logits.argmax(-1))
@@ -169,7 +167,7 @@ def run(args: argparse.Namespace) -> None:
         weights = activity.weights.moments.result()
         levels = (0.05, 0.25, 0.5, 0.75, 0.95)
         with torch.no_grad():
-            decoded = s.moe.unembed(activity.mean_outputs().to(s.moe.device).to(next(s.moe.model.parameters()).dtype))
+            decoded = s.moe.unembed(activity.mean_outputs().to(s.moe.device).to(s.moe.dtype))
         ctx = {
             "tokenizer": s.moe.tokenizer, "layer": layer, "layer_position": count_layers.index(layer), "counts": counts,
             "domains": domains, "model": s.moe.name,

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from common import pipeline
+from common import cli, pipeline
 from common.cli import base_parser, run_main
 from common.plots import grid, plt
 from common.routing import ALL_DOMAINS, DecisivenessStats
@@ -74,9 +74,9 @@ def plot_by_layer(summary: pd.DataFrame, domains: Sequence[str]) -> plt.Figure:
 
 
 def run(args: argparse.Namespace) -> None:
-    s = pipeline.setup(args)
-    stream = pipeline.batches(s, args)
-    with pipeline.start_run(SCRIPT, args, s) as out:
+    s = pipeline.setup(cli.config(args, SCRIPT))
+    stream = pipeline.batches(s)
+    with pipeline.start_run(s) as out:
         acc = DecisivenessStats(s.layers, [d.name for d in s.domains], s.moe.device, bins=args.bins)
         pipeline.accumulate_routing(acc, s, stream)
         out.record(tokens=stream.report.to_dict())

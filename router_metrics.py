@@ -30,8 +30,8 @@ import pandas as pd
 import torch
 from matplotlib.ticker import MaxNLocator
 
-from common import pipeline
-from common.cli import base_parser, model_spec, run_main
+from common import cli, pipeline
+from common.cli import base_parser, run_main
 from common.errors import InputError
 from common.hooks import capture
 from common.models import ModelSpec, inspect_moe, load_moe
@@ -80,9 +80,8 @@ def check_expectations(args: argparse.Namespace, moe: MoEModel, layers) -> None:
             raise InputError(f"--topk {args.topk}: layer {moe_layer.layer} routes to {moe_layer.top_k} experts")
 
 
-def revision_specs(args: argparse.Namespace) -> list[ModelSpec]:
+def revision_specs(args: argparse.Namespace, base: ModelSpec) -> list[ModelSpec]:
     """One ModelSpec per --revisions item (a folder if it exists, else a hub revision of --model); the last is final."""
-    base = model_spec(args)
     specs = []
     for item in args.revisions:
         path = Path(item).expanduser()
@@ -99,7 +98,7 @@ def revision_specs(args: argparse.Namespace) -> list[ModelSpec]:
 
 
 @torch.no_grad()
-def saturation(specs: Sequence[ModelSpec], args: argparse.Namespace, setup: pipeline.Setup) -> pd.DataFrame:
+def saturation(specs: Sequence[ModelSpec], setup: pipeline.Setup) -> pd.DataFrame:
     """Per revision and layer: mean |K_r ∩ K_final| / k and top-1 agreement on identical tokens (OLMoE Fig. 'router
     saturation'). The final model stays loaded; the others are loaded one at a time."""
     final = load_moe(specs[-1])
@@ -110,13 +109,13 @@ def saturation(specs: Sequence[ModelSpec], args: argparse.Namespace, setup: pipe
         other_layers = other.select([m.layer for m in setup.layers])
         overlap = Moments({"layer": [m.layer for m in final_layers]}, device=final.device)
         agree = Moments({"layer": [m.layer for m in final_layers]}, device=final.device)
-        stream = pipeline.batches(setup, args)
+        stream = pipeline.batches(setup)  # this rank's share: every token is counted once across ranks
         with capture(final, final_layers, ("topk",)) as ref, capture(other, other_layers, ("topk",)) as cur:
             for batch in stream:
                 batch = batch.to(final.device)
                 final.forward(batch.input_ids, batch.attention_mask)
                 other.forward(batch.input_ids.to(other.device), batch.attention_mask.to(other.device))
-                weight = pipeline.token_weights(batch)
+                weight = batch.token_weights()
                 for li, moe_layer in enumerate(final_layers):
                     a, b = ref[moe_layer.layer], cur[moe_layer.layer]
                     ia, ib = a.topk_index.long(), b.topk_index.to(a.topk_index.device).long()
@@ -197,16 +196,16 @@ def plot_saturation(table: pd.DataFrame) -> plt.Figure:
 
 
 def run(args: argparse.Namespace) -> None:
-    specs = revision_specs(args) if args.revisions else []
+    config = cli.config(args, SCRIPT)
+    specs = revision_specs(args, config.model) if args.revisions else []
     for spec in specs:  # a revision that does not exist is refused before any work
         inspect_moe(spec)
-    s = pipeline.setup(args)
+    s = pipeline.setup(config)
     check_expectations(args, s.moe, s.layers)
     domains = [d.name for d in s.domains]
-    stream = pipeline.batches(s, args)
-    with pipeline.start_run(SCRIPT, args, s) as out:
-        vocab = s.moe.model.get_output_embeddings().weight.shape[0]
-        counts_acc = RoutingCounts(s.layers, domains, vocab, s.moe.device, olmoe_compat=args.olmoe_compat,
+    stream = pipeline.batches(s)
+    with pipeline.start_run(s) as out:
+        counts_acc = RoutingCounts(s.layers, domains, s.moe.vocab_size, s.moe.device, olmoe_compat=args.olmoe_compat,
                                    token_tables=args.token_tables, seed=args.seed)
         for records, batch, logits in pipeline.captured_batches(s.moe, stream, s.layers, ("logits", "topk")):
             counts_acc.update(records, batch, predicted=logits.argmax(-1))
@@ -215,7 +214,7 @@ def run(args: argparse.Namespace) -> None:
         counts = counts_acc.arrays()
         write_outputs(out, counts, s, args)
         if specs:
-            table = saturation(specs, args, s)
+            table = saturation(specs, s)
             out.save_table(table, "saturation")
             out.save_figure(plot_saturation(table), "saturation")
 

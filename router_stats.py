@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from common import pipeline
+from common import cli, pipeline
 from common.cli import base_parser, run_main
 from common.plots import grid, plt
 from common.routing import ALL_DOMAINS, DistributionStats
@@ -66,9 +66,9 @@ def plot_layer(hist: pd.DataFrame, layer: int) -> plt.Figure:
 
 
 def run(args: argparse.Namespace) -> None:
-    s = pipeline.setup(args)
-    stream = pipeline.batches(s, args)
-    with pipeline.start_run(SCRIPT, args, s) as out:
+    s = pipeline.setup(cli.config(args, SCRIPT))
+    stream = pipeline.batches(s)
+    with pipeline.start_run(s) as out:
         acc = DistributionStats(s.layers, [d.name for d in s.domains], s.moe.device, bins=args.bins)
         pipeline.accumulate_routing(acc, s, stream)
         out.record(tokens=stream.report.to_dict())

@@ -253,7 +253,7 @@ class Bench:
         self.store: list[list[np.ndarray]] = [[] for _ in layers]  # naive: per layer, one [T, C] array per batch
         self.naive_batch: list[np.ndarray] = []  # the naive store's latest batch, for the per-batch numpy step
         self.positions = [m.layer for m in moe.layers]  # output_router_logits covers every MoE layer
-        self.host_domain = pipeline.token_domains(batch.to("cpu")).numpy()
+        self.host_domain = batch.to("cpu").token_domains().numpy()
 
     def bare(self) -> None:
         batch = self.batch.to(self.device)
@@ -265,7 +265,7 @@ class Bench:
 
     def stats_step(self) -> None:
         for records, batch, *_ in pipeline.captured_batches(self.moe, iter([self.batch]), self.layers, ("logits", "topk")):
-            self.stats.update(records, pipeline.token_domains(batch), pipeline.token_weights(batch))
+            self.stats.update(records, batch.token_domains(), batch.token_weights())
 
     def naive_forward_store(self) -> None:
         batch = self.batch.to(self.device)
@@ -489,7 +489,7 @@ def _captured(bench: Bench) -> Capture:
 
 
 def _domain_weight(bench: Bench) -> tuple[torch.Tensor, torch.Tensor]:
-    return pipeline.token_domains(bench.batch), pipeline.token_weights(bench.batch)
+    return bench.batch.token_domains(), bench.batch.token_weights()
 
 
 class OpCounter(TorchDispatchMode):

@@ -10,9 +10,11 @@ import argparse
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from common.config import Config, DataSpec, ModelSpec, RunSpec
 from common.errors import InputError
-from common.models import ModelSpec, default_model
+from common.models import default_model
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -83,6 +85,37 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         device_map=args.device_map,
         trust_remote_code=args.trust_remote_code,
         seed=args.seed,
+    )
+
+
+def data_spec(args: argparse.Namespace) -> DataSpec | None:
+    if getattr(args, "data", None) is None:
+        return None
+    return DataSpec(
+        sources=tuple(args.data),
+        domains=tuple(args.domains) if args.domains else None,
+        num_domains=args.num_domains,
+        num_tokens=args.num_tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        keep_special=args.keep_special,
+        pack=args.pack,
+        seed=args.seed,
+    )
+
+
+def config(args: argparse.Namespace, script: str, *, layers: Sequence[int | str] | None = None) -> Config:
+    """The typed configuration of a run, from parsed arguments (once; `common/` never sees the Namespace).
+
+    `layers` overrides `--layers` (scripts that take one `--layer`).
+    """
+    chosen = layers if layers is not None else getattr(args, "layers", None)
+    return Config(
+        model=model_spec(args),
+        run=RunSpec(script=script, out=Path(args.out), seed=args.seed, progress=args.progress,
+                    arguments=tuple(vars(args).items())),
+        data=data_spec(args),
+        layers=tuple(str(item) for item in chosen) if chosen is not None else None,
     )
 
 

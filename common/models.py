@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
-from common import distributed
+from common import deepseek_moe, distributed
 from common.errors import InputError
 from common.moe import MoEModel
+
+deepseek_moe.register()  # native DeepSeekMoE v1 (model_type "deepseek"): every load path below sees it
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODELS = {"demo": PROJECT_ROOT / "data" / "demo-moe", "demo-dense": PROJECT_ROOT / "data" / "demo-dense"}
@@ -87,9 +89,51 @@ def _source(spec: ModelSpec) -> str | Path:
     return name
 
 
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def _load_error(name: str, err: Exception) -> InputError:
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return InputError(f"--model {name}: cannot load it ({first_line})")
+    return InputError(f"--model {name}: cannot load it ({_first_line(err)})")
+
+
+# What a repository's modeling code written for an older transformers raises at import (a removed helper, ...).
+_REMOTE_CODE_ERRORS = (ImportError, AttributeError, NameError)
+
+
+def _raised_in_remote_code(err: BaseException) -> bool:
+    """Whether `err` was raised inside a repository's own code (a module transformers imported from the repository)."""
+    from transformers.dynamic_module_utils import TRANSFORMERS_DYNAMIC_MODULE_NAME
+
+    tb = err.__traceback__
+    while tb is not None:
+        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith(TRANSFORMERS_DYNAMIC_MODULE_NAME + "."):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _declared_model_type(source: str | Path, revision: str | None) -> str | None:
+    from transformers import PretrainedConfig
+
+    try:
+        return PretrainedConfig.get_config_dict(str(source), revision=revision)[0].get("model_type")
+    except Exception:  # only used for a hint
+        return None
+
+
+def _remote_code_error(spec: ModelSpec, model_type: str | None, err: BaseException) -> InputError:
+    """The repository's own code fails to import under this transformers: say so in one line, with the way out."""
+    import transformers
+
+    if model_type == deepseek_moe.MODEL_TYPE:
+        hint = "DeepSeekMoE checkpoints load natively without the flag"
+    else:
+        hint = "without the flag it loads if transformers implements its model_type, else use the transformers version it was written for"
+    return InputError(
+        f"--trust_remote_code: {spec.model}'s own code cannot be imported under transformers "
+        f"{transformers.__version__} ({_first_line(err)}); {hint}"
+    )
 
 
 def inspect_moe(spec: ModelSpec) -> MoEModel:
@@ -110,11 +154,19 @@ def inspect_moe(spec: ModelSpec) -> MoEModel:
             config = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **revision)
         except (OSError, ValueError, KeyError) as err:
             raise _load_error(spec.model, err) from None
+        except _REMOTE_CODE_ERRORS as err:
+            if spec.trust_remote_code and _raised_in_remote_code(err):
+                raise _remote_code_error(spec, _declared_model_type(source, spec.revision), err) from None
+            raise
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
     except ValueError as err:
         raise _load_error(spec.model, err) from None
+    except _REMOTE_CODE_ERRORS as err:
+        if spec.trust_remote_code and _raised_in_remote_code(err):
+            raise _remote_code_error(spec, getattr(config, "model_type", None), err) from None
+        raise
     try:
         return MoEModel(skeleton, None, name=spec.model, revision=spec.revision)
     except InputError as err:
@@ -146,6 +198,10 @@ def load_model_and_tokenizer(spec: ModelSpec):
         )
     except (OSError, ValueError, KeyError) as err:
         raise _load_error(name, err) from None
+    except _REMOTE_CODE_ERRORS as err:
+        if spec.trust_remote_code and _raised_in_remote_code(err):
+            raise _remote_code_error(spec, _declared_model_type(source, kwargs.get("revision")), err) from None
+        raise
     if not spec.device_map:
         model = model.to(device)
     return model.eval(), tokenizer, str(source)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # scripts run headless on GPU boxes and in CI
 
 import matplotlib.pyplot as plt
+
+from common.atomic import atomic_write
 
 plt.rcParams.update(
     {
@@ -31,19 +31,14 @@ plt.rcParams.update(
 def save_figure(fig: plt.Figure, stem: str | Path) -> list[Path]:
     """Write `<stem>.pdf` and `<stem>.png` atomically, then close the figure."""
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
     for ext in ("pdf", "png"):
-        target = stem.with_suffix(f".{ext}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".{ext}", dir=target.parent)
-        os.close(fd)
-        try:
-            metadata = {"CreationDate": None} if ext == "pdf" else {"Software": None}
-            fig.savefig(tmp, format=ext, metadata=metadata)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        metadata = {"CreationDate": None} if ext == "pdf" else {"Software": None}
+        target = atomic_write(
+            stem.with_suffix(f".{ext}"),
+            lambda tmp, ext=ext, metadata=metadata: fig.savefig(tmp, format=ext, metadata=metadata),
+            suffix=f".{ext}",
+        )
         written.append(target)
     plt.close(fig)
     return written

@@ -3,7 +3,7 @@
 A run is written into a hidden staging folder and renamed into place only when it finishes, so a failed or
 refused run never leaves a half-written results folder: bad input removes the staging folder; a crash keeps it
 as `<run-id>.failed/` (with the error in run.json) so hours of work are not lost silently.
-Every file is written atomically (temporary file + rename). Earlier runs are never overwritten.
+Every file is written atomically (`common.atomic`: temporary file + rename). Earlier runs are never overwritten.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,8 @@ import numpy as np
 import pandas as pd
 
 from common import distributed
+from common.atomic import atomic_write
+from common.config import RunSpec
 from common.errors import InputError
 
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "numpy", "pandas", "matplotlib", "scikit-learn")
@@ -79,28 +80,16 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 class Run:
     """A run folder. Use as a context manager: it is published on success and cleaned up on failure."""
 
-    def __init__(self, script: str, args: dict[str, Any], model: str, out: str | Path = "results") -> None:
-        self.script, self.args = script, dict(args)
+    def __init__(self, spec: RunSpec, model: str) -> None:
+        script = spec.script
+        self.script, self.args = script, spec.argument_dict
         self.started = time.time()
         # Under torchrun only rank 0 publishes; the others write into a scratch folder that is deleted.
         self.scratch = distributed.rank() != 0
-        root = Path(tempfile.mkdtemp(prefix="moescope-rank")) if self.scratch else Path(out)
+        root = Path(tempfile.mkdtemp(prefix="moescope-rank")) if self.scratch else Path(spec.out)
         parent = root / script / model_slug(model)
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_id, n = stamp, 1
@@ -116,7 +105,8 @@ class Run:
             "run_id": run_id,
             "arguments": _jsonable(self.args),
             "model": model,
-            "seed": self.args.get("seed"),
+            "seed": spec.seed,
+            "world_size": distributed.world_size(),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "started": dt.datetime.now().isoformat(timespec="seconds"),
             "git_commit": git_commit(),
@@ -157,7 +147,7 @@ class Run:
 
     def _write_info(self) -> None:
         text = json.dumps(self.info, indent=2, sort_keys=False) + "\n"
-        _atomic_write(self.dir / "run.json", lambda p: p.write_text(text))
+        atomic_write(self.dir / "run.json", lambda p: p.write_text(text))
 
     def finish(self) -> Path:
         if self.scratch:
@@ -173,18 +163,18 @@ class Run:
 
     # -- outputs
     def save_table(self, table: pd.DataFrame, name: str) -> Path:
-        return _atomic_write(self.dir / f"{name}.csv", lambda p: table.to_csv(p, index=False))
+        return atomic_write(self.dir / f"{name}.csv", lambda p: table.to_csv(p, index=False))
 
     def save_array(self, array: np.ndarray, name: str) -> Path:
         def write(p: Path) -> None:
             with open(p, "wb") as f:
                 np.save(f, array)
 
-        return _atomic_write(self.dir / f"{name}.npy", write)
+        return atomic_write(self.dir / f"{name}.npy", write)
 
     def save_json(self, obj: Any, name: str) -> Path:
         text = json.dumps(_jsonable(obj), indent=2) + "\n"
-        return _atomic_write(self.dir / f"{name}.json", lambda p: p.write_text(text))
+        return atomic_write(self.dir / f"{name}.json", lambda p: p.write_text(text))
 
     def save_figure(self, fig, name: str) -> list[Path]:
         from common.plots import save_figure

@@ -95,7 +95,7 @@ class RoutingCounts:
                 stats[f"token_{table}"] = BinCount({"layer": layer_domain["layer"], "token": vocab_size}, {"expert": C}, device=device)
                 stats[f"occurrences_{table}"] = BinCount(None, {"token": vocab_size}, device=device)
         self.stats = StatSet(stats)
-        self._generator = torch.Generator(device=device).manual_seed(seed)
+        self.seed = seed
 
     def all_reduce(self) -> RoutingCounts:
         self.stats.all_reduce()
@@ -116,6 +116,8 @@ class RoutingCounts:
         has_next = torch.cat([real[:, 1:], torch.zeros_like(real[:, :1])], dim=1).reshape(-1).to(counted.dtype)
         next_counted = counted * has_next
         indicators, shuffled = [], []
+        # Drawn from the batch's stream number, not the process: a torchrun run shuffles exactly like one process.
+        generator = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + batch.number)
         for li, moe_layer in enumerate(self.layers):
             record = records[moe_layer.layer]  # layers may sit on other GPUs under --device_map auto
             index, weight = record.topk_index.to(self.device).long(), record.topk_weight.to(self.device)
@@ -144,7 +146,7 @@ class RoutingCounts:
                     self.stats["token_predicted"].update(index, {**table_groups, "token": predicted.reshape(-1, 1)}, picked)
             onehot = torch.zeros(index.shape[0], C, device=index.device).scatter_(1, index, (weight != 0).to(torch.float32))
             indicators.append(onehot)
-            shuffled.append(shuffled_rows(onehot, counted, self._generator))
+            shuffled.append(shuffled_rows(onehot, counted, generator))
         if self.token_tables:
             self.stats["occurrences_current"].update(ids, None, counted)
             self.stats["occurrences_next"].update(next_ids, None, next_counted)

@@ -143,9 +143,9 @@ def test_restrict_topk_ties_renormalisation_and_hooks_after_exception(olmoe):
     _, one = restrict_topk(index, weight, 1, renormalize=True)
     torch.testing.assert_close(one, torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))  # tie: the earlier slot
     before = registered_hook_count(olmoe.model)
-    with pytest.raises(IndexError), torch.no_grad(), intervene(olmoe, [TopKRestriction(olmoe.layers[0].layer, 1)]):
-        with capture(olmoe, what=OUTPUT_ITEMS):
-            olmoe.model(input_ids=torch.full((1, 4), 10_000))
+    restriction = [TopKRestriction(olmoe.layers[0].layer, 1)]
+    with pytest.raises(IndexError), torch.no_grad(), intervene(olmoe, restriction), capture(olmoe, what=OUTPUT_ITEMS):
+        olmoe.model(input_ids=torch.full((1, 4), 10_000))
     assert registered_hook_count(olmoe.model) == before
 
 

@@ -18,6 +18,8 @@ from common.data import (
     DataWarning,
     Domain,
     HFSpec,
+    documents,
+    domains,
     iter_documents,
     parse_hf_spec,
     resolve_domains,
@@ -325,7 +327,7 @@ def test_hf_documents_through_a_fake_hub(monkeypatch):
     docs = docs_of("hf:some/pile:default:validation?pile_set_name=ArXiv")
     assert docs == ["doc0", "doc3", "doc6"]
     assert calls == [("some/pile", "default", "validation", True)]
-    monkeypatch.setattr(data, "FILTER_SCAN_LIMIT", 2)
+    monkeypatch.setattr(documents, "FILTER_SCAN_LIMIT", 2)  # patched where it is read
     with pytest.warns(DataWarning, match="failed the filters"):
         assert docs_of("hf:some/pile?pile_set_name=Books3") == []
 
@@ -357,7 +359,7 @@ def fake_corpus(monkeypatch):
         available_demo_domains=lambda: (["code", "prose"], {"german": "needs the corpus dependency group"}),
         demo_documents=lambda name, split: iter([f"{name}-{split}-{i} " * 3 for i in range(4)]),
     )
-    monkeypatch.setattr(data, "_corpus", lambda: corpus)
+    monkeypatch.setattr(domains, "_corpus", lambda: corpus)  # every use of the corpus goes through it
     return corpus
 
 

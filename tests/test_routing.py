@@ -78,7 +78,7 @@ def _naive(moe, domains, batches):
 
 def _stream(acc, moe, batches):
     for records, batch, _ in pipeline.captured_batches(moe, iter(batches), acc.layers, ("logits", "topk")):
-        acc.update(records, pipeline.token_domains(batch), pipeline.token_weights(batch))
+        acc.update(records, batch.token_domains(), batch.token_weights())
     return acc
 
 

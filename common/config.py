@@ -1,0 +1,64 @@
+"""Typed, frozen run configuration: what `common.cli` makes of the command line, once.
+
+Nothing in `common/` reads an argparse `Namespace`; it receives these specs. They import nothing heavy, so a
+script can parse and validate its flags before torch or transformers is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load and how (`--model --revision --dtype --device --device_map --trust_remote_code`)."""
+
+    model: str
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    seed: int = 0  # initialises `random:<arch>` models
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which text, how much of it, and how it is cut into batches."""
+
+    sources: tuple[str, ...] = ("demo",)  # presets or [name=]SOURCE items of --data
+    domains: tuple[str, ...] | None = None  # keep only these domains of the preset
+    num_domains: int | None = None  # keep the first N domains of the preset
+    num_tokens: int = 10_000  # counted tokens per domain
+    seq_len: int | None = None  # window length; None = min(512, the model's context)
+    batch_size: int = 16
+    keep_special: bool = False
+    pack: bool = False
+    seed: int = 0  # document order
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Where results go and how the run reports itself."""
+
+    script: str
+    out: Path = Path("results")
+    seed: int = 0
+    progress: bool = True
+    arguments: tuple[tuple[str, Any], ...] = field(default=())  # every flag as given, for run.json
+
+    @property
+    def argument_dict(self) -> dict[str, Any]:
+        return dict(self.arguments)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a script's shared steps need: the model, the layers asked for, the data and the run."""
+
+    model: ModelSpec
+    run: RunSpec
+    data: DataSpec | None = None
+    layers: tuple[str, ...] | None = None  # --layers as given: indices, negatives, or 'all'; None = every MoE layer

@@ -1,0 +1,92 @@
+"""Domains and presets -> deterministic token batches.
+
+A *domain* is a named text source. `--data` takes a preset name or one or more sources, each optionally named
+`name=SOURCE`:
+
+    hf:ID[:CONFIG][:SPLIT][#FIELD[,FIELD...]][?key=value&...]   a Hugging Face dataset, streamed (needs hub access)
+    path/to/file.{txt,jsonl,json,parquet,csv}[#FIELD...][?key=value&...]
+    path/to/folder            every supported file below it (recursive, sorted, hidden entries skipped)
+    'path/*.jsonl'            a glob (sorted; `**` recurses)
+    demo:<domain>             one domain of the offline demo corpus (`common.corpus`)
+
+Documents:
+- `.txt`: one document per file. A text file is usually one coherent text (a book, a source file, an article);
+  splitting on blank lines would cut code and prose into context-free fragments. Use `.jsonl` for many small
+  documents.
+- `.jsonl` / `.json` (a list of records, or of strings) / `.parquet` / `.csv`: one document per record, field
+  "text" unless `#FIELD` says otherwise; `#a,b` joins several fields with newlines (e.g. question + answer); a
+  field holding a list of strings is joined with newlines too. Dotted fields reach into nested records
+  (`meta.pile_set_name`); a filter key missing from a record is also looked up in its `meta` dict (the Pile's
+  layout).
+- Filters `?key=value&key2=value2` keep the records whose fields equal the values (compared as strings, values
+  percent-decoded). Several filters must all match.
+- Empty and whitespace-only documents are skipped.
+
+Order: sources are read in a fixed order (files sorted, datasets in stream order), then shuffled with the seed in
+a bounded buffer (`shuffle_buffer` documents, at most 32 Mi characters), the way streaming datasets are shuffled:
+the same seed gives the same documents in the same order; a source smaller than the buffer is fully shuffled.
+
+Token accounting (SPEC "Token accounting"): see `token_batches`. Batches hold rows of one domain at a time, domains
+in the order given, so each domain's data is read only once and stops being read as soon as its budget is met.
+
+Layout of the package (each module imports only those listed above it):
+    sources.py    the source spec grammar (`parse_source`, `HFSpec`/`LocalSpec`/`DemoSpec`, `split_name`),
+                  `DataWarning`
+    presets.py    the named presets (`PRESETS`, the Pile components)
+    readers.py    local files -> records -> documents (file formats, fields, filters)
+    domains.py    `Domain`, `resolve_domains` (eager checks), the offline demo corpus
+    documents.py  `iter_documents`: a domain's documents in a seeded, bounded-buffer shuffled order
+    batches.py    `token_batches`: documents -> token windows -> `Batch`es with exact budgets (`TokenReport`)
+
+Tests that patch a module-level name (`FILTER_SCAN_LIMIT`, `_corpus`) must patch it in the module that
+defines it (`common.data.documents`, `common.data.domains`): the names re-exported here are copies.
+"""
+
+from __future__ import annotations
+
+from common.data.batches import Batch, DomainCount, TokenBatches, TokenReport, token_batches
+from common.data.documents import DEFAULT_SHUFFLE_BUFFER, FILTER_SCAN_LIMIT, iter_documents
+from common.data.domains import Domain, resolve_domains
+from common.data.presets import PILE_ABSENT, PILE_COMPONENTS, PILE_DATASET, PRESET_NAMES, PRESETS
+from common.data.readers import local_files
+from common.data.sources import (
+    DEFAULT_FIELD,
+    EXTENSIONS,
+    DataWarning,
+    DemoSpec,
+    HFSpec,
+    LocalSpec,
+    SourceSpec,
+    parse_hf_spec,
+    parse_source,
+    split_name,
+)
+
+__all__ = [
+    "DEFAULT_FIELD",
+    "DEFAULT_SHUFFLE_BUFFER",
+    "EXTENSIONS",
+    "FILTER_SCAN_LIMIT",
+    "PILE_ABSENT",
+    "PILE_COMPONENTS",
+    "PILE_DATASET",
+    "PRESETS",
+    "PRESET_NAMES",
+    "Batch",
+    "DataWarning",
+    "DemoSpec",
+    "Domain",
+    "DomainCount",
+    "HFSpec",
+    "LocalSpec",
+    "SourceSpec",
+    "TokenBatches",
+    "TokenReport",
+    "iter_documents",
+    "local_files",
+    "parse_hf_spec",
+    "parse_source",
+    "resolve_domains",
+    "split_name",
+    "token_batches",
+]
