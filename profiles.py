@@ -25,10 +25,11 @@ import pandas as pd
 import torch
 
 from common import cli, pipeline
+from common.analysis.expert_profile import ExpertActivity
+from common.analysis.specialization import RoutingCounts, transition_probabilities
 from common.cli import base_parser, run_main
 from common.errors import InputError
-from common.expert_profile import ExpertActivity
-from common.specialization import RoutingCounts, transition_probabilities
+from common.stats import DEFAULT_QUANTILES
 
 SCRIPT = "profiles"
 
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> None:
         out.record(tokens=stream.report.to_dict())
         counts = counts_acc.arrays()
         weights = activity.weights.moments.result()
-        levels = (0.05, 0.25, 0.5, 0.75, 0.95)
+        levels = DEFAULT_QUANTILES
         with torch.no_grad():
             decoded = s.moe.unembed(activity.mean_outputs().to(s.moe.device).to(s.moe.dtype))
         ctx = {

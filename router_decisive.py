@@ -23,9 +23,10 @@ import numpy as np
 import pandas as pd
 
 from common import cli, pipeline
+from common.analysis import ALL_DOMAINS
+from common.analysis.routing import DecisivenessStats
 from common.cli import base_parser, run_main
 from common.plots import grid, plt
-from common.routing import ALL_DOMAINS, DecisivenessStats
 
 SCRIPT = "router_decisive"
 

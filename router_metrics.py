@@ -31,15 +31,8 @@ import torch
 from matplotlib.ticker import MaxNLocator
 
 from common import cli, pipeline
-from common.cli import base_parser, run_main
-from common.errors import InputError
-from common.hooks import capture
-from common.models import ModelSpec, inspect_moe, load_moe
-from common.moe import MoEModel
-from common.plots import grid, plt
-from common.runs import Run
-from common.specialization import (
-    ALL,
+from common.analysis import ALL_DOMAINS
+from common.analysis.specialization import (
     TOKEN_TABLES,
     RoutingCounts,
     coactivation_table,
@@ -52,6 +45,14 @@ from common.specialization import (
     top1_index,
     transition_probabilities,
 )
+from common.cli import base_parser, run_main
+from common.config import ModelSpec
+from common.errors import InputError
+from common.hooks import capture
+from common.models import inspect_moe, load_moe
+from common.moe import MoEModel
+from common.plots import grid, plt
+from common.runs import Run
 from common.stats import Moments
 
 SCRIPT = "router_metrics"
@@ -140,12 +141,12 @@ def saturation(specs: Sequence[ModelSpec], setup: pipeline.Setup) -> pd.DataFram
 
 def plot_frequency(freq: pd.DataFrame, layer: int, domains: Sequence[str]) -> plt.Figure:
     """Per-expert top-k selection frequency with the uniform line k/E, one panel per domain (MoE Lens Fig. 1 form)."""
-    names = [*domains, ALL]
+    names = [*domains, ALL_DOMAINS]
     fig, axes = grid(len(names), ncols=3, panel_size=(3.6, 2.3))
     rows = freq[freq.layer == layer]
     for ax, domain in zip(axes, names, strict=True):
         d = rows[rows.domain == domain]
-        ax.bar(d.expert, 100 * d.freq_topk, color="C0" if domain != ALL else "black", width=0.8)
+        ax.bar(d.expert, 100 * d.freq_topk, color="C0" if domain != ALL_DOMAINS else "black", width=0.8)
         ax.axhline(100 * d.uniform_topk.iloc[0], color="C3", linestyle="--", linewidth=1, label="uniform k/E")
         ax.set_title(domain)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -158,7 +159,7 @@ def plot_frequency(freq: pd.DataFrame, layer: int, domains: Sequence[str]) -> pl
 
 def plot_domain_heatmap(freq: pd.DataFrame, layer: int, domains: Sequence[str]) -> plt.Figure:
     """Domain × expert share of each domain's tokens routed to each expert (OLMoE Fig. 22 form)."""
-    rows = freq[(freq.layer == layer) & (freq.domain != ALL)]
+    rows = freq[(freq.layer == layer) & (freq.domain != ALL_DOMAINS)]
     matrix = rows.pivot(index="domain", columns="expert", values="freq_topk").loc[list(domains)]
     fig, ax = plt.subplots(figsize=(max(4, 0.3 * matrix.shape[1] + 2), 0.35 * len(domains) + 1.5))
     image = ax.imshow(100 * matrix.to_numpy(), aspect="auto", cmap="viridis")

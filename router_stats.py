@@ -22,9 +22,10 @@ from collections.abc import Sequence
 import pandas as pd
 
 from common import cli, pipeline
+from common.analysis import ALL_DOMAINS
+from common.analysis.routing import DistributionStats
 from common.cli import base_parser, run_main
 from common.plots import grid, plt
-from common.routing import ALL_DOMAINS, DistributionStats
 
 SCRIPT = "router_stats"
 TITLES = {

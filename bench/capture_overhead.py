@@ -44,10 +44,10 @@ from transformers import AutoModelForCausalLM, OlmoeConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: make `common` importable
 
 from common import pipeline
+from common.analysis.routing import DecisivenessStats, DistributionStats, metric_ranges
 from common.data import Batch
 from common.hooks import Capture, capture
 from common.moe import MoELayer, MoEModel
-from common.routing import DecisivenessStats, DistributionStats, metric_ranges
 from common.stats import Accumulator, BinCount
 
 GOAL = 1.10  # DESIGN "Speed": routing statistics cost at most 10% over a bare forward pass

@@ -9,14 +9,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 
 import torch
 
 from common import deepseek_moe, distributed
+from common.config import ModelSpec
 from common.errors import InputError
-from common.moe import MoEModel
+from common.model_view import LanguageModel
+from common.moe import MoEModel, find_moe_layers
 
 deepseek_moe.register()  # native DeepSeekMoE v1 (model_type "deepseek"): every load path below sees it
 
@@ -53,17 +55,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in table:
         raise InputError(f"--dtype {dtype}: choose auto, float32, bfloat16 or float16")
     return table[dtype]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    model: str
-    revision: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    device_map: str | None = None
-    trust_remote_code: bool = False
-    seed: int = 0
 
 
 def _looks_like_path(name: str) -> bool:
@@ -136,11 +127,8 @@ def _remote_code_error(spec: ModelSpec, model_type: str | None, err: BaseExcepti
     )
 
 
-def inspect_moe(spec: ModelSpec) -> MoEModel:
-    """The model's MoE structure from its config alone (parameters on the meta device: no weights are read).
-
-    Lets a dense model or a wrong `--layers` be refused in seconds, before a large checkpoint is loaded.
-    """
+def _skeleton(spec: ModelSpec):
+    """The model built from its config alone, parameters on the meta device (no weights are read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if spec.model.startswith(RANDOM_PREFIX):
@@ -167,10 +155,38 @@ def inspect_moe(spec: ModelSpec) -> MoEModel:
         if spec.trust_remote_code and _raised_in_remote_code(err):
             raise _remote_code_error(spec, getattr(config, "model_type", None), err) from None
         raise
+    if spec.trust_remote_code and getattr(config, "model_type", None) == deepseek_moe.MODEL_TYPE:
+        warnings.warn("--trust_remote_code is not needed: DeepSeekMoE checkpoints load natively (the repository's "
+                      "code is not used)", stacklevel=2)
+    return skeleton
+
+
+def _view(model, tokenizer, spec: ModelSpec, *, require_moe: bool) -> LanguageModel:
+    """MoEModel for a model with MoE layers; a dense LanguageModel otherwise, unless MoE layers are required."""
     try:
-        return MoEModel(skeleton, None, name=spec.model, revision=spec.revision)
+        if require_moe or _has_moe_layers(model):
+            return MoEModel(model, tokenizer, name=spec.model, revision=spec.revision)
+        return LanguageModel(model, tokenizer, name=spec.model, revision=spec.revision)
     except InputError as err:
         raise InputError(f"--model {spec.model}: {err}") from None
+
+
+def _has_moe_layers(model) -> bool:
+    try:
+        return bool(find_moe_layers(model))
+    except InputError:
+        return False
+
+
+def inspect_moe(spec: ModelSpec) -> MoEModel:
+    """The model's MoE structure from its config alone: a dense model or a wrong `--layers` is refused in seconds,
+    before a large checkpoint is loaded."""
+    return _view(_skeleton(spec), None, spec, require_moe=True)
+
+
+def inspect_model(spec: ModelSpec) -> LanguageModel:
+    """The model's structure from its config alone, dense or MoE (for analyses that accept dense baselines)."""
+    return _view(_skeleton(spec), None, spec, require_moe=False)
 
 
 def load_model_and_tokenizer(spec: ModelSpec):
@@ -207,12 +223,21 @@ def load_model_and_tokenizer(spec: ModelSpec):
     return model.eval(), tokenizer, str(source)
 
 
-def load_moe(spec: ModelSpec) -> MoEModel:
-    """Load `spec.model` and find its MoE layers (an `InputError` for dense models)."""
+def _loaded(spec: ModelSpec):
     model, tokenizer, _ = load_model_and_tokenizer(spec)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padding never counts anyway
-    try:
-        return MoEModel(model, tokenizer, name=spec.model, revision=spec.revision)
-    except InputError as err:
-        raise InputError(f"--model {spec.model}: {err}") from None
+    return model, tokenizer
+
+
+def load_moe(spec: ModelSpec) -> MoEModel:
+    """Load `spec.model` and find its MoE layers (an `InputError` for dense models)."""
+    model, tokenizer = _loaded(spec)
+    return _view(model, tokenizer, spec, require_moe=True)
+
+
+def load_model(spec: ModelSpec) -> LanguageModel:
+    """Load `spec.model`: a `MoEModel` if it has MoE layers, else a dense `LanguageModel` (decoder layers, FFNs,
+    final norm and unembedding) for analyses that need a dense baseline."""
+    model, tokenizer = _loaded(spec)
+    return _view(model, tokenizer, spec, require_moe=False)

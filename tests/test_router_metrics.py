@@ -17,10 +17,10 @@ import torch
 from scipy.spatial.distance import jensenshannon
 
 import router_metrics
+from common.analysis.specialization import load_balance
 from common.data import resolve_domains, token_batches
 from common.hooks import capture
 from common.moe import MoEModel
-from common.specialization import load_balance
 from tests.planted import (
     GROUPS,
     NUM_EXPERTS,
@@ -194,8 +194,8 @@ def test_aux_loss_equals_transformers(tmp_path):
     """The switch auxiliary loss from streamed counts equals transformers' load_balancing_loss_func (1e-6)."""
     from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
+    from common.analysis.specialization import RoutingCounts
     from common.data import Batch
-    from common.specialization import RoutingCounts
 
     model = build_planted_model()
     with torch.no_grad():  # give the routers some spread so the loss is not trivially the balanced value
@@ -239,9 +239,9 @@ def test_bad_input(case, tmp_path, capsys):
 def test_frequency_and_coactivation_equal_naive_loop_on_demo(tmp_path):
     """On the shipped demo model: streamed counts equal a per-token Python loop over transformers' router logits."""
     from common import pipeline
+    from common.analysis.specialization import RoutingCounts
     from common.data import resolve_domains
     from common.models import ModelSpec, load_moe
-    from common.specialization import RoutingCounts
 
     moe = load_moe(ModelSpec(model="demo", device="cpu", dtype="float32"))
     domains = resolve_domains(["demo"], num_domains=3)
@@ -276,9 +276,9 @@ def test_frequency_and_coactivation_equal_naive_loop_on_demo(tmp_path):
 
 def test_olmoe_compat_counts_rank_adjacent_pairs_only():
     """Top-3 routing with known weights: all pairs vs the OLMoE script's rank-adjacent pairs (by weight, not slot)."""
+    from common.analysis.specialization import RoutingCounts
     from common.data import Batch
     from common.hooks import Capture, LayerRecord
-    from common.specialization import RoutingCounts
 
     model = build_planted_model()
     moe_layer = MoEModel(model).layers[0]

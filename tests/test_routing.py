@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from common import pipeline
+from common.analysis import ALL_DOMAINS
+from common.analysis.routing import DecisivenessStats, DistributionStats
 from common.data import resolve_domains, token_batches
 from common.models import ModelSpec, load_moe
-from common.routing import ALL_DOMAINS, DecisivenessStats, DistributionStats
 
 TEXTS = {
     "prose": "The quick brown fox jumps over the lazy dog. " * 12,

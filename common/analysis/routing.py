@@ -15,12 +15,10 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
+from common.analysis import ALL_DOMAINS
 from common.hooks import Capture, LayerRecord
 from common.moe import MoELayer
-from common.stats import Distribution, StatSet
-
-QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-ALL_DOMAINS = "all"
+from common.stats import DEFAULT_QUANTILES, Distribution, StatSet
 
 
 def routing_probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -108,7 +106,7 @@ class _LayerDomainStats:
         self.stats.all_reduce()
         return self
 
-    def summary(self, qs: Sequence[float] = QUANTILES) -> pd.DataFrame:
+    def summary(self, qs: Sequence[float] = DEFAULT_QUANTILES) -> pd.DataFrame:
         """One row per (quantity, layer, domain incl. 'all'[, rank]): count, mean, std, min, max, quantiles."""
         return self._long_table(lambda acc: self._with_overall(acc, qs))
 

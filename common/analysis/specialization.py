@@ -22,12 +22,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from common.analysis import ALL_DOMAINS
 from common.data import Batch
 from common.hooks import Capture
 from common.moe import MoELayer
 from common.stats import BinCount, Gram, StatSet
 
-ALL = "all"
 TOKEN_TABLES = ("current", "next", "predicted")
 
 
@@ -206,8 +206,8 @@ def selection_frequency(counts: dict[str, np.ndarray], layers: Sequence[MoELayer
     tokens = counts["tokens"]
     for li, moe_layer in enumerate(layers):
         E, k = moe_layer.num_choices, moe_layer.top_k
-        for d, domain in enumerate([*domains, ALL]):
-            if domain == ALL:
+        for d, domain in enumerate([*domains, ALL_DOMAINS]):
+            if domain == ALL_DOMAINS:
                 topk, top1, n = counts["topk"][li].sum(0), counts["top1"][li].sum(0), tokens.sum()
             else:
                 topk, top1, n = counts["topk"][li, d], counts["top1"][li, d], tokens[d]
@@ -247,8 +247,8 @@ def coverage(counts: dict[str, np.ndarray], layers: Sequence[MoELayer], domains:
     """Per (layer, domain): the fewest experts that handle `share` of the domain's top-k assignments."""
     rows = []
     for li, moe_layer in enumerate(layers):
-        for d, domain in enumerate([*domains, ALL]):
-            column = counts["topk"][li].sum(0) if domain == ALL else counts["topk"][li, d]
+        for d, domain in enumerate([*domains, ALL_DOMAINS]):
+            column = counts["topk"][li].sum(0) if domain == ALL_DOMAINS else counts["topk"][li, d]
             column = column[: moe_layer.num_choices]
             total = column.sum()
             ranked = np.sort(column)[::-1]
