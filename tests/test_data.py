@@ -274,14 +274,32 @@ def test_same_seed_same_batches_other_seed_other_order(tmp_path, tok):
 
     first, again, other = run(0), run(0), run(1)
     assert len(first) == len(again) and all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
-    assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(first, other, strict=False))
+    # Another seed reads the documents in another order: the first document of the stream differs, and with
+    # every document read (a budget larger than the data), the same tokens in another order.
+    assert not torch.equal(first[0], other[0])
+
+    def everything(seed: int) -> torch.Tensor:
+        with pytest.warns(DataWarning, match="ran out of data"):
+            stream = list(token_batches([domain], tok, num_tokens=10_000, seq_len=8, seed=seed, progress=False))
+        return torch.cat([b.input_ids[b.count_mask] for b in stream])
+
+    all_first, all_other = everything(0), everything(1)
+    assert all_first.numel() == 16 * 11
+    assert torch.equal(all_first.sort().values, all_other.sort().values) and not torch.equal(all_first, all_other)
 
 
 def test_batch_to_and_model_inputs(tmp_path, tok):
     domain = Domain("s", write_jsonl(tmp_path / "s.jsonl", [{"text": "abc"}]))
     [batch] = collect(token_batches([domain], tok, num_tokens=3, progress=False))
-    moved = batch.to("cpu")
-    assert torch.equal(moved.input_ids, batch.input_ids) and moved.count_mask.dtype == torch.bool
+    batch.number = 7
+    moved = batch.to("meta")  # a real move: every tensor goes, dtypes and shapes stay, the stream number follows
+    for name in ("input_ids", "attention_mask", "count_mask", "domain_ids", "doc_ids"):
+        before, after = getattr(batch, name), getattr(moved, name)
+        assert after.device.type == "meta" and before.device.type == "cpu", name
+        assert after.shape == before.shape and after.dtype == before.dtype, name
+    assert moved.number == 7
+    assert batch.token_weights().tolist() == batch.count_mask.flatten().float().tolist()
+    assert batch.token_domains().tolist() == [0] * batch.input_ids.numel()
     assert set(batch.model_inputs()) == {"input_ids", "attention_mask"}
 
 
