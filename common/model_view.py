@@ -117,7 +117,8 @@ def _is_dense_ffn(module: nn.Module) -> bool:
     return has_down and has_up and module_activation(module) is not None
 
 
-def _first_int(objects: Sequence[object], names: Sequence[str]) -> int | None:
+def first_int(objects: Sequence[object], names: Sequence[str]) -> int | None:
+    """The first positive int attribute among `names` on `objects` (config fields differ between architectures)."""
     for obj in objects:
         for name in names:
             value = getattr(obj, name, None)
@@ -185,12 +186,12 @@ class LanguageModel:
     @property
     def context_length(self) -> int | None:
         """The longest sequence the model was configured for; None if the config does not say."""
-        return _first_int([text_config(self.model), self.model.config], _CONTEXT_NAMES)
+        return first_int([text_config(self.model), self.model.config], _CONTEXT_NAMES)
 
     # -- structure
     def _find_layer_list(self) -> str:
         """The path of the decoder's layer list: the longest ModuleList named layers/blocks/h."""
-        expected = _first_int([text_config(self.model), self.model.config], ("num_hidden_layers", "n_layers", "num_layers"))
+        expected = first_int([text_config(self.model), self.model.config], ("num_hidden_layers", "n_layers", "num_layers"))
         best: tuple[bool, int, str] | None = None
         for path, module in self.model.named_modules():
             if isinstance(module, nn.ModuleList) and path.rsplit(".", 1)[-1] in _LAYER_LIST_NAMES and len(module) > 0:

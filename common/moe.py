@@ -27,6 +27,7 @@ from common.model_view import (
     FFNParams,
     LanguageModel,
     decoder_layer_index,
+    first_int,
     gated_neurons,
     module_activation,
     project_down,
@@ -218,15 +219,6 @@ def _router_specs(model: nn.Module) -> list[tuple[type, int]]:
     return []
 
 
-def _first_attr(objects: Sequence[object], names: Sequence[str]) -> int | None:
-    for obj in objects:
-        for name in names:
-            value = getattr(obj, name, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-    return None
-
-
 def _shared_experts(block: nn.Module, decoder_layer: nn.Module | None) -> list[nn.Module]:
     shared = [getattr(block, n) for n in ("shared_experts", "shared_expert", "shared_mlp") if hasattr(block, n)]
     if decoder_layer is not None and hasattr(decoder_layer, "shared_mlp") and decoder_layer.shared_mlp not in shared:
@@ -254,16 +246,16 @@ def _standard_layers(model: nn.Module, specs: list[tuple[type, int]]) -> list[Mo
                 kind = "standard"
             else:
                 continue  # a wrapper that records logits but holds no experts (JetMoeAttention)
-            routed = _first_attr([experts], ["num_routed_experts"]) or _first_attr(
+            routed = first_int([experts], ["num_routed_experts"]) or first_int(
                 [experts, module, block], ["num_experts", "moe_num_experts", "n_routed_experts"]
             )
-            top_k = _first_attr([module, block], ["top_k", "moe_top_k", "num_experts_per_tok", "moe_topk"]) or _first_attr(
+            top_k = first_int([module, block], ["top_k", "moe_top_k", "num_experts_per_tok", "moe_topk"]) or first_int(
                 [text_config(model)], ["num_experts_per_tok", "top_k_experts", "moe_top_k", "moe_topk", "moe_k"]
             )
             if routed is None or top_k is None:
                 raise InputError(f"MoE block '{block_path}' ({type(block).__name__}): cannot read its expert count / top-k")
             # Zero-compute choices widen the logits: LongCat's identity experts, Zaya's skip expert.
-            choices = _first_attr([module], ["n_routed_experts", "num_router_classes"]) if kind == "standard" else None
+            choices = first_int([module], ["n_routed_experts", "num_router_classes"]) if kind == "standard" else None
             layer_index = decoder_layer_index(block_path)
             decoder_layer = named.get(block_path.rsplit(".", 1)[0]) if "." in block_path else None
             found.append(
@@ -296,7 +288,7 @@ def _legacy_layers(model: nn.Module) -> list[MoELayer]:
         weight = getattr(gate, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise InputError(f"MoE block '{path}': its gate {type(gate).__name__} has no [E, H] weight to read logits from")
-        top_k = _first_attr([gate, block, config], ["top_k", "num_experts_per_tok", "moe_top_k"])
+        top_k = first_int([gate, block, config], ["top_k", "num_experts_per_tok", "moe_top_k"])
         if top_k is None:
             raise InputError(f"MoE block '{path}': cannot read top-k from the gate, block or config")
         found.append(
