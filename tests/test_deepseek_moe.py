@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -339,3 +340,22 @@ def test_deepseek_checkpoint_with_auto_map_loads_natively(tmp_path: Path, tiny_d
         assert type(moe.model) is deepseek_moe.DeepseekMoEForCausalLM
         assert [m.layer for m in moe.layers] == [1, 2]
         torch.testing.assert_close(moe.forward(ids).logits, expected, atol=0, rtol=0)
+
+
+def test_router_metrics_runs_on_deepseek_moe(tmp_path: Path, tiny_dir: Path, capsys):
+    import router_metrics
+
+    text = tmp_path / "a.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    argv = ["--model", str(tiny_dir), "--data", f"a={text}", "--num_tokens", "300", "--seq_len", "32",
+            "--batch_size", "4", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert router_metrics.main(argv) == 0
+    [run] = list((tmp_path / "out").glob("router_metrics/*/*"))
+    frequency = pd.read_csv(run / "frequency.csv")
+    assert set(frequency.layer) == {1, 2}  # layer 0 is dense
+    selected = frequency[frequency.domain == "a"].groupby("layer").count_topk.sum()
+    assert (selected == 300 * 3).all()  # top-3 of the tiny config: every counted token picks 3 experts
+    # The shared experts are always on and never counted as routed choices.
+    assert set(frequency.expert) == set(range(8))
+    assert router_metrics.main([*argv, "--trust_remote_code"]) == 0
+    assert "--trust_remote_code is not needed" in capsys.readouterr().err
