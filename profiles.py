@@ -10,12 +10,14 @@ the tokens its mean output promotes and suppresses through the model's final nor
 most often co-activated with it, and its most frequent predecessors / successors in the neighbouring MoE layers.
 
 Outputs: profile_layer<L>_expert<E>.json per expert, profiles_layer<L>.csv (one summary row per expert).
-Under torchrun the counts are summed over ranks; the top contexts are those of rank 0's batches.
+Under torchrun the counts, weights and outputs are summed over ranks and the top contexts merged: the same
+profiles as one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 from collections.abc import Sequence
@@ -24,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common import cli, pipeline
+from common import cli, distributed, pipeline
 from common.analysis.expert_profile import ExpertActivity
 from common.analysis.specialization import RoutingCounts, transition_probabilities
 from common.cli import base_parser, run_main
@@ -155,14 +157,20 @@ def run(args: argparse.Namespace) -> None:
     stream = pipeline.batches(s)
     with pipeline.start_run(s) as out:
         counts_acc = RoutingCounts(count_layers, domains, s.moe.vocab_size, s.moe.device, seed=args.seed)
-        activity = None
-        for records, batch, logits in pipeline.captured_batches(s.moe, stream, count_layers, ("logits", "topk", "input")):
+        captured = pipeline.captured_batches(s.moe, stream, count_layers, ("logits", "topk", "input"))
+        first = next(captured, None)
+        # The weight histogram's range comes from the stream's first batch (sigmoid/scaled routers exceed 1). Rank 0
+        # holds it and every rank must bin alike for all_reduce, so rank 0's value is broadcast (before the loop:
+        # a rank without batches takes part too).
+        first_max = float(first[0][layer.layer].topk_weight.max()) if first is not None else 0.0
+        max_weight = max(1.0, math.ceil(1.5 * distributed.broadcast(first_max)))
+        activity = ExpertActivity(layer, experts, s.moe.device, hidden_size=s.moe.hidden_size, top_n=args.top,
+                                  max_weight=max_weight)
+        for records, batch, logits in itertools.chain([first] if first is not None else [], captured):
             counts_acc.update(records, batch, predicted=logits.argmax(-1))
-            if activity is None:  # weight histogram range from the first batch (sigmoid/scaled routers exceed 1)
-                max_weight = max(1.0, math.ceil(1.5 * float(records[layer.layer].topk_weight.max())))
-                activity = ExpertActivity(layer, experts, s.moe.device, top_n=args.top, max_weight=max_weight)
             activity.update(records[layer.layer], batch)
         counts_acc.all_reduce()
+        activity.all_reduce()
         out.record(tokens=stream.report.to_dict())
         counts = counts_acc.arrays()
         weights = activity.weights.moments.result()

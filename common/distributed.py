@@ -30,3 +30,37 @@ def world_size() -> int:
 
 def local_cuda_device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def broadcast(value: float, src: int = 0) -> float:
+    """Rank `src`'s `value` on every rank (every rank must call it; returns `value` without torchrun)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _collective_ready(t: torch.Tensor) -> torch.Tensor:
+    """`t` where the backend can reach it: NCCL needs CUDA tensors, so CPU tensors take a round trip."""
+    return t.cuda() if t.device.type == "cpu" and dist.get_backend() == "nccl" else t.contiguous()
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over all ranks in place (no-op without torchrun); returns `t`."""
+    if dist.is_initialized():
+        tmp = _collective_ready(t)
+        dist.all_reduce(tmp, op=dist.ReduceOp.SUM)
+        if tmp is not t:
+            t.copy_(tmp)
+    return t
+
+
+def all_gather(t: torch.Tensor) -> torch.Tensor:
+    """[world_size, *t.shape]: `t` of every rank in rank order (`t[None]` without torchrun)."""
+    if not dist.is_initialized():
+        return t.unsqueeze(0)
+    tmp = _collective_ready(t)
+    parts = [torch.empty_like(tmp) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tmp)
+    return torch.stack(parts).to(t.device)

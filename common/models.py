@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from common import deepseek_moe, distributed
+from common import deepseek_moe, distributed, hub
 from common.config import ModelSpec
 from common.errors import InputError
 from common.model_view import LanguageModel
@@ -65,6 +65,8 @@ def _looks_like_path(name: str) -> bool:
 def _source(spec: ModelSpec) -> str | Path:
     """Where `from_pretrained` reads the model: a shipped folder, a local folder, or a hub id."""
     name = spec.model
+    if spec.revision and (name in SHIPPED_MODELS or name.startswith(RANDOM_PREFIX) or _looks_like_path(name)):
+        raise InputError(f"--revision applies to hub ids only; --model {name} is not one (drop --revision)")
     if name in SHIPPED_MODELS:
         source = SHIPPED_MODELS[name]
         if not (source / "config.json").is_file():
@@ -78,6 +80,23 @@ def _source(spec: ModelSpec) -> str | Path:
             raise InputError(f"--model {name}: not a model directory (no config.json)")
         return source
     return name
+
+
+def _hub_kwargs(spec: ModelSpec, source: str | Path) -> dict:
+    """`revision`, and `local_files_only` when the hub cannot be reached (the cache answers at once, no retries)."""
+    if isinstance(source, Path):
+        return {}
+    kwargs: dict = {"revision": spec.revision} if spec.revision else {}
+    if not hub.reachable():
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
+def _not_cached(spec: ModelSpec) -> InputError:
+    return InputError(
+        f"--model {spec.model}: {hub.unreachable_reason()} and the model is not in the local cache; pass a local "
+        "folder written by save_pretrained, or download it on a machine that reaches the hub"
+    )
 
 
 def _first_line(err: BaseException) -> str:
@@ -137,11 +156,11 @@ def _skeleton(spec: ModelSpec):
         config = tiny_config(spec.model[len(RANDOM_PREFIX):], vocab_size=len(tiny_tokenizer()))
     else:
         source = _source(spec)
-        revision = {"revision": spec.revision} if spec.revision and not isinstance(source, Path) else {}
+        hub_kwargs = _hub_kwargs(spec, source)
         try:
-            config = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **revision)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **hub_kwargs)
         except (OSError, ValueError, KeyError) as err:
-            raise _load_error(spec.model, err) from None
+            raise (_not_cached(spec) if hub_kwargs.get("local_files_only") else _load_error(spec.model, err)) from None
         except _REMOTE_CODE_ERRORS as err:
             if spec.trust_remote_code and _raised_in_remote_code(err):
                 raise _remote_code_error(spec, _declared_model_type(source, spec.revision), err) from None
@@ -202,18 +221,15 @@ def load_model_and_tokenizer(spec: ModelSpec):
         model, tokenizer = build_random_model(name[len(RANDOM_PREFIX):], seed=spec.seed, dtype=dtype)
         return model.to(device).eval(), tokenizer, name
     source = _source(spec)
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
-    if spec.revision and not isinstance(source, Path):
-        kwargs["revision"] = spec.revision
+    hub_kwargs = _hub_kwargs(spec, source)
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code, **hub_kwargs}
     if spec.device_map:
         kwargs["device_map"] = spec.device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=spec.trust_remote_code, **({"revision": spec.revision} if "revision" in kwargs else {})
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **hub_kwargs)
     except (OSError, ValueError, KeyError) as err:
-        raise _load_error(name, err) from None
+        raise (_not_cached(spec) if hub_kwargs.get("local_files_only") else _load_error(name, err)) from None
     except _REMOTE_CODE_ERRORS as err:
         if spec.trust_remote_code and _raised_in_remote_code(err):
             raise _remote_code_error(spec, _declared_model_type(source, kwargs.get("revision")), err) from None

@@ -14,7 +14,7 @@ from transformers.utils import logging as hf_logging
 
 from common import distributed
 from common.config import Config, DataSpec
-from common.data import Batch, Domain, TokenBatches, resolve_domains, token_batches
+from common.data import Batch, Domain, TokenBatches, check_hub_sources, resolve_domains, token_batches
 from common.errors import InputError
 from common.hooks import Capturable, Capture, capture
 from common.models import inspect_moe, load_moe
@@ -37,6 +37,7 @@ def setup(config: Config) -> Setup:
     distributed.init_from_env()
     data = config.data
     domains = resolve_domains(list(data.sources), num_domains=data.num_domains, domains=data.domains) if data else []
+    check_hub_sources(domains)
     inspect_moe(config.model).select(config.layers)  # refuse dense models / bad layers before loading weights
     if not config.run.progress:
         hf_logging.disable_progress_bar()

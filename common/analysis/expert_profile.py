@@ -4,28 +4,49 @@
 routing weight over the tokens that selected it, the sum of its unweighted outputs E_e(x) over those tokens (its
 mean output is what the profile decodes through the final norm and unembedding), and the `top_n` highest-scoring
 contexts by w_e · ‖E_e(x)‖ with ±`radius` tokens around them. Memory is E × (bins + H + top_n · window), fixed.
+
+Under torchrun each rank streams its share of the batches; `all_reduce` sums the weights and outputs and merges the
+top contexts, which gives exactly the result of one process: equal scores are ranked by stream position (earliest
+first), never by which rank or batch a context came from.
 """
 
 from __future__ import annotations
 
 import torch
 
+from common import distributed
 from common.data import Batch
 from common.hooks import LayerRecord
 from common.moe import MoELayer
 from common.stats import Distribution
 
+_NO_KEY = torch.iinfo(torch.long).max  # stream key of an empty top-context slot
+_ROW_STRIDE = 1 << 32  # stream key = batch number * _ROW_STRIDE + token index within the batch
+
+
+def _best(score: torch.Tensor, key: torch.Tensor, n: int) -> torch.Tensor:
+    """[n, X] rows of the n best entries of each column of score [N, X]: highest score first, equal scores by the
+    smallest stream key. A strict order, so the best of the best of parts is the best of the whole, whatever the split."""
+    by_key = key.argsort(dim=0)
+    by_score = score.gather(0, by_key).sort(dim=0, descending=True, stable=True).indices
+    return by_key.gather(0, by_score[:n])
+
 
 class ExpertActivity:
-    def __init__(self, moe_layer: MoELayer, experts: list[int], device: torch.device, *, top_n: int = 20,
-                 radius: int = 8, bins: int = 100, max_weight: float = 1.0) -> None:
+    """`max_weight` (the weight histogram's upper edge) must be the same on every rank; `hidden_size` is the width
+    of the experts' outputs."""
+
+    def __init__(self, moe_layer: MoELayer, experts: list[int], device: torch.device, *, hidden_size: int,
+                 top_n: int = 20, radius: int = 8, bins: int = 100, max_weight: float = 1.0) -> None:
         self.moe_layer, self.experts, self.device = moe_layer, list(experts), device
         self.top_n, self.radius = top_n, radius
         self.weights = Distribution({"expert": self.experts}, bins=bins, lo=0.0, hi=max_weight, device=device)
-        self.output_sum: torch.Tensor | None = None  # [X, H] once the hidden size is seen
+        # Allocated up front, so that a rank that saw no batch still takes part in all_reduce.
+        self.output_sum = torch.zeros(len(self.experts), hidden_size, dtype=torch.float64, device=device)
         self.selected = torch.zeros(len(self.experts), dtype=torch.float64, device=device)
         width = 2 * radius + 1
         self.best_score = torch.full((top_n, len(self.experts)), float("-inf"), device=device)
+        self.best_key = torch.full((top_n, len(self.experts)), _NO_KEY, dtype=torch.long, device=device)
         self.best_window = torch.full((top_n, len(self.experts), width), -1, dtype=torch.long, device=device)
         self.best_domain = torch.full((top_n, len(self.experts)), -1, dtype=torch.long, device=device)
         self.best_weight = torch.zeros((top_n, len(self.experts)), device=device)
@@ -47,8 +68,7 @@ class ExpertActivity:
             out = self.moe_layer.expert_fn(e, x).to(self.device).float()  # [T, H]
             sums.append((out * selected[:, column : column + 1]).sum(0).double())
             norms.append(out.norm(dim=1))
-        summed = torch.stack(sums)  # [X, H]
-        self.output_sum = summed if self.output_sum is None else self.output_sum + summed
+        self.output_sum += torch.stack(sums)  # [X, H]
         norm = torch.stack(norms, dim=1)  # [T, X]
         score = torch.where(selected, w * norm, torch.tensor(float("-inf"), device=w.device))
         self._keep_best(score, w, batch)
@@ -57,7 +77,9 @@ class ExpertActivity:
         """Merge this batch's top contexts per expert into the running top-N (all on the device)."""
         S = batch.input_ids.shape[1]
         n = min(self.top_n, score.shape[0])
-        top_score, top_token = score.topk(n, dim=0)  # [n, X]
+        token_key = batch.number * _ROW_STRIDE + torch.arange(score.shape[0], device=score.device)
+        top_token = _best(score, token_key.view(-1, 1).expand_as(score), n)  # [n, X]
+        top_score, top_key = score.gather(0, top_token), batch.number * _ROW_STRIDE + top_token
         rows, positions = top_token // S, top_token % S
         offsets = torch.arange(-self.radius, self.radius + 1, device=score.device)
         window_pos = positions.unsqueeze(2) + offsets  # [n, X, W]
@@ -67,15 +89,29 @@ class ExpertActivity:
         windows = torch.where(inside & real, gathered, torch.full_like(gathered, -1))
         domains = batch.domain_ids[rows]
         weights = weight.gather(0, top_token)
-        all_score = torch.cat([self.best_score, top_score])
-        keep = all_score.topk(self.top_n, dim=0).indices  # [top_n, X]
-        self.best_score = all_score.gather(0, keep)
-        self.best_window = torch.cat([self.best_window, windows]).gather(0, keep.unsqueeze(2).expand(-1, -1, windows.shape[2]))
-        self.best_domain = torch.cat([self.best_domain, domains]).gather(0, keep)
-        self.best_weight = torch.cat([self.best_weight, weights]).gather(0, keep)
+        self._keep(torch.cat([self.best_score, top_score]), torch.cat([self.best_key, top_key]),
+                   torch.cat([self.best_window, windows]), torch.cat([self.best_domain, domains]),
+                   torch.cat([self.best_weight, weights]))
+
+    def _keep(self, score: torch.Tensor, key: torch.Tensor, window: torch.Tensor, domain: torch.Tensor,
+              weight: torch.Tensor) -> None:
+        """The best top_n of these candidate contexts [N, X(, W)] become the running top contexts."""
+        keep = _best(score, key, self.top_n)  # [top_n, X]
+        self.best_score, self.best_key = score.gather(0, keep), key.gather(0, keep)
+        self.best_window = window.gather(0, keep.unsqueeze(2).expand(-1, -1, window.shape[2]))
+        self.best_domain, self.best_weight = domain.gather(0, keep), weight.gather(0, keep)
+
+    @torch.no_grad()
+    def all_reduce(self) -> ExpertActivity:
+        """Combine all ranks (no-op without torchrun): weights and outputs summed, top contexts merged. Once."""
+        self.weights.all_reduce()
+        distributed.all_reduce_sum_(self.selected)
+        distributed.all_reduce_sum_(self.output_sum)
+        if distributed.world_size() > 1:
+            parts = [self.best_score, self.best_key, self.best_window, self.best_domain, self.best_weight]
+            self._keep(*(distributed.all_gather(t).flatten(0, 1) for t in parts))
+        return self
 
     def mean_outputs(self) -> torch.Tensor:
         """[X, H] mean unweighted output of each expert over the tokens that selected it."""
-        if self.output_sum is None:
-            return torch.zeros(len(self.experts), 1, device=self.device)
         return (self.output_sum / self.selected.clamp_min(1).view(-1, 1)).float()

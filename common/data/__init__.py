@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from common.data.batches import Batch, DomainCount, TokenBatches, TokenReport, token_batches
 from common.data.documents import DEFAULT_SHUFFLE_BUFFER, FILTER_SCAN_LIMIT, iter_documents
-from common.data.domains import Domain, resolve_domains
+from common.data.domains import Domain, check_hub_sources, resolve_domains
 from common.data.presets import PILE_ABSENT, PILE_COMPONENTS, PILE_DATASET, PRESET_NAMES, PRESETS
 from common.data.readers import local_files
 from common.data.sources import (
@@ -82,6 +82,7 @@ __all__ = [
     "SourceSpec",
     "TokenBatches",
     "TokenReport",
+    "check_hub_sources",
     "iter_documents",
     "local_files",
     "parse_hf_spec",

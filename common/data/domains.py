@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from common import hub
 from common.data.presets import PILE_ABSENT, PILE_DATASET, PRESET_NAMES, PRESETS
 from common.data.readers import _check_local
 from common.data.sources import (
@@ -179,3 +180,17 @@ def resolve_domains(
     chosen = _select(found, domains, num_domains)
     _warn_absent_pile_components(chosen)
     return chosen
+
+
+def check_hub_sources(domains: Sequence[Domain]) -> None:
+    """Refuse hub sources at once when the hub cannot be reached (one quick probe instead of minutes of retries).
+
+    With HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, the datasets cache is used as is.
+    """
+    remote = [d for d in domains if d.source.startswith("hf:")]
+    if remote and not hub.offline_requested() and not hub.reachable():
+        names = ", ".join(d.name for d in remote)
+        raise InputError(
+            f"--data: {hub.unreachable_reason()} and {names} come from it; use local files (.txt/.jsonl/.json/"
+            ".parquet/.csv, a glob or a folder), or set HF_HUB_OFFLINE=1 to read copies already in the datasets cache"
+        )

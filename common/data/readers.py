@@ -201,9 +201,25 @@ def _texts(
             yield text
 
 
+def _check_text_file(path: Path, source: str) -> None:
+    """A text-format file must start as UTF-8 text: a binary file is refused before any model work."""
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4:  # not just a multi-byte character cut by the 8 KiB window
+            raise InputError(f"--data {source!r}: {path} is not UTF-8 text (byte {err.start}); is it a binary file?") from None
+    if b"\x00" in head:
+        raise InputError(f"--data {source!r}: {path} is not text (it contains NUL bytes); is it a binary file?")
+
+
 def _check_local(spec: LocalSpec, source: str) -> None:
     """Eager checks of a local source: files exist, are non-empty, and the first one has the fields asked for."""
     files = local_files(spec)
+    for path in files:
+        if path.suffix.lower() != ".parquet":
+            _check_text_file(path, source)
     records = [p for p in files if p.suffix.lower() != ".txt"]
     if not records:
         if spec.explicit_fields or spec.filters:
