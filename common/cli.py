@@ -1,20 +1,26 @@
 """Shared command-line flags and the `main(argv)` wrapper of every script.
 
+Light on purpose: nothing here imports torch or transformers, so `--help` and every flag-level error answer in
+well under a second; scripts import their heavy modules inside `run`, after the flags are validated.
+
 Bad input anywhere (a flag, a layer, a model path, a data file) raises `InputError`; `run_main` turns it into one
-line on stderr and exit code 2, with no traceback and no results folder left behind.
+line on stderr and exit code 2, with no traceback and no results folder left behind. Ctrl-C prints one line and
+exits with 130, leaving nothing behind either.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from common.config import Config, DataSpec, ModelSpec, RunSpec
+from common.config import DTYPES, SHIPPED_MODELS, Config, DataSpec, ModelSpec, RunSpec, default_model
 from common.errors import InputError
-from common.models import default_model
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -25,12 +31,78 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Defaults shown for valued flags only: an on/off switch's default says nothing ('--no-progress (default: True)')."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if isinstance(action.default, bool) or action.default is None or action.nargs == 0:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= low (the flag is named by argparse in the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low} (got {value})")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive (got {text})")
+    return value
+
+
+def _device(text: str) -> str:
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a device: auto, cpu, cuda, cuda:N or mps")
+    return text
+
+
+class _ListAction(argparse.Action):
+    """`--list`: data presets with their sources, shipped models and supported architectures, then exit."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(listing())
+        parser.exit(0)
+
+
+def listing() -> str:
+    from common.data.presets import PRESETS  # imports the data package (torch): only when asked
+    from common.tiny import moe_model_types
+
+    lines = ["data presets (--data NAME; --domains / --num_domains pick among their domains):"]
+    lines.append("  demo: offline corpus shipped with the project (code, prose, legal, bible, french, math)")
+    for name, domains in PRESETS.items():
+        lines.append(f"  {name}:")
+        lines.extend(f"    {domain}: {source}" for domain, source in domains)
+    lines.append("shipped models (--model NAME, offline):")
+    lines.extend(f"  {name}: {path}" for name, path in SHIPPED_MODELS.items())
+    lines.append("random models (--model random:<model_type>, tiny and offline), one per MoE architecture:")
+    lines.extend(f"  {model_type}" for model_type in moe_model_types())
+    lines.append("any hub id or local folder of these architectures works too (--model ORG/NAME or PATH).")
+    return "\n".join(lines)
 
 
 def base_parser(description: str, *, layers: bool = True, data: bool = True) -> ArgumentParser:
     """A parser with the flags every script shares; scripts add their own to it."""
     parser = ArgumentParser(description=description, formatter_class=_Formatter)
+    parser.add_argument("--list", action=_ListAction, help="list data presets, shipped models and architectures, then exit")
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
@@ -38,42 +110,36 @@ def base_parser(description: str, *, layers: bool = True, data: bool = True) -> 
         help="'demo' (shipped, offline), 'random:<model_type>' (tiny random MoE of any transformers architecture), "
         "a local directory, or a hub id",
     )
-    model.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
-    model.add_argument("--dtype", default="auto", help="auto = bfloat16 on CUDA, float32 on CPU; or float32/bfloat16/float16")
-    model.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
-    model.add_argument("--device_map", default=None, help="'auto' spreads a model too large for one GPU over all GPUs")
+    model.add_argument("--revision", default=None, help="hub branch, tag or commit of --model (hub ids only)")
+    model.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on CUDA, float32 on CPU")
+    model.add_argument("--device", default="auto", type=_device, help="auto = cuda if available, else cpu")
+    model.add_argument("--device_map", default=None, choices=("auto",),
+                       help="'auto' spreads a model too large for one GPU over all GPUs")
     model.add_argument("--trust_remote_code", action="store_true", help="allow the model repository's own code")
     if layers:
         parser.add_argument(
-            "--layers", "-l", nargs="+", default=None, metavar="L",
+            "--layers", "--layer", "-l", dest="layers", nargs="+", default=None, metavar="L",
             help="0-based decoder-layer indices (negatives count from the end) or 'all'; default: every MoE layer",
         )
     if data:
         group = parser.add_argument_group("data")
         group.add_argument(
             "--data", nargs="+", default=["demo"],
-            help="a preset (demo, olmoe, pile, moe-lens, router-study) or sources [name=]SOURCE: "
+            help="a preset (demo, olmoe, pile, moe-lens, router-study; see --list) or sources [name=]SOURCE: "
             "hf:ID[:CONFIG][:SPLIT][#FIELD][?key=value], a .txt/.jsonl/.json/.parquet/.csv file, glob or folder, demo:<domain>",
         )
         group.add_argument("--domains", nargs="+", default=None, help="use only these domains of the preset")
-        group.add_argument("--num_domains", type=int, default=None, help="use the first N domains of the preset")
-        group.add_argument("--num_tokens", type=int, default=10_000,
+        group.add_argument("--num_domains", type=at_least(1), default=None, help="use the first N domains of the preset")
+        group.add_argument("--num_tokens", type=at_least(1), default=10_000,
                            help="tokens counted per domain (padding and specials never count); the demo's smallest training split (french) holds ~14.8k")
-        group.add_argument("--seq_len", type=int, default=None, help="window length; default min(512, the model's context)")
-        group.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
+        group.add_argument("--seq_len", type=at_least(2), default=None, help="window length; default min(512, the model's context)")
+        group.add_argument("--batch_size", type=at_least(1), default=16, help="windows per forward pass")
         group.add_argument("--keep-special", dest="keep_special", action="store_true", help="count BOS/special tokens too")
         group.add_argument("--pack", action="store_true", help="let windows cross document boundaries")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order, sampling and random models")
     parser.add_argument("--out", default="results", help="root folder of run outputs")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     return parser
-
-
-def validate_common(args: argparse.Namespace) -> None:
-    for name, low in (("num_tokens", 1), ("batch_size", 1), ("seq_len", 2), ("num_domains", 1)):
-        value = getattr(args, name, None)
-        if value is not None and value < low:
-            raise InputError(f"--{name} must be at least {low} (got {value})")
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
@@ -120,7 +186,7 @@ def config(args: argparse.Namespace, script: str, *, layers: Sequence[int | str]
 
 
 def run_main(parser: ArgumentParser, body: Callable[[argparse.Namespace], None], argv: Sequence[str] | None) -> int:
-    """Parse, validate and run; `InputError` -> one line on stderr, exit code 2. Warnings print as one line too."""
+    """Parse, validate and run; `InputError` -> one line on stderr, exit 2; Ctrl-C -> one line, exit 130."""
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
         print(f"{parser.prog}: warning: {message}", file=sys.stderr)
@@ -128,12 +194,14 @@ def run_main(parser: ArgumentParser, body: Callable[[argparse.Namespace], None],
     previous, warnings.showwarning = warnings.showwarning, one_line_warning
     try:
         args = parser.parse_args(argv)
-        validate_common(args)
         body(args)
     except InputError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
-    except SystemExit as exit_:  # --help / --version
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except SystemExit as exit_:  # --help / --list
         return int(exit_.code or 0)
     finally:
         warnings.showwarning = previous

@@ -10,6 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_MODELS = {"demo": PROJECT_ROOT / "data" / "demo-moe", "demo-dense": PROJECT_ROOT / "data" / "demo-dense"}
+RANDOM_PREFIX = "random:"
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def default_model() -> str:
+    """The shipped demo model when present, else a tiny random OLMoE (both offline)."""
+    return "demo" if (SHIPPED_MODELS["demo"] / "config.json").is_file() else "random:olmoe"
+
 
 @dataclass(frozen=True)
 class ModelSpec:

@@ -15,22 +15,12 @@ from pathlib import Path
 import torch
 
 from common import deepseek_moe, distributed, hub
-from common.config import ModelSpec
+from common.config import RANDOM_PREFIX, SHIPPED_MODELS, ModelSpec
 from common.errors import InputError
 from common.model_view import LanguageModel
 from common.moe import MoEModel, find_moe_layers
 
 deepseek_moe.register()  # native DeepSeekMoE v1 (model_type "deepseek"): every load path below sees it
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_MODELS = {"demo": PROJECT_ROOT / "data" / "demo-moe", "demo-dense": PROJECT_ROOT / "data" / "demo-dense"}
-RANDOM_PREFIX = "random:"
-
-
-def default_model() -> str:
-    """The shipped demo model when present, else a tiny random OLMoE (both offline)."""
-    return "demo" if (SHIPPED_MODELS["demo"] / "config.json").is_file() else "random:olmoe"
-
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":

@@ -14,7 +14,15 @@ from transformers.utils import logging as hf_logging
 
 from common import distributed
 from common.config import Config, DataSpec
-from common.data import Batch, Domain, TokenBatches, check_hub_sources, resolve_domains, token_batches
+from common.data import (
+    PRESET_NAMES,
+    Batch,
+    Domain,
+    TokenBatches,
+    check_hub_sources,
+    resolve_domains,
+    token_batches,
+)
 from common.errors import InputError
 from common.hooks import Capturable, Capture, capture
 from common.models import inspect_moe, load_moe
@@ -50,9 +58,21 @@ def setup(config: Config) -> Setup:
     return Setup(config=config, moe=moe, layers=layers, domains=domains, seq_len=seq_len)
 
 
+def data_label(config: Config, domains: Sequence[Domain]) -> str:
+    """What the run read, for its folder name: the preset (with the domains kept, if fewer) or the domain names."""
+    data = config.data
+    if data is None:
+        return "no-data"
+    names = "+".join(d.name for d in domains)
+    if len(data.sources) == 1 and data.sources[0] in PRESET_NAMES:
+        restricted = data.domains is not None or data.num_domains is not None
+        return f"{data.sources[0]}-{names}" if restricted else data.sources[0]
+    return names
+
+
 def start_run(s: Setup) -> Run:
     """The run folder of a script, with the model and data it will use recorded in run.json."""
-    run = Run(s.config.run, s.moe.name)
+    run = Run(s.config.run, s.moe.name, data_label(s.config, s.domains))
     run.record(model_info=s.moe.describe(), domains=[d.__dict__ for d in s.domains], seq_len=s.seq_len)
     return run
 

@@ -1,4 +1,4 @@
-"""One folder per run: `results/<script>/<model-slug>/<run-id>/` with run.json, data, then figures.
+"""One folder per run: `results/<script>/<model-slug>/<data-slug>/<run-id>/` with run.json, data, then figures.
 
 A run is written into a hidden staging folder and renamed into place only when it finishes, so a failed or
 refused run never leaves a half-written results folder: bad input removes the staging folder; a crash keeps it
@@ -9,6 +9,7 @@ Every file is written atomically (`common.atomic`: temporary file + rename). Ear
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -34,12 +35,20 @@ PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "nu
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def slug(text: str, limit: int = 60) -> str:
+    """A folder name: unsafe characters become '-', long names keep their start and a short hash of the whole."""
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "unnamed"
+    if len(name) > limit:
+        name = f"{name[: limit - 9]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return name
+
+
 def model_slug(model: str) -> str:
     """A folder name for a model id, path or `random:` spec."""
     name = model.rstrip("/")
     if os.sep in name and Path(name).expanduser().exists():
         name = Path(name).name
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+    return slug(name)
 
 
 def package_versions() -> dict[str, str]:
@@ -83,14 +92,16 @@ def _jsonable(value: Any) -> Any:
 class Run:
     """A run folder. Use as a context manager: it is published on success and cleaned up on failure."""
 
-    def __init__(self, spec: RunSpec, model: str) -> None:
+    def __init__(self, spec: RunSpec, model: str, data: str = "no-data") -> None:
         script = spec.script
         self.script, self.args = script, spec.argument_dict
         self.started = time.time()
         # Under torchrun only rank 0 publishes; the others write into a scratch folder that is deleted.
         self.scratch = distributed.rank() != 0
         root = Path(tempfile.mkdtemp(prefix="moescope-rank")) if self.scratch else Path(spec.out)
-        parent = root / script / model_slug(model)
+        # Folders this run creates, deepest first, so a refused or interrupted run removes exactly those.
+        parent = root / script / model_slug(model) / slug(data)
+        self._created = [p for p in (parent, parent.parent, parent.parent.parent, root) if not p.exists()]
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_id, n = stamp, 1
         while (parent / run_id).exists() or (parent / f".{run_id}.partial").exists():
@@ -133,10 +144,10 @@ class Run:
             print(f"run failed; what was written is kept in {failed}", file=sys.stderr)
 
     def _remove_empty_parents(self) -> None:
-        for parent in (self.final_dir.parent, self.final_dir.parent.parent):
+        for folder in self._created:
             try:
-                parent.rmdir()
-            except OSError:
+                folder.rmdir()
+            except OSError:  # not empty: another run lives there
                 break
 
     # -- metadata
@@ -151,7 +162,7 @@ class Run:
 
     def finish(self) -> Path:
         if self.scratch:
-            shutil.rmtree(self.dir.parents[2], ignore_errors=True)
+            shutil.rmtree(self.dir.parents[3], ignore_errors=True)
             return self.dir
         self.info["wall_time_s"] = round(time.time() - self.started, 3)
         self.info["finished"] = dt.datetime.now().isoformat(timespec="seconds")

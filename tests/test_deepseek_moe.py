@@ -350,7 +350,7 @@ def test_router_metrics_runs_on_deepseek_moe(tmp_path: Path, tiny_dir: Path, cap
     argv = ["--model", str(tiny_dir), "--data", f"a={text}", "--num_tokens", "300", "--seq_len", "32",
             "--batch_size", "4", "--out", str(tmp_path / "out"), "--no-progress"]
     assert router_metrics.main(argv) == 0
-    [run] = list((tmp_path / "out").glob("router_metrics/*/*"))
+    [run] = list((tmp_path / "out").glob("router_metrics/*/*/*"))
     frequency = pd.read_csv(run / "frequency.csv")
     assert set(frequency.layer) == {1, 2}  # layer 0 is dense
     selected = frequency[frequency.domain == "a"].groupby("layer").count_topk.sum()

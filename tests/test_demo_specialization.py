@@ -11,8 +11,8 @@ import pytest
 
 import profiles
 import router_metrics
+from common.config import SHIPPED_MODELS
 from common.data import resolve_domains, token_batches
-from common.models import SHIPPED_MODELS
 
 NUM_TOKENS = 5000
 RECORD = json.loads((SHIPPED_MODELS["demo"] / "heldout_metrics.json").read_text())
@@ -22,7 +22,7 @@ RECORD = json.loads((SHIPPED_MODELS["demo"] / "heldout_metrics.json").read_text(
 def metrics_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo-metrics")
     assert router_metrics.main(["--num_tokens", str(NUM_TOKENS), "--out", str(out), "--no-progress"]) == 0
-    return next(p for p in out.glob("router_metrics/demo/*") if p.is_dir())
+    return next(p for p in out.glob("router_metrics/demo/demo/*") if p.is_dir())
 
 
 def test_heatmap_shows_recorded_domain_experts(metrics_run):
@@ -47,7 +47,7 @@ def test_code_expert_profile_lists_code_tokens_first(metrics_run, tmp_path):
     argv = ["--layer", str(int(code.layer)), "--expert_id", str(int(code.expert)), "--num_tokens", str(NUM_TOKENS),
             "--out", str(out), "--no-progress"]
     assert profiles.main(argv) == 0
-    profile = json.loads(next(out.glob(f"profiles/demo/*/profile_layer{int(code.layer)}_expert{int(code.expert)}.json")).read_text())
+    profile = json.loads(next(out.glob(f"profiles/demo/demo/*/profile_layer{int(code.layer)}_expert{int(code.expert)}.json")).read_text())
     assert max(profile["domains"], key=lambda d: d["tokens_routed"])["domain"] == "code"
 
     # Independent reference: which domain each token id occurs in most, counted from the data stream itself.

@@ -25,7 +25,7 @@ def _argv(planted, *extra):
 def test_planted_profiles(planted):
     _, _, root = planted
     assert profiles.main(_argv(planted, "--layer", "1", "--all", "--top", "8")) == 0
-    run_dir = next(p for p in (root / "out").glob("profiles/*/*") if p.is_dir())
+    run_dir = next(p for p in (root / "out").glob("profiles/*/*/*") if p.is_dir())
     assert (run_dir / "profiles_layer1.csv").is_file()
     for g, letters in enumerate(GROUPS):
         first, second = planted_experts(1, g)

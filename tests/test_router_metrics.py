@@ -48,7 +48,7 @@ def planted_run(tmp_path_factory):
             "--batch_size", "4", "--out", str(out), "--no-progress", "--num_experts", str(NUM_EXPERTS), "--topk", str(TOP_K),
             "--revisions", str(perturbed_dir), str(model_dir)]
     assert router_metrics.main(argv) == 0
-    run_dir = next(p for p in out.glob("router_metrics/*/*") if p.is_dir())
+    run_dir = next(p for p in out.glob("router_metrics/*/*/*") if p.is_dir())
     # The counted tokens, from the data layer alone (same arguments as the script).
     from common.tiny import tiny_tokenizer
 
