@@ -188,6 +188,10 @@ class Run:
         return atomic_write(self.dir / f"{name}.json", lambda p: p.write_text(text))
 
     def save_figure(self, fig, name: str) -> list[Path]:
-        from common.plots import save_figure
+        from common.plots import plt, save_figure
+
+        if self.scratch:  # torchrun: only rank 0 publishes, so the others skip the rendering
+            plt.close(fig)
+            return []
 
         return save_figure(fig, self.dir / "figures" / name)
