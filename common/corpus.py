@@ -162,7 +162,8 @@ def _prose_missing() -> str | None:
 
 
 def _prose_load() -> list[Doc]:
-    topics: dict[str, str] = importlib.import_module("pydoc_data.topics").topics
+    from pydoc_data.topics import topics  # stdlib, but absent from some minimal Python builds (checked above)
+
     docs: list[Doc] = []
     for name in sorted(topics):
         docs.extend((f"{name}#{i}", piece) for i, piece in enumerate(_chunk(topics[name])))
