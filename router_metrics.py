@@ -24,45 +24,28 @@ import itertools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
-import torch
-from matplotlib.ticker import MaxNLocator
-
-from common import cli, pipeline
-from common.analysis import ALL_DOMAINS
-from common.analysis.specialization import (
-    TOKEN_TABLES,
-    RoutingCounts,
-    coactivation_table,
-    coverage,
-    expert_specialization,
-    load_balance,
-    selection_frequency,
-    token_overlap,
-    token_specialization,
-    top1_index,
-    transition_probabilities,
-)
-from common.cli import base_parser, run_main
-from common.config import ModelSpec
+from common import cli
+from common.cli import at_least, base_parser, run_main
+from common.config import RANDOM_PREFIX, SHIPPED_MODELS, ModelSpec
 from common.errors import InputError
-from common.hooks import capture
-from common.models import inspect_moe, load_moe
-from common.moe import MoEModel
-from common.plots import grid, plt
-from common.runs import Run
-from common.stats import Moments
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from common.moe import MoEModel
+    from common.pipeline import Setup
+    from common.runs import Run
 
 SCRIPT = "router_metrics"
 
 
 def build_parser():
     parser = base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--num_experts", type=int, default=None, help="expected routed experts per layer (checked)")
-    parser.add_argument("--topk", type=int, default=None, help="expected experts per token (checked)")
-    parser.add_argument("--min_count", type=int, default=1, help="token ids seen fewer times are left out of overlap and id specialization")
+    parser.add_argument("--num_experts", type=at_least(1), default=None, help="expected routed experts per layer (checked)")
+    parser.add_argument("--topk", type=at_least(1), default=None, help="expected experts per token (checked)")
+    parser.add_argument("--min_count", type=at_least(1), default=1, help="token ids seen fewer times are left out of overlap and id specialization")
     parser.add_argument("--olmoe-compat", dest="olmoe_compat", action="store_true",
                         help="co-activation over rank-adjacent pairs only, as the OLMoE analysis script counted")
     parser.add_argument("--no-token-tables", dest="token_tables", action="store_false",
@@ -86,8 +69,13 @@ def revision_specs(args: argparse.Namespace, base: ModelSpec) -> list[ModelSpec]
     specs = []
     for item in args.revisions:
         path = Path(item).expanduser()
-        if path.exists() or item.startswith((".", "/", "~")):
+        if path.exists() or item.startswith((".", "/", "~")) or item.count("/") > 1:
+            if not path.is_dir():
+                raise InputError(f"--revisions {item}: no such checkpoint folder")
             specs.append(ModelSpec(**{**base.__dict__, "model": str(path), "revision": None}))
+        elif base.model in SHIPPED_MODELS or base.model.startswith(RANDOM_PREFIX) or Path(base.model).expanduser().exists():
+            raise InputError(f"--revisions {item}: no such checkpoint folder (and --model {base.model} is not a hub id "
+                             "whose revision it could be)")
         else:
             specs.append(ModelSpec(**{**base.__dict__, "revision": item}))
     if len(specs) == 1:
@@ -95,112 +83,23 @@ def revision_specs(args: argparse.Namespace, base: ModelSpec) -> list[ModelSpec]
     return specs
 
 
-# ---------------------------------------------------------------------------------------------- saturation
-
-
-@torch.no_grad()
-def saturation(specs: Sequence[ModelSpec], setup: pipeline.Setup) -> pd.DataFrame:
-    """Per revision and layer: mean |K_r ∩ K_final| / k and top-1 agreement on identical tokens (OLMoE Fig. 'router
-    saturation'). The final model stays loaded; the others are loaded one at a time."""
-    final = load_moe(specs[-1])
-    final_layers = final.select([m.layer for m in setup.layers])
-    rows = []
-    for position, spec in enumerate(specs[:-1]):
-        other = load_moe(spec)
-        other_layers = other.select([m.layer for m in setup.layers])
-        overlap = Moments({"layer": [m.layer for m in final_layers]}, device=final.device)
-        agree = Moments({"layer": [m.layer for m in final_layers]}, device=final.device)
-        stream = pipeline.batches(setup)  # this rank's share: every token is counted once across ranks
-        with capture(final, final_layers, ("topk",)) as ref, capture(other, other_layers, ("topk",)) as cur:
-            for batch in stream:
-                batch = batch.to(final.device)
-                final.forward(batch.input_ids, batch.attention_mask)
-                other.forward(batch.input_ids.to(other.device), batch.attention_mask.to(other.device))
-                weight = batch.token_weights()
-                for li, moe_layer in enumerate(final_layers):
-                    a, b = ref[moe_layer.layer], cur[moe_layer.layer]
-                    ia, ib = a.topk_index.long(), b.topk_index.to(a.topk_index.device).long()
-                    shared = (ia.unsqueeze(2) == ib.unsqueeze(1)).any(2).sum(1).float() / moe_layer.top_k
-                    same_top1 = (top1_index(ia, a.topk_weight) == top1_index(ib, b.topk_weight.to(ia.device))).float()
-                    overlap.update(shared, li, weight)
-                    agree.update(same_top1, li, weight)
-        overlap.all_reduce()
-        agree.all_reduce()
-        for li, moe_layer in enumerate(final_layers):
-            rows.append({
-                "position": position, "revision": spec.revision or spec.model, "final": specs[-1].revision or specs[-1].model,
-                "layer": moe_layer.layer, "topk_overlap": overlap.result().mean[li], "top1_agreement": agree.result().mean[li],
-                "tokens": overlap.result().count[li],
-            })
-        del other
-    return pd.DataFrame(rows)
-
-
-# ---------------------------------------------------------------------------------------------- figures
-
-
-def plot_frequency(freq: pd.DataFrame, layer: int, domains: Sequence[str]) -> plt.Figure:
-    """Per-expert top-k selection frequency with the uniform line k/E, one panel per domain (MoE Lens Fig. 1 form)."""
-    names = [*domains, ALL_DOMAINS]
-    fig, axes = grid(len(names), ncols=3, panel_size=(3.6, 2.3))
-    rows = freq[freq.layer == layer]
-    for ax, domain in zip(axes, names, strict=True):
-        d = rows[rows.domain == domain]
-        ax.bar(d.expert, 100 * d.freq_topk, color="C0" if domain != ALL_DOMAINS else "black", width=0.8)
-        ax.axhline(100 * d.uniform_topk.iloc[0], color="C3", linestyle="--", linewidth=1, label="uniform k/E")
-        ax.set_title(domain)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("expert")
-        ax.set_ylabel("% of tokens")
-    axes[0].legend(fontsize=7, frameon=False)
-    fig.suptitle(f"Expert selection frequency (top-k), layer {layer}")
-    return fig
-
-
-def plot_domain_heatmap(freq: pd.DataFrame, layer: int, domains: Sequence[str]) -> plt.Figure:
-    """Domain × expert share of each domain's tokens routed to each expert (OLMoE Fig. 22 form)."""
-    rows = freq[(freq.layer == layer) & (freq.domain != ALL_DOMAINS)]
-    matrix = rows.pivot(index="domain", columns="expert", values="freq_topk").loc[list(domains)]
-    fig, ax = plt.subplots(figsize=(max(4, 0.3 * matrix.shape[1] + 2), 0.35 * len(domains) + 1.5))
-    image = ax.imshow(100 * matrix.to_numpy(), aspect="auto", cmap="viridis")
-    ax.set_yticks(range(len(domains)), domains)
-    ax.set_xticks(range(matrix.shape[1]), matrix.columns, fontsize=6)
-    ax.set_xlabel("expert")
-    fig.colorbar(image, ax=ax, label="% of domain tokens (top-k)")
-    ax.set_title(f"Domain specialization, layer {layer} (uniform = {100 * rows.uniform_topk.iloc[0]:.1f}%)")
-    return fig
-
-
-def plot_matrix(matrix: np.ndarray, title: str, xlabel: str, ylabel: str, label: str) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(4.6, 3.9))
-    image = ax.imshow(matrix, cmap="magma", aspect="auto")
-    fig.colorbar(image, ax=ax, label=label)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    return fig
-
-
-def plot_saturation(table: pd.DataFrame) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for layer, part in table.groupby("layer"):
-        ax.plot(part.position, 100 * part.topk_overlap, marker="o", label=f"layer {layer}")
-    ax.set_xticks(sorted(table.position.unique()), table.drop_duplicates("position").revision, rotation=30, fontsize=7)
-    ax.set_ylabel("% top-k shared with final")
-    ax.set_ylim(0, 101)
-    ax.legend(fontsize=7, frameon=False)
-    ax.set_title("Router saturation")
-    return fig
-
-
 # ---------------------------------------------------------------------------------------------- main
 
 
 def run(args: argparse.Namespace) -> None:
+    from common import pipeline
+    from common.analysis.saturation import saturation
+    from common.analysis.specialization import RoutingCounts
+    from common.figures.specialization import plot_saturation
+    from common.models import inspect_moe
+
     config = cli.config(args, SCRIPT)
     specs = revision_specs(args, config.model) if args.revisions else []
-    for spec in specs:  # a revision that does not exist is refused before any work
-        inspect_moe(spec)
+    for item, spec in zip(args.revisions or [], specs, strict=False):  # refused before any work
+        try:
+            inspect_moe(spec)
+        except InputError as err:
+            raise InputError(f"--revisions {item}: {str(err).split(': ', 1)[-1]}") from None
     s = pipeline.setup(config)
     check_expectations(args, s.moe, s.layers)
     domains = [d.name for d in s.domains]
@@ -220,7 +119,23 @@ def run(args: argparse.Namespace) -> None:
             out.save_figure(plot_saturation(table), "saturation")
 
 
-def write_outputs(out: Run, counts: dict[str, np.ndarray], s: pipeline.Setup, args: argparse.Namespace) -> None:
+def write_outputs(out: Run, counts: dict[str, np.ndarray], s: Setup, args: argparse.Namespace) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from common.analysis.specialization import (
+        TOKEN_TABLES,
+        coactivation_table,
+        coverage,
+        expert_specialization,
+        load_balance,
+        selection_frequency,
+        token_overlap,
+        token_specialization,
+        transition_probabilities,
+    )
+    from common.figures.specialization import save_specialization_figures
+
     layers, domains = s.layers, [d.name for d in s.domains]
     layer_ids = [m.layer for m in layers]
     freq = selection_frequency(counts, layers, domains)
@@ -280,26 +195,7 @@ def write_outputs(out: Run, counts: dict[str, np.ndarray], s: pipeline.Setup, ar
         out.save_array(np.stack(jaccards), "token_overlap")  # [layer, (jaccard, weighted), E, E]
         out.save_table(pd.DataFrame(spec_rows), "token_specialization")
 
-    for li, moe_layer in enumerate(layers):
-        out.save_figure(plot_frequency(freq, moe_layer.layer, domains), f"frequency_layer{moe_layer.layer}")
-        out.save_figure(plot_domain_heatmap(freq, moe_layer.layer, domains), f"domain_heatmap_layer{moe_layer.layer}")
-        selected = counts["topk"][li].sum(0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            conditional = counts["coactivation"][li] / selected.reshape(-1, 1)
-        out.save_figure(plot_matrix(conditional, f"Co-activation P(j | i), layer {moe_layer.layer}", "expert j", "expert i",
-                                    "P(j in top-k | i in top-k)"), f"coactivation_layer{moe_layer.layer}")
-    if "transitions" in counts:
-        for pair, (a, b) in enumerate(itertools.pairwise(layers)):
-            probs = probabilities[pair]
-            out.save_figure(plot_matrix(probs, f"Routing transitions, layer {a.layer} → {b.layer}", f"expert at layer {b.layer}",
-                                        f"expert at layer {a.layer}", "P(e' | e)"), f"transitions_{a.layer}_{b.layer}")
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    for ax, (matrix, title) in zip(axes, ((correlation, "top-k indicators"), (shuffled, "tokens shuffled per layer")), strict=True):
-        image = ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1)
-        ax.set_title(f"Pearson correlation, {title}")
-        ax.set_xlabel("layer × expert")
-    fig.colorbar(image, ax=axes, shrink=0.8)
-    out.save_figure(fig, "indicator_correlation")
+    save_specialization_figures(out, freq, counts, layers, domains)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

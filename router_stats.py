@@ -19,54 +19,23 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import pandas as pd
-
-from common import cli, pipeline
-from common.analysis import ALL_DOMAINS
-from common.analysis.routing import DistributionStats
-from common.cli import base_parser, run_main
-from common.plots import grid, plt
+from common import cli
+from common.cli import at_least, base_parser, run_main
 
 SCRIPT = "router_stats"
-TITLES = {
-    "logit": "router logits z",
-    "softmax": "softmax p (all experts)",
-    "topk_renormalized": "renormalised top-k p̃",
-    "weight": "weights w used by the experts",
-}
 
 
 def build_parser():
     parser = base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--bins", type=int, default=200, help="histogram bins per quantity")
+    parser.add_argument("--bins", type=at_least(1), default=200, help="histogram bins per quantity")
     return parser
 
 
-def plot_layer(hist: pd.DataFrame, layer: int) -> plt.Figure:
-    """Four panels for one layer, all domains pooled; ranked quantities get one line per rank."""
-    fig, axes = grid(len(TITLES), ncols=4, panel_size=(3.2, 2.5))
-    rows = hist[(hist.layer == layer) & (hist.domain == ALL_DOMAINS)]
-    for ax, (quantity, title) in zip(axes, TITLES.items(), strict=True):
-        q = rows[rows.quantity == quantity]
-        for j, (rank, part) in enumerate(q.groupby("rank", sort=True)):
-            total = part["count"].sum()
-            if total == 0:
-                continue
-            width = (part["right"] - part["left"]).to_numpy()
-            density = part["count"].to_numpy() / (total * width)
-            label = None if rank == "all" else f"rank {rank}"
-            ax.step(part["left"], density, where="post", color=f"C{j}", linewidth=1, label=label)
-        if quantity == "softmax":
-            ax.set_yscale("log")
-        ax.set_title(title)
-        ax.set_ylabel("density")
-        if q["rank"].nunique() > 1:
-            ax.legend(fontsize=7, frameon=False)
-    fig.suptitle(f"Router output distributions, layer {layer}")
-    return fig
-
-
 def run(args: argparse.Namespace) -> None:
+    from common import pipeline
+    from common.analysis.routing import DistributionStats
+    from common.figures.routing import DISTRIBUTION_TITLES, plot_distributions
+
     s = pipeline.setup(cli.config(args, SCRIPT))
     stream = pipeline.batches(s)
     with pipeline.start_run(s) as out:
@@ -77,12 +46,12 @@ def run(args: argparse.Namespace) -> None:
         out.save_table(acc.summary(), "distribution_summary")
         hist = acc.histograms()
         out.save_table(hist, "distribution_histograms")
-        for name in TITLES:
+        for name in DISTRIBUTION_TITLES:
             counts, edges = acc.histogram_array(name)
             out.save_array(counts, f"{name}_hist")
             out.save_array(edges, f"{name}_edges")
         for moe_layer in s.layers:
-            out.save_figure(plot_layer(hist, moe_layer.layer), f"distributions_layer{moe_layer.layer}")
+            out.save_figure(plot_distributions(hist, moe_layer.layer), f"distributions_layer{moe_layer.layer}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

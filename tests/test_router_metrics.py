@@ -219,7 +219,8 @@ BAD = {
     "expert count mismatch": (["--num_experts", "8"], "--num_experts 8: layer 0 has 14 experts"),
     "top-k mismatch": (["--topk", "4"], "--topk 4"),
     "num_domains too large": (["--num_domains", "5"], "num_domains"),
-    "missing revision": (["--revisions", "./no/such/checkpoint"], "no such directory"),
+    "missing revision folder": (["--revisions", "./no/such/checkpoint"], "--revisions ./no/such/checkpoint: no such checkpoint folder"),
+    "revision of a local model": (["--revisions", "step100"], "--revisions step100: no such checkpoint folder (and --model"),
 }
 
 
