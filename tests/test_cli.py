@@ -1,0 +1,118 @@
+"""The command line as a user meets it, in real subprocesses: fast `--help` and flag errors that never import torch,
+one-line errors, Ctrl-C that leaves nothing behind, and result files readable by collaborators."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ["router_decisive.py", "router_stats.py", "router_metrics.py", "profiles.py"]
+# Runs a script as `python SCRIPT ARGS` would, then reports on stdout whether torch was ever imported.
+PROBE = """
+import runpy, sys
+script, *args = sys.argv[1:]
+sys.argv = [script, *args]
+code = 0
+try:
+    runpy.run_path(script, run_name="__main__")
+except SystemExit as exit_:
+    code = exit_.code or 0
+print("TORCH-IMPORTED" if "torch" in sys.modules else "TORCH-NOT-IMPORTED")
+sys.exit(code)
+"""
+# (flags, the words the one-line error must contain: the flag at fault)
+BAD_FLAGS = {
+    "router_decisive.py": [(["--bins", "0"], "argument --bins: must be at least 1"),
+                           (["--dtype", "foo"], "argument --dtype: invalid choice"),
+                           (["--num_tokens", "-5"], "argument --num_tokens: must be at least 1")],
+    "router_stats.py": [(["--bins", "x"], "argument --bins: 'x' is not an integer"),
+                        (["--device", "gpu0"], "argument --device: 'gpu0' is not a device"),
+                        (["--batch_size", "0"], "argument --batch_size: must be at least 1")],
+    "router_metrics.py": [(["--topk", "0"], "argument --topk: must be at least 1"),
+                          (["--seq_len", "1"], "argument --seq_len: must be at least 2"),
+                          (["--nonsense"], "unrecognized arguments: --nonsense")],
+    "profiles.py": [(["--layer", "1"], "one of the arguments --expert_id --all is required"),
+                    (["--layer", "1", "--expert_id", "-1"], "argument --expert_id: must be at least 0"),
+                    (["--layer", "1", "--all", "--top", "0"], "argument --top: must be at least 1")],
+}
+
+
+def _probe(script: str, *args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", PROBE, script, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout)
+    return result, time.perf_counter() - started
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_and_flag_errors_are_fast_one_line_and_never_import_torch(script):
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import argparse"], check=True)
+    baseline = time.perf_counter() - started
+
+    result, seconds = _probe(script, "--help")
+    assert result.returncode == 0 and "usage:" in result.stdout and "--model" in result.stdout
+    assert result.stdout.rstrip().endswith("TORCH-NOT-IMPORTED") and result.stderr == ""
+    assert seconds < baseline + 1.5, seconds
+
+    for flags, fault in BAD_FLAGS[script]:
+        result, seconds = _probe(script, *flags)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, (flags, result.stderr)
+        assert len(lines) == 1 and "Traceback" not in result.stderr, (flags, result.stderr)
+        assert lines[0].startswith(f"{script}: error: ") and fault in lines[0], (flags, lines[0])
+        assert result.stdout.strip() == "TORCH-NOT-IMPORTED"
+        assert seconds < baseline + 1.5, (flags, seconds)
+
+
+def _data_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    return path
+
+
+@pytest.mark.parametrize("when", ["while importing", "mid-run"])
+def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing(tmp_path, when):
+    out = tmp_path / "results"
+    argv = [sys.executable, "router_metrics.py", "--model", "random:olmoe", "--data", f"a={_data_file(tmp_path)}",
+            "--num_tokens", "1000000", "--seq_len", "64", "--batch_size", "2", "--out", str(out), "--no-progress"]
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if when == "while importing":
+            time.sleep(1.0)
+        else:  # wait for the staging folder: the run has started and is computing
+            deadline = time.monotonic() + 60
+            while not list(out.glob("**/.*.partial")) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert list(out.glob("**/.*.partial")), "the run never started"
+            time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "router_metrics.py: interrupted; nothing written"
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("umask", "readable"), [(0o022, True), (0o077, False)])
+def test_written_files_follow_the_umask(tmp_path, umask, readable):
+    out = tmp_path / "results"
+    argv = [sys.executable, "router_decisive.py", "--model", "random:olmoe", "--data", f"a={_data_file(tmp_path)}",
+            "--num_tokens", "200", "--seq_len", "32", "--out", str(out), "--no-progress", "--layers", "0"]
+    subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, preexec_fn=lambda: os.umask(umask))
+    written = [p for p in out.rglob("*")]
+    assert any(p.suffix == ".csv" for p in written) and any(p.suffix == ".png" for p in written)
+    for path in written:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert bool(mode & 0o044 == 0o044) == readable, (path, oct(mode))
+        assert mode & 0o022 == 0, (path, oct(mode))  # never group/world-writable under these masks
