@@ -64,3 +64,14 @@ def all_gather(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tmp) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tmp)
     return torch.stack(parts).to(t.device)
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` concatenated along dim 0 in rank order; ranks may hold different numbers of rows."""
+    if not dist.is_initialized():
+        return t
+    sizes = all_gather(torch.tensor([t.shape[0]], device=t.device)).view(-1).tolist()
+    padded = t.new_zeros((max(sizes), *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = all_gather(padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
