@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common import cli
-from common.cli import at_least, base_parser, run_main
+from common.cli import at_least, base_parser, positive_float, run_main
 from common.config import RANDOM_PREFIX, SHIPPED_MODELS, ModelSpec
 from common.errors import InputError
 
@@ -50,6 +50,11 @@ def build_parser():
                         help="co-activation over rank-adjacent pairs only, as the OLMoE analysis script counted")
     parser.add_argument("--no-token-tables", dest="token_tables", action="store_false",
                         help="skip the vocab × experts tables (token overlap and id specialization)")
+    parser.add_argument("--stats_memory", type=positive_float, default=4.0, metavar="GIB",
+                        help="memory budget of the statistics on the model's device, in GiB; token tables that do not "
+                        "fit go to the host (the plan is printed in run.json)")
+    parser.add_argument("--host_stats_memory", type=positive_float, default=None, metavar="GIB",
+                        help="host memory budget of token tables moved off the device, in GiB (default: half the RAM)")
     parser.add_argument("--revisions", nargs="+", default=None, metavar="REV",
                         help="router saturation: checkpoints (hub revisions of --model, or checkpoint folders) "
                         "compared with the last one on identical tokens; a single one is compared with --model")
@@ -88,10 +93,11 @@ def revision_specs(args: argparse.Namespace, base: ModelSpec) -> list[ModelSpec]
 
 def run(args: argparse.Namespace) -> None:
     from common import pipeline
+    from common.analysis.memory import plan_routing_counts
     from common.analysis.saturation import saturation
     from common.analysis.specialization import RoutingCounts
     from common.figures.specialization import plot_saturation
-    from common.models import inspect_moe
+    from common.models import inspect_moe, resolve_device
 
     config = cli.config(args, SCRIPT)
     specs = revision_specs(args, config.model) if args.revisions else []
@@ -100,13 +106,22 @@ def run(args: argparse.Namespace) -> None:
             inspect_moe(spec)
         except InputError as err:
             raise InputError(f"--revisions {item}: {str(err).split(': ', 1)[-1]}") from None
-    s = pipeline.setup(config)
-    check_expectations(args, s.moe, s.layers)
+    plans = []
+
+    def preflight(skeleton, layers, domains) -> None:  # from the config alone: refused before any weight is read
+        check_expectations(args, skeleton, layers)
+        plans.append(plan_routing_counts(layers, [d.name for d in domains], skeleton.vocab_size,
+                                         resolve_device(config.model.device), token_tables=args.token_tables,
+                                         device_budget_gib=args.stats_memory, host_budget_gib=args.host_stats_memory))
+
+    s = pipeline.setup(config, preflight)
+    plan = plans[0]
     domains = [d.name for d in s.domains]
     stream = pipeline.batches(s)
     with pipeline.start_run(s) as out:
+        out.record(stats_memory=plan.to_dict())
         counts_acc = RoutingCounts(s.layers, domains, s.moe.vocab_size, s.moe.device, olmoe_compat=args.olmoe_compat,
-                                   token_tables=args.token_tables, seed=args.seed)
+                                   token_tables=args.token_tables, seed=args.seed, table_device=plan.table_device)
         for records, batch, logits in pipeline.captured_batches(s.moe, stream, s.layers, ("logits", "topk")):
             counts_acc.update(records, batch, predicted=logits.argmax(-1))
         counts_acc.all_reduce()

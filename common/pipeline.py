@@ -6,7 +6,7 @@ exists or a large model is loaded. Everything here takes the typed specs of `com
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,12 +41,17 @@ class Setup:
     seq_len: int
 
 
-def setup(config: Config) -> Setup:
+def setup(config: Config, preflight: Callable[[MoEModel, list[MoELayer], list[Domain]], None] | None = None) -> Setup:
+    """Domains, then the model's structure from its config (dense models / bad layers refused, and `preflight`
+    — e.g. a memory plan — run on the weightless skeleton), then the model itself."""
     distributed.init_from_env()
     data = config.data
     domains = resolve_domains(list(data.sources), num_domains=data.num_domains, domains=data.domains) if data else []
     check_hub_sources(domains)
-    inspect_moe(config.model).select(config.layers)  # refuse dense models / bad layers before loading weights
+    skeleton = inspect_moe(config.model)
+    skeleton_layers = skeleton.select(config.layers)
+    if preflight is not None:
+        preflight(skeleton, skeleton_layers, domains)
     if not config.run.progress:
         hf_logging.disable_progress_bar()
     moe = load_moe(config.model)

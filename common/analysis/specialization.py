@@ -68,6 +68,8 @@ class RoutingCounts:
         olmoe_compat: bool = False,
         token_tables: bool = True,
         seed: int = 0,
+        table_device: torch.device | None = None,
+        table_dtype: str = "int32",
     ) -> None:
         self.layers = list(layers)
         self.domains = list(domains)
@@ -91,11 +93,19 @@ class RoutingCounts:
         if pairs:
             stats["transitions"] = BinCount({"pair": pairs}, {"from": C, "to": C}, device=device)
         if token_tables:
+            # Vocabulary × expert tables are the big ones (vocab · E · layers cells, three of them): integer counts
+            # (exact: every weight is 0 or 1), and on the host when the statistics budget says so (see memory_plan).
+            where = table_device if table_device is not None else device
             for table in TOKEN_TABLES:
-                stats[f"token_{table}"] = BinCount({"layer": layer_domain["layer"], "token": vocab_size}, {"expert": C}, device=device)
-                stats[f"occurrences_{table}"] = BinCount(None, {"token": vocab_size}, device=device)
+                stats[f"token_{table}"] = BinCount({"layer": layer_domain["layer"], "token": vocab_size}, {"expert": C},
+                                                   device=where, dtype=table_dtype)
+                stats[f"occurrences_{table}"] = BinCount(None, {"token": vocab_size}, device=where, dtype=table_dtype)
         self.stats = StatSet(stats)
         self.seed = seed
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes each accumulator holds (build with device="meta" to size a run from its config alone)."""
+        return {name: acc.nbytes for name, acc in self.stats.items()}
 
     def all_reduce(self) -> RoutingCounts:
         self.stats.all_reduce()

@@ -15,6 +15,8 @@ from common.stats.base import _F64, Accumulator, GroupsArg, _to, _zeros
 
 __all__ = ["BinCount", "Gram"]
 
+_DTYPES = {"float64": torch.float64, "int64": torch.int64, "int32": torch.int32}
+
 
 # --------------------------------------------------------------------------------------------------
 # BinCount
@@ -37,11 +39,17 @@ class BinCount(Accumulator):
         bins: AxesSpec = 1,
         *,
         device: Any = "cpu",
+        dtype: str = "float64",
     ) -> None:
         super().__init__(groups, device)
         self.bins = Axes.of(bins, "bin")
         if not self.bins.names:
             raise ValueError("BinCount needs at least one bin axis")
+        # Integer counts ("int32": 4 bytes a cell instead of 8) are exact where every weight is 0 or 1, which is what
+        # makes vocabulary × expert tables fit beside a large model; fractional weights need float64.
+        if dtype not in _DTYPES:
+            raise ValueError(f"BinCount dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
         self._init_state()
 
     @property
@@ -49,11 +57,16 @@ class BinCount(Accumulator):
         return self.bins.size
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "bins": self.bins.to_config()}
+        return {**super().config(), "bins": self.bins.to_config(), "dtype": self.dtype}
+
+    @property
+    def nbytes(self) -> int:
+        return (self.num_groups * self.num_bins + 1) * _DTYPES[self.dtype].itemsize
 
     def _init_state(self) -> None:
         # + spare slot for out-of-range group or category indices
-        self._state = {"counts": _zeros(self.num_groups * self.num_bins + 1, self.device)}
+        counts = _zeros(self.num_groups * self.num_bins + 1, self.device)
+        self._state = {"counts": counts if self.dtype == "float64" else counts.to(_DTYPES[self.dtype])}
 
     @torch.no_grad()
     def update(self, categories: Tensor, groups: GroupsArg = None, weight: Tensor | None = None) -> None:
@@ -68,7 +81,8 @@ class BinCount(Accumulator):
         c = c.reshape(-1).long()
         G, B = self.num_groups, self.num_bins
         ok = (c >= 0) & (c < B) & (g < G)
-        self._state["counts"].index_add_(0, torch.where(ok, g * B + c, G * B), w)
+        counts = self._state["counts"]
+        self._state["counts"].index_add_(0, torch.where(ok, g * B + c, G * B), w.to(counts.dtype))
 
     @property
     def invalid(self) -> float:
@@ -98,7 +112,7 @@ class BinCount(Accumulator):
         """A new `BinCount` over the remaining group axes, summing over the named group ``axes``."""
         if not axes:  # torch's sum(dim=()) would reduce every dim
             return self.copy()
-        out = BinCount(self.groups.drop(axes), self.bins, device=self.device)
+        out = BinCount(self.groups.drop(axes), self.bins, device=self.device, dtype=self.dtype)
         dims = tuple(self.groups.names.index(a) for a in axes)
         G, B = self.num_groups, self.num_bins
         summed = self._state["counts"][: G * B].reshape(*self.groups.shape, B).sum(dims).reshape(-1)
@@ -127,6 +141,10 @@ class Gram(Accumulator):
 
     def config(self) -> dict[str, Any]:
         return {"size": self.size}
+
+    @property
+    def nbytes(self) -> int:
+        return (self.size * self.size + self.size + 1) * 8
 
     def _init_state(self) -> None:
         self._state = {
