@@ -24,10 +24,78 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports errors as `InputError` (one line, exit 2) instead of usage + message."""
+    """argparse that reports errors as `InputError` (one line, exit 2) instead of usage + message, and reads
+    `--config FILE` (TOML, the flags' own names as keys) as defaults that command-line flags override."""
 
     def error(self, message: str):  # type: ignore[override]
         raise InputError(message)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        argv = list(sys.argv[1:] if args is None else args)
+        config_file = _config_option(argv)
+        if config_file is not None:
+            self._apply_config(config_file)
+        return super().parse_args(argv, namespace)
+
+    def _apply_config(self, path: str) -> None:
+        import tomllib
+
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except OSError as err:
+            raise InputError(f"--config {path}: {err.strerror or err}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise InputError(f"--config {path}: not valid TOML ({err})") from None
+        actions = {a.dest: a for a in self._actions if a.dest not in ("help", "config", "list")}
+        for key, value in values.items():
+            dest = key.replace("-", "_")
+            by_flag = next((a for a in actions.values() if f"--{key}" in a.option_strings), None)
+            action = actions.get(dest) or by_flag
+            if action is None:
+                raise InputError(f"--config {path}: unknown key '{key}' (keys are the flags' names, e.g. num_tokens)")
+            converted = _config_value(action, value, f"--config {path}: {key}")
+            if action.nargs == 0 and action is by_flag and dest != action.dest:  # `no-progress = true` = progress off
+                converted = not converted if action.const is False else converted
+            self.set_defaults(**{action.dest: converted})
+            action.required = False  # given by the file; a flag on the command line still overrides it
+            for group in self._mutually_exclusive_groups:
+                if action in group._group_actions:
+                    group.required = False
+
+
+def _config_option(argv: Sequence[str]) -> str | None:
+    for i, item in enumerate(argv):
+        if item == "--config":
+            if i + 1 >= len(argv):
+                raise InputError("argument --config: expected one argument")
+            return argv[i + 1]
+        if item.startswith("--config="):
+            return item.split("=", 1)[1]
+    return None
+
+
+def _config_value(action: argparse.Action, value, where: str):
+    """A TOML value checked and converted exactly as the flag's own argument would be."""
+    if action.nargs == 0:  # store_true / store_false switches: the value of the flag's destination
+        if not isinstance(value, bool):
+            raise InputError(f"{where}: expected true or false")
+        return value
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    items = value if isinstance(value, list) else [value]
+    if not many and isinstance(value, list):
+        raise InputError(f"{where}: expected a single value, got a list")
+    converted = []
+    for item in items:
+        text = str(item).lower() if isinstance(item, bool) else str(item)
+        try:
+            item = action.type(text) if action.type is not None else text
+        except (argparse.ArgumentTypeError, ValueError) as err:
+            raise InputError(f"{where}: {err}") from None
+        if action.choices is not None and item not in action.choices:
+            raise InputError(f"{where}: invalid choice {item!r} (choose from {', '.join(map(str, action.choices))})")
+        converted.append(item)
+    return converted if many else converted[0]
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -103,6 +171,9 @@ def base_parser(description: str, *, layers: bool = True, data: bool = True) -> 
     """A parser with the flags every script shares; scripts add their own to it."""
     parser = ArgumentParser(description=description, formatter_class=_Formatter)
     parser.add_argument("--list", action=_ListAction, help="list data presets, shipped models and architectures, then exit")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="TOML file of flag values (keys = flag names, e.g. num_tokens = 100000, layers = [1, 7]); "
+                        "flags given on the command line override it")
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",

@@ -116,3 +116,27 @@ def test_written_files_follow_the_umask(tmp_path, umask, readable):
         mode = stat.S_IMODE(path.stat().st_mode)
         assert bool(mode & 0o044 == 0o044) == readable, (path, oct(mode))
         assert mode & 0o022 == 0, (path, oct(mode))  # never group/world-writable under these masks
+
+
+def test_config_file_gives_defaults_that_flags_override(tmp_path):
+    import profiles
+    import router_decisive
+    from common.errors import InputError
+
+    config = tmp_path / "run.toml"
+    config.write_text('model = "random:olmoe"\nnum_tokens = 300\nlayers = [0, -1]\nno-progress = true\ndata = ["a=x.txt"]\n')
+    args = router_decisive.build_parser().parse_args(["--config", str(config), "--num_tokens", "500"])
+    assert (args.model, args.num_tokens, args.layers, args.progress, args.data) == (
+        "random:olmoe", 500, ["0", "-1"], False, ["a=x.txt"])
+    # A required flag can come from the file.
+    (tmp_path / "profile.toml").write_text("layer = 1\nall = true\ntop = 5\n")
+    args = profiles.build_parser().parse_args(["--config", str(tmp_path / "profile.toml")])
+    assert (args.layer, args.all, args.top) == (1, True, 5)
+    for text, message in [("num_tokens = 0", "num_tokens: must be at least 1"), ("nonsense = 1", "unknown key 'nonsense'"),
+                          ('dtype = "fp8"', "dtype: invalid choice"), ("num_tokens = [1, 2]", "expected a single value"),
+                          ("pack = 3", "expected true or false"), ("num_tokens = ", "not valid TOML")]:
+        (tmp_path / "bad.toml").write_text(text + "\n")
+        with pytest.raises(InputError, match=message):
+            router_decisive.build_parser().parse_args(["--config", str(tmp_path / "bad.toml")])
+    with pytest.raises(InputError, match="No such file"):
+        router_decisive.build_parser().parse_args(["--config", str(tmp_path / "missing.toml")])
