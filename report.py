@@ -1,0 +1,179 @@
+"""One self-contained HTML page per run folder, and an index page for a results root.
+
+    uv run report.py results/router_metrics/demo/demo/20261125-101500     # one run: writes report.html in it
+    uv run report.py results                                              # every run below: + results/index.html
+
+A page holds the run's metadata (script, model, data, command, date, git commit, packages, tokens per domain), every
+figure (PNG embedded, so the page needs no network and can be mailed), every CSV as a sortable table (the first
+`--rows` rows, a click on a column header sorts it, with a link to the full file and the description of each column
+from the registry of `common/outputs.py`), and the JSON and npy files with their descriptions. The index lists the
+runs by script, model, data and date. Nothing heavy is imported: pandas only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from common.cli import ArgumentParser, at_least, run_main
+from common.errors import InputError
+
+SCRIPT = "report"
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}h3{font-size:1em}
+table{border-collapse:collapse;font-size:.8em;margin:.5em 0}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
+th{background:#f4f4f4;cursor:pointer;position:sticky;top:0}td.t,th.t{text-align:left}
+.meta td{text-align:left}.scroll{max-height:420px;overflow:auto;border:1px solid #eee}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
+.desc{color:#555;font-size:.85em}details{margin:.3em 0}code{background:#f6f6f6;padding:0 3px}
+"""
+# Sorting by a click on a header; the page also reports, for tests and readers, how many images loaded.
+SCRIPT_JS = """
+document.querySelectorAll('table.sortable th').forEach(function(th,col){th.addEventListener('click',function(){
+ var body=th.closest('table').tBodies[0],rows=Array.from(body.rows),asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
+ rows.sort(function(a,b){var x=a.cells[col].textContent,y=b.cells[col].textContent,p=parseFloat(x),q=parseFloat(y);
+  var c=(!isNaN(p)&&!isNaN(q))?p-q:x.localeCompare(y);return asc?c:-c});rows.forEach(function(r){body.appendChild(r)})})});
+window.addEventListener('load',function(){var imgs=Array.from(document.images);
+ document.body.dataset.images=imgs.length;document.body.dataset.imagesLoaded=imgs.filter(function(i){return i.complete&&i.naturalWidth>0}).length;
+ var tables=Array.from(document.querySelectorAll('table.data'));document.body.dataset.tables=tables.length;
+ document.body.dataset.tablesWithRows=tables.filter(function(t){return t.tBodies[0].rows.length>0}).length});
+"""
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", help="a run folder (holding run.json) or a results root with runs below it")
+    parser.add_argument("--rows", type=at_least(1), default=200, help="rows shown per CSV table (the file has them all)")
+    return parser
+
+
+def _esc(value) -> str:
+    return html.escape(str(value))
+
+
+def _describe(relative: str):
+    from common import outputs
+
+    return outputs.lookup(relative)
+
+
+def _metadata(info: dict) -> str:
+    tokens = info.get("tokens", {}).get("domains", {}) if isinstance(info.get("tokens"), dict) else {}
+    rows = [
+        ("script", info.get("script")), ("model", info.get("model")), ("command", info.get("command")),
+        ("started", info.get("started")), ("wall time", f"{info.get('wall_time_s', '?')} s"),
+        ("git commit", info.get("git_commit")), ("seed", info.get("seed")), ("world size", info.get("world_size")),
+        ("tokens per domain", ", ".join(f"{d}: {c.get('counted')}" for d, c in tokens.items()) or "—"),
+        ("packages", ", ".join(f"{k} {v}" for k, v in info.get("packages", {}).items())),
+    ]
+    body = "".join(f"<tr><td class=t><b>{_esc(k)}</b></td><td class=t>{_esc(v)}</td></tr>" for k, v in rows if v is not None)
+    arguments = json.dumps(info.get("arguments", {}), indent=1)
+    return (f"<table class=meta>{body}</table><details><summary>all arguments</summary><pre>{_esc(arguments)}</pre>"
+            "</details>")
+
+
+def _csv_section(path: Path, relative: str, rows: int) -> str:
+    import pandas as pd
+
+    table = pd.read_csv(path)
+    entry = _describe(relative)
+    head = table.head(rows)
+    numeric = {c for c in head.columns if pd.api.types.is_numeric_dtype(head[c])}
+    header = "".join(f"<th class={'n' if c in numeric else 't'} title='{_esc(entry.column(c) if entry else '')}'>{_esc(c)}</th>"
+                     for c in head.columns)
+    body = "".join("<tr>" + "".join(f"<td class={'n' if c in numeric else 't'}>{_esc(v)}</td>" for c, v in zip(head.columns, row, strict=True))
+                   + "</tr>" for row in head.itertuples(index=False))
+    columns = ""
+    if entry is not None:
+        columns = "<details><summary>columns</summary><ul>" + "".join(
+            f"<li><code>{_esc(c)}</code>: {_esc(entry.column(c) or 'undocumented')}</li>" for c in table.columns) + "</ul></details>"
+    shown = f"first {len(head)} of {len(table)} rows" if len(table) > len(head) else f"{len(table)} rows"
+    return (f"<h3>{_esc(relative)}</h3><p class=desc>{_esc(entry.description if entry else '')} — {shown}, "
+            f"<a href='{_esc(relative)}'>full file</a></p>{columns}"
+            f"<div class=scroll><table class='sortable data'><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table></div>")
+
+
+def run_page(run: Path, rows: int) -> str:
+    info = json.loads((run / "run.json").read_text())
+    parts = [f"<h1>{_esc(info.get('script'))} — {_esc(info.get('model'))}</h1>", _metadata(info)]
+    figures = sorted((run / "figures").glob("*.png")) if (run / "figures").is_dir() else []
+    if figures:
+        parts.append("<h2>Figures</h2>")
+        for png in figures:
+            data = base64.b64encode(png.read_bytes()).decode()
+            pdf = png.with_suffix(".pdf")
+            link = f" (<a href='figures/{_esc(pdf.name)}'>PDF</a>)" if pdf.exists() else ""
+            parts.append(f"<figure><img alt='{_esc(png.stem)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{_esc(png.stem)}{link}</figcaption></figure>")
+    tables = sorted(run.glob("*.csv"))
+    if tables:
+        parts.append("<h2>Tables</h2>")
+        parts.extend(_csv_section(path, path.name, rows) for path in tables)
+    others = sorted(p for p in run.iterdir() if p.suffix in (".npy", ".json") and p.name != "run.json")
+    if others:
+        items = []
+        for path in others:
+            entry = _describe(path.name)
+            extra = f" — axes {entry.axes}" if entry is not None and entry.axes else ""
+            items.append(f"<li><a href='{_esc(path.name)}'>{_esc(path.name)}</a>: {_esc(entry.description if entry else '')}{_esc(extra)}</li>")
+        parts.append("<h2>Other files</h2><ul>" + "".join(items) + "</ul>")
+    return _page(f"{info.get('script')} {info.get('run_id')}", "".join(parts))
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>{_esc(title)}</title><style>{STYLE}</style></head>"
+            f"<body>{body}<script>{SCRIPT_JS}</script></body></html>\n")
+
+
+def find_runs(root: Path) -> list[Path]:
+    if (root / "run.json").is_file():
+        return [root]
+    return sorted(p.parent for p in root.rglob("run.json") if not any(part.startswith(".") for part in p.parent.parts))
+
+
+def index_page(root: Path, runs: Sequence[Path]) -> str:
+    rows = []
+    for run in runs:
+        info = json.loads((run / "run.json").read_text())
+        relative = run.relative_to(root).as_posix()
+        data = relative.split("/")[2] if relative.count("/") >= 3 else ""
+        rows.append(f"<tr><td class=t>{_esc(info.get('script'))}</td><td class=t>{_esc(info.get('model'))}</td>"
+                    f"<td class=t>{_esc(data)}</td><td class=t>{_esc(info.get('started'))}</td>"
+                    f"<td class=t><a href='{_esc(relative)}/report.html'>{_esc(relative)}</a></td></tr>")
+    table = ("<table class='sortable data'><thead><tr><th class=t>script</th><th class=t>model</th><th class=t>data</th>"
+             f"<th class=t>started</th><th class=t>run</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    return _page(f"moescope results: {root}", f"<h1>Runs in {_esc(root)}</h1>{table}")
+
+
+def run(args: argparse.Namespace) -> None:
+    from common.atomic import atomic_write
+
+    root = Path(args.results)
+    if not root.is_dir():
+        raise InputError(f"{args.results}: no such folder")
+    runs = find_runs(root)
+    if not runs:
+        raise InputError(f"{args.results}: no run folder (with a run.json) here or below")
+    for folder in runs:
+        page = run_page(folder, args.rows)
+        atomic_write(folder / "report.html", lambda p, text=page: p.write_text(text, encoding="utf-8"))
+    if runs != [root]:
+        text = index_page(root, runs)
+        atomic_write(root / "index.html", lambda p: p.write_text(text, encoding="utf-8"))
+        print(f"report: {root / 'index.html'} ({len(runs)} runs)", file=sys.stderr)
+    else:
+        print(f"report: {root / 'report.html'}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
