@@ -3,7 +3,7 @@
     uv run profiles.py --layer 1 --expert_id 9
     uv run profiles.py --layer 1 --all                  # every expert of the layer
 
-A profile (SPEC "Expert profile") holds: selection frequency (top-k and top-1, with the uniform baselines), mean
+A profile (docs/METRICS.md#expert-profile; lift: #lift) holds: selection frequency (top-k and top-1, with the uniform baselines), mean
 and quantiles of its routing weight when selected, its domain mix, top input tokens by count and by lift over
 their base rate, top next tokens, top contexts (±8 tokens around the activations with the largest w · ‖E_e(x)‖),
 the tokens its mean output promotes and suppresses through the model's final norm and unembedding, the experts
@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> None:
     from common.analysis.expert_profile import ExpertActivity
     from common.analysis.profile_json import build_profile
     from common.analysis.specialization import RoutingCounts
+    from common.figures.profiles import save_profile_figure
     from common.stats import DEFAULT_QUANTILES
 
     s = pipeline.setup(cli.config(args, SCRIPT, layers=[args.layer]))
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> None:
         for column, e in enumerate(experts):
             profile = build_profile(e, column, ctx, args.top, args.min_count)
             out.save_json(profile, f"profile_layer{layer.layer}_expert{e}")
+            save_profile_figure(out, profile)
             top_domain = max(profile["domains"], key=lambda d: d["tokens_routed"])
             rows.append({
                 "layer": layer.layer, "expert": e, "frequency_topk": profile["frequency_topk"],

@@ -3,7 +3,7 @@
     uv run router_decisive.py                          # shipped demo model, offline demo domains
     uv run router_decisive.py --model allenai/OLMoE-1B-7B-0924 --data olmoe --layers 1 7 15 --num_tokens 100000
 
-Per token and MoE layer (SPEC "Entropy / decisiveness"): H(p) = -Σ p ln p over all router choices (max ln E),
+Per token and MoE layer (docs/METRICS.md#entropy-and-decisiveness): H(p) = -Σ p ln p over all router choices (max ln E),
 H/ln E, the entropy of the renormalised top-k probabilities (max ln k), the top-1 probability, the top-1 - top-2
 margin and the probability mass inside the top-k. Streamed per (layer, domain): count, mean, std, min, max,
 quantiles (from 200-bin histograms: error below one bin width) and the histograms themselves.

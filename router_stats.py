@@ -3,7 +3,7 @@
     uv run router_stats.py                              # shipped demo model, offline demo domains
     uv run router_stats.py --model allenai/OLMoE-1B-7B-0924 --layers 1 --num_tokens 100000
 
-Per MoE layer (SPEC "Distributions"): (a) raw router logits z over all experts, (b) softmax p over all experts,
+Per MoE layer (docs/METRICS.md#router-output-distributions): (a) raw router logits z over all experts, (b) softmax p over all experts,
 (c) the renormalised top-k probabilities p̃_i = p_i / Σ_{j∈K} p_j and (d) the weights w the experts really receive
 (whatever the scoring rule: softmax, sigmoid, scaled, renormalised or not), (c) and (d) per rank 1..k (rank 1 =
 largest). Streamed per (layer, domain[, rank]) into fixed-bin histograms; logits and weights get their range from

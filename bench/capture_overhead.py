@@ -1,4 +1,4 @@
-"""What does collecting routing statistics cost over a bare forward pass? (DESIGN "Speed": goal ≤ 1.10×.)
+"""What does collecting routing statistics cost over a bare forward pass? (the project's goal: ≤ 1.10×.)
 
     uv run bench/capture_overhead.py                              # CPU defaults: 1 thread, 4 × 256 tokens, 7 repeats
     uv run bench/capture_overhead.py --device cuda --batch_size 16 --seq_len 512
@@ -50,7 +50,7 @@ from common.hooks import Capture, capture
 from common.moe import MoELayer, MoEModel
 from common.stats import Accumulator, BinCount
 
-GOAL = 1.10  # DESIGN "Speed": routing statistics cost at most 10% over a bare forward pass
+GOAL = 1.10  # the speed goal: routing statistics cost at most 10% over a bare forward pass
 DOMAINS = ("domain_a", "domain_b")  # rows alternate between two domains, so (layer, domain) groups are exercised
 MODES = ("bare", "capture", "stats", "naive")
 

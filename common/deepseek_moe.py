@@ -2,7 +2,9 @@
 
 The checkpoints' own remote code targets transformers 4.3x and no longer imports; this module loads the published
 `config.json` (`model_type: "deepseek"`) and safetensors with their parameter names unchanged, without
-`trust_remote_code`. Facts behind it: shared/notes/transformers-moe.md, section "DeepSeekMoE v1".
+`trust_remote_code`. Facts behind it: the published config
+(tests/fixtures/deepseek-moe-16b-base/config.json) and the checkpoints' remote code, which imports
+`is_torch_fx_available` and calls `DynamicCache.from_legacy_cache`, both gone in transformers 5.x.
 
 Layout: Llama-style multi-head attention with rotate-half RoPE and float32 RMSNorm; the first
 `first_k_dense_replace` layers have a dense SwiGLU MLP, the others (every `moe_layer_freq`-th) a MoE block of a

@@ -8,7 +8,9 @@ refused with a message naming what was found; nothing is guessed from class-name
 
 Each `MoELayer` says how its routing is encoded (`kind`), so that `common.hooks` can read and rewrite the top-k
 indices and weights the experts really use, and gives `expert_fn(e, x)`, one expert's unweighted output.
-Measured facts behind each special case: `shared/notes/transformers-moe.md`.
+Why these cases: in transformers 5.x nearly every MoE block calls `router(h) -> (logits, top-k weights, top-k index)`,
+then `experts(h, index, weights)`; the exceptions (Llama4, JetMoE, DBRX, LongCat, Zaya, Gemma4, gpt-oss) were found on
+tiny random models of every architecture, and tests/test_moe.py and tests/test_capture.py re-check them all.
 """
 
 from __future__ import annotations

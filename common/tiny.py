@@ -2,7 +2,8 @@
 
 Used by the tests and by `--model random:<arch>`. Nothing here downloads: the tokenizer is assembled from the
 256 byte values, and configs come from transformers' own defaults (`AutoConfig.for_model`), shrunk generically by
-field name plus a few per-architecture overrides for the quirks listed in notes/transformers-moe.md §3.
+field name plus a few per-architecture overrides (`_OVERRIDES`, each commented with the config quirk
+it works around).
 """
 
 from __future__ import annotations

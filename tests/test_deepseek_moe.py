@@ -1,6 +1,6 @@
 """Native DeepSeekMoE v1 (common/deepseek_moe.py): the published layout, the forward semantics, the adapter, loading.
 
-The reference below is written from the published description (shared/notes/transformers-moe.md, "DeepSeekMoE v1"):
+The reference below is written from the published description (the published config and the layout described in common/deepseek_moe.py's docstring):
 token by token and layer by layer, with its own RoPE attention, each selected expert applied one at a time and the
 shared experts added, so that it shares no code with the implementation it checks.
 """

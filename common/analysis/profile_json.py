@@ -1,4 +1,4 @@
-"""The JSON profile of one expert (SPEC "Expert profile"), built from the streamed counts and activity of
+"""The JSON profile of one expert (docs/METRICS.md#expert-profile), built from the streamed counts and activity of
 `profiles.py`: frequency, weights, domains, tokens by count and by lift, next tokens, top contexts, promoted and
 suppressed tokens, co-activated experts, predecessors and successors. Definitions: docs/METRICS.md."""
 

@@ -1,4 +1,4 @@
-"""Who goes where: streamed routing counts and the specialization metrics of SPEC "Routing" computed from them.
+"""Who goes where: streamed routing counts and the specialization metrics of docs/METRICS.md computed from them.
 
 `RoutingCounts` accumulates, in one pass and on the model's device, every count the metrics need:
 selection counts (top-k and top-1) per (layer, domain), summed router probabilities, co-activation counts over all
@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from common.analysis import ALL_DOMAINS
 from common.data import Batch
@@ -44,19 +45,21 @@ def slot_pairs(k: int, olmoe_compat: bool) -> list[tuple[int, int]]:
 
 
 def shuffled_rows(x: torch.Tensor, counted: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Rows of x [T, n] reordered by a random permutation of the counted tokens (uncounted rows stay last).
+    """x [L, T, n] with each layer's rows reordered by its own random permutation of the counted tokens (uncounted
+    rows stay last).
 
-    Applied per layer within one batch, and a batch holds one domain: the control removes token-level coupling
+    Independent per layer within one batch, and a batch holds one domain: the control removes token-level coupling
     between layers but keeps what the domain alone explains. (A shuffle over all tokens would give r = 0 in
     expectation, which needs no measurement.)
     """
-    keys = torch.rand(x.shape[0], generator=generator, device=x.device)
-    keys = torch.where(counted > 0, keys, 2.0)
-    return x[keys.argsort()]
+    keys = torch.rand(x.shape[0], x.shape[1], generator=generator, device=x.device)
+    keys = torch.where(counted.view(1, -1) > 0, keys, 2.0)
+    order = keys.argsort(dim=1)
+    return x.gather(1, order.unsqueeze(2).expand_as(x))
 
 
 class RoutingCounts:
-    """All routing counts of SPEC "Routing" for some MoE layers and domains, streamed on one device."""
+    """All routing counts the metrics of docs/METRICS.md need, for some MoE layers and domains, streamed on one device."""
 
     def __init__(
         self,
@@ -111,66 +114,89 @@ class RoutingCounts:
         self.stats.all_reduce()
         return self
 
+    def _stacked(self, records: Capture) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every selected layer's top-k index, weight [L, T, k] and router logits [L, T, C] on this device.
+
+        Layers with fewer slots or choices are padded (weight 0: never counted; logit -inf: probability 0), so one
+        update covers all layers: on a GPU each op is a kernel launch, and a loop over layers multiplied them.
+        """
+        k = max(records[m.layer].topk_index.shape[1] for m in self.layers)
+        C = self.choices
+        index, weight, logits = [], [], []
+        for m in self.layers:  # layers may sit on other GPUs under --device_map auto
+            rec = records[m.layer]
+            i, w, z = rec.topk_index.to(self.device).long(), rec.topk_weight.to(self.device), rec.logits.to(self.device)
+            if i.shape[1] < k:
+                i, w = F.pad(i, (0, k - i.shape[1])), F.pad(w, (0, k - w.shape[1]))
+            if z.shape[1] < C:
+                z = F.pad(z.float(), (0, C - z.shape[1]), value=float("-inf"))
+            index.append(i)
+            weight.append(w)
+            logits.append(z.float())
+        return torch.stack(index), torch.stack(weight).float(), torch.stack(logits)
+
     @torch.no_grad()
     def update(self, records: Capture, batch: Batch, predicted: torch.Tensor | None = None) -> None:
         """One batch: records of every selected layer, the batch, and the model's predicted ids [B, S]."""
-        input_ids, count_mask, domain_ids = batch.input_ids, batch.count_mask, batch.domain_ids
-        C = self.choices
+        input_ids, count_mask = batch.input_ids.to(self.device), batch.count_mask.to(self.device)
+        C, L = self.choices, len(self.layers)
         counted = count_mask.reshape(-1).to(torch.float32)
-        token_domain = domain_ids.view(-1, 1).expand_as(input_ids).reshape(-1)
+        token_domain = batch.domain_ids.to(self.device).view(-1, 1).expand_as(input_ids).reshape(-1)
         self.stats["tokens"].update(token_domain, None, counted)
         ids = input_ids.reshape(-1)
         # The next token exists where the following position of the same window is a real (non-padding) token.
         next_ids = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1).reshape(-1)
-        real = batch.attention_mask.bool()
+        real = batch.attention_mask.to(self.device).bool()
         has_next = torch.cat([real[:, 1:], torch.zeros_like(real[:, :1])], dim=1).reshape(-1).to(counted.dtype)
         next_counted = counted * has_next
-        indicators, shuffled = [], []
-        # Drawn from the batch's stream number, not the process: a torchrun run shuffles exactly like one process.
-        generator = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + batch.number)
-        for li, moe_layer in enumerate(self.layers):
-            record = records[moe_layer.layer]  # layers may sit on other GPUs under --device_map auto
-            index, weight = record.topk_index.to(self.device).long(), record.topk_weight.to(self.device)
-            picked = counted.view(-1, 1) * (weight != 0).to(counted.dtype)
-            groups = {"layer": li, "domain": token_domain.view(-1, 1)}
-            self.stats["topk"].update(index, groups, picked)
-            self.stats["top1"].update(top1_index(index, weight), {"layer": li, "domain": token_domain}, counted)
-            probs = torch.softmax(record.logits.to(self.device).float(), dim=-1)
-            experts = torch.arange(probs.shape[1], device=probs.device).view(1, -1).expand_as(probs)
-            self.stats["prob_sum"].update(experts, groups, probs * counted.view(-1, 1))
-            pairs = slot_pairs(index.shape[1], self.olmoe_compat)
+
+        index, weight, logits = self._stacked(records)  # [L, T, k], [L, T, k], [L, T, C]
+        T = index.shape[1]
+        layer = torch.arange(L, device=self.device)
+        selected = (weight != 0).to(torch.float32)
+        picked = counted.view(1, -1, 1) * selected
+        by_layer_domain = {"layer": layer.view(L, 1, 1), "domain": token_domain.view(1, T, 1)}
+        self.stats["topk"].update(index, by_layer_domain, picked)
+        top1 = index.gather(2, weight.argmax(dim=2, keepdim=True)).squeeze(2)
+        self.stats["top1"].update(top1, {"layer": layer.view(L, 1), "domain": token_domain.view(1, T)}, counted.expand(L, T))
+        probs = torch.softmax(logits, dim=-1) * counted.view(1, -1, 1)
+        experts = torch.arange(C, device=self.device).view(1, 1, C).expand(L, T, C)
+        self.stats["prob_sum"].update(experts, by_layer_domain, probs)
+
+        pairs = slot_pairs(index.shape[2], self.olmoe_compat)
+        if pairs:
             pair_index, pair_picked = index, picked
-            if pairs and self.olmoe_compat:  # rank-adjacent means adjacent by weight, whatever the slot order
-                order = weight.argsort(dim=1, descending=True)
-                pair_index, pair_picked = index.gather(1, order), picked.gather(1, order)
-            if pairs:
-                first = torch.tensor([a for a, _ in pairs], device=index.device)
-                second = torch.tensor([b for _, b in pairs], device=index.device)
-                pair_cats = pair_index[:, first] * C + pair_index[:, second]
-                self.stats["coactivation"].update(pair_cats, {"layer": li}, pair_picked[:, first] * pair_picked[:, second])
-            if self.token_tables:
-                table_groups = {"layer": li}
-                self.stats["token_current"].update(index, {**table_groups, "token": ids.view(-1, 1)}, picked)
-                self.stats["token_next"].update(index, {**table_groups, "token": next_ids.view(-1, 1)}, picked * has_next.view(-1, 1))
-                if predicted is not None:
-                    self.stats["token_predicted"].update(index, {**table_groups, "token": predicted.reshape(-1, 1)}, picked)
-            onehot = torch.zeros(index.shape[0], C, device=index.device).scatter_(1, index, (weight != 0).to(torch.float32))
-            indicators.append(onehot)
-            shuffled.append(shuffled_rows(onehot, counted, generator))
+            if self.olmoe_compat:  # rank-adjacent means adjacent by weight, whatever the slot order
+                order = weight.argsort(dim=2, descending=True)
+                pair_index, pair_picked = index.gather(2, order), picked.gather(2, order)
+            first = torch.tensor([a for a, _ in pairs], device=self.device)
+            second = torch.tensor([b for _, b in pairs], device=self.device)
+            categories = pair_index[:, :, first] * C + pair_index[:, :, second]
+            self.stats["coactivation"].update(categories, {"layer": layer.view(L, 1, 1)},
+                                              pair_picked[:, :, first] * pair_picked[:, :, second])
         if self.token_tables:
+            for table, token, weights in (("current", ids, picked), ("next", next_ids, picked * has_next.view(1, -1, 1)),
+                                          ("predicted", predicted, picked)):
+                if token is None:
+                    continue
+                token = token.to(self.device).reshape(-1)
+                self.stats[f"token_{table}"].update(index, {"layer": layer.view(L, 1, 1), "token": token.view(1, T, 1)}, weights)
             self.stats["occurrences_current"].update(ids, None, counted)
             self.stats["occurrences_next"].update(next_ids, None, next_counted)
             if predicted is not None:
-                self.stats["occurrences_predicted"].update(predicted.reshape(-1), None, counted)
-        for (a, b), pair in zip(itertools.pairwise(self.layers), range(len(self.layers) - 1), strict=False):
-            ia, ib = (records[m.layer].topk_index.to(self.device).long() for m in (a, b))
-            wa = counted.view(-1, 1) * (records[a.layer].topk_weight.to(self.device) != 0)
-            wb = (records[b.layer].topk_weight.to(self.device) != 0).to(wa.dtype)
-            cats = ia.unsqueeze(2) * C + ib.unsqueeze(1)
-            self.stats["transitions"].update(cats, pair, wa.unsqueeze(2) * wb.unsqueeze(1))
-        self.stats["indicators"].update(torch.cat(indicators, dim=1), counted)
+                self.stats["occurrences_predicted"].update(predicted.to(self.device).reshape(-1), None, counted)
+        if L > 1:  # consecutive selected layers: (e at layer a, e' at layer b) for every pair of their choices
+            categories = index[:-1].unsqueeze(3) * C + index[1:].unsqueeze(2)
+            weights = picked[:-1].unsqueeze(3) * selected[1:].unsqueeze(2)
+            self.stats["transitions"].update(categories, layer[:-1].view(L - 1, 1, 1, 1), weights)
+
+        onehot = torch.zeros(L, T, C, device=self.device).scatter_add_(2, index, selected)  # padding adds 0
+        self.stats["indicators"].update(onehot.permute(1, 0, 2).reshape(T, L * C), counted)
+        # Drawn from the batch's stream number, not the process: a torchrun run shuffles exactly like one process.
+        generator = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + batch.number)
+        shuffled = shuffled_rows(onehot, counted, generator)
         counted_sorted = counted.sort(descending=True).values  # shuffled rows put counted tokens first
-        self.stats["indicators_shuffled"].update(torch.cat(shuffled, dim=1), counted_sorted)
+        self.stats["indicators_shuffled"].update(shuffled.permute(1, 0, 2).reshape(T, L * C), counted_sorted)
 
     # ------------------------------------------------------------------------------------ results as arrays
     def arrays(self) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """How each routing encoding is read and rewritten: the one place that knows the per-kind tuple layouts.
 
-Measured facts behind each case: `shared/notes/transformers-moe.md`.
+Each case was established on tiny random models of every MoE architecture; tests/test_moe.py re-checks it (captures
+equal `output_router_logits=True`, and editing a weight equals scaling the expert's down-projection).
 - standard: a forward pre-hook on `experts` sees exactly the (hidden, top-k index, top-k weight) the experts use.
 - llama4: the router returns dense sigmoid scores that multiply the expert *inputs*.
 - jetmoe: the router returns a sorted/grouped encoding; it is decoded to [T, k] and re-encoded after an edit.

@@ -6,7 +6,7 @@ Every routing metric in moescope is built from these accumulators and one contai
 * `Histogram`    per-group counts in fixed, equal-width bins, plus quantiles estimated from them.
 * `BinCount`     per-group weighted counts of integer categories (expert ids, flattened expert pairs, ...).
 * `Distribution` `Moments` and `Histogram` of the same values, updated in one pass ("mean, std, quantiles
-                 and a histogram", the SPEC's per-layer summary).
+                 and a histogram", the per-layer summary of docs/METRICS.md#summaries-and-histograms).
 * `Gram`         streamed second moments of a vector (Pearson correlations between coordinates).
 * `StatSet`      named accumulators that merge, all-reduce, move and save/resume together.
 
