@@ -4,6 +4,11 @@ A run is written into a hidden staging folder and renamed into place only when i
 refused run never leaves a half-written results folder: bad input removes the staging folder; a crash keeps it
 as `<run-id>.failed/` (with the error in run.json) so hours of work are not lost silently.
 Every file is written atomically (`common.atomic`: temporary file + rename). Earlier runs are never overwritten.
+
+A finished run also gets a README.md describing every file it holds (description, docs/METRICS.md link, CSV
+columns, npy axes), generated from the registry in `common.outputs`; files or columns the registry does not
+describe are listed there as undocumented and reported on stderr. CSV columns the registry marks as whole
+numbers are written as integers (`10000`, never `10000.0`); other floats keep pandas' shortest round-trip form.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from common import distributed
+from common import distributed, outputs
 from common.atomic import atomic_write
 from common.config import RunSpec
 from common.errors import InputError
@@ -87,6 +92,29 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+_EXACT_INT = 2**53  # float64 holds every whole number up to here exactly
+
+
+def whole_number_columns(table: pd.DataFrame, columns: frozenset[str] | set[str]) -> pd.DataFrame:
+    """`table` with each of `columns` that holds only whole numbers (or NaN) as an integer column: int64, or
+    pandas' nullable Int64 where NaN occurs (written as an empty field, like a float NaN). Columns with a
+    fraction, an infinity, a non-numeric or an integer dtype are left as they are; the input is not modified."""
+    cast: dict[str, str] = {}
+    for column in columns:
+        if column not in table.columns or not pd.api.types.is_float_dtype(table[column].dtype):
+            continue
+        values = table[column].to_numpy(dtype=np.float64)
+        missing = np.isnan(values)
+        present = values[~missing]
+        if np.isfinite(present).all() and (np.abs(present) <= _EXACT_INT).all() and (present == np.round(present)).all():
+            cast[column] = "Int64" if missing.any() else "int64"
+    return table.astype(cast) if cast else table
+
+
+def _markdown_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 class Run:
@@ -167,13 +195,29 @@ class Run:
         self.info["wall_time_s"] = round(time.time() - self.started, 3)
         self.info["finished"] = dt.datetime.now().isoformat(timespec="seconds")
         self._write_info()
+        self.write_readme()
         os.replace(self.dir, self.final_dir)
         self.dir = self.final_dir
         print(f"results: {self.final_dir}", file=sys.stderr)
         return self.final_dir
 
+    # -- README
+    def write_readme(self) -> Path:
+        """README.md of the run folder, from the files it holds now and the registry of `common.outputs`."""
+        try:
+            text, undocumented = readme_text(self.dir, self.info, metrics_link(self.final_dir))
+        except Exception as err:  # a README bug must not cost the run its results
+            text, undocumented = f"# {self.script} run {self.run_id}\n\nREADME generation failed: {err!r}\n", []
+            print(f"{self.script}: warning: README.md generation failed: {err!r}", file=sys.stderr)
+        if undocumented:
+            print(f"{self.script}: warning: {len(undocumented)} output(s) not described in common/outputs.py "
+                  f"(listed in README.md): {', '.join(undocumented)}", file=sys.stderr)
+        return atomic_write(self.dir / "README.md", lambda p: p.write_text(text, encoding="utf-8"))
+
     # -- outputs
     def save_table(self, table: pd.DataFrame, name: str) -> Path:
+        """`<name>.csv` without index; whole-number columns of the registry as integers, other floats lossless."""
+        table = whole_number_columns(table, outputs.integer_columns(f"{name}.csv"))
         return atomic_write(self.dir / f"{name}.csv", lambda p: table.to_csv(p, index=False))
 
     def save_array(self, array: np.ndarray, name: str) -> Path:
@@ -195,3 +239,129 @@ class Run:
             return []
 
         return save_figure(fig, self.dir / "figures" / name)
+
+
+# ------------------------------------------------------------------------------------------------ README
+
+
+def metrics_link(run_dir: Path) -> str:
+    """Where docs/METRICS.md is seen from a run folder: a relative path inside the repository, else absolute."""
+    target = outputs.METRICS_DOC
+    try:
+        run_dir.resolve().relative_to(PROJECT_ROOT)
+    except ValueError:
+        return target.as_posix()
+    return Path(os.path.relpath(target, run_dir.resolve())).as_posix()
+
+
+def _csv_header(path: Path) -> list[str]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return next(csv.reader(f), [])
+
+
+def _npy_shape(path: Path) -> str:
+    try:
+        array = np.load(path, mmap_mode="r")
+        return f"shape {tuple(array.shape)}, {array.dtype}"
+    except (ValueError, OSError) as err:
+        return f"unreadable: {err}"
+
+
+def _json_keys(path: Path) -> list[str]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return []
+    return list(value) if isinstance(value, dict) else []
+
+
+def _files_list(names: list[str]) -> str:
+    return ", ".join(f"`{n}`" for n in names)
+
+
+def readme_text(folder: Path, info: dict[str, Any], metrics: str) -> tuple[str, list[str]]:
+    """The README.md of a run folder and the list of its undocumented files, columns and keys.
+
+    `metrics` is the path of docs/METRICS.md as seen from the folder (links are `<metrics>#<anchor>`).
+    """
+    files = sorted({p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} | {"README.md"})
+    groups: dict[int, list[str]] = {}
+    unknown_files: list[str] = []
+    for name in files:
+        entry = outputs.lookup(name)
+        if entry is None:
+            unknown_files.append(name)
+        else:
+            groups.setdefault(outputs.REGISTRY.index(entry), []).append(name)
+
+    script = info.get("script", "?")
+    lines = [f"# {script} run {info.get('run_id', folder.name)}", "",
+             "Written by moescope when the run finished: every file of this folder, what it holds and where its "
+             "metric is defined (`docs/METRICS.md` of the moescope repository). Conventions shared by all files "
+             f"(counted tokens, the `all` domain, layer order, units): [docs/METRICS.md#conventions]({metrics}#conventions).",
+             ""]
+    tokens = (info.get("tokens") or {}).get("domains") or {}
+    data = ", ".join(f"{name} ({d.get('counted', '?')} tokens)" for name, d in tokens.items()) or "—"
+    model = info.get("model", "?")
+    revision = (info.get("arguments") or {}).get("revision")
+    facts = [("script", f"`{script}.py`"), ("model", f"`{model}`" + (f" at revision `{revision}`" if revision else "")),
+             ("data", data), ("seed", info.get("seed")), ("started", info.get("started")),
+             ("finished", f"{info.get('finished')} (wall time {info.get('wall_time_s')} s)"),
+             ("git commit", f"`{info.get('git_commit')}`"), ("full record", "`run.json`")]
+    lines += ["| | |", "|---|---|", *(f"| {k} | {_markdown_cell(v)} |" for k, v in facts), ""]
+    command = str(info.get("command") or "")
+    lines += ["## Command", ""]
+    if Path(command.split(" ", 1)[0]).stem == script:
+        lines += ["```", f"uv run {command}", "```", ""]
+    else:
+        arguments = info.get("arguments") or {}
+        lines += [f"Called in-process as `{script}.main(argv)` (host command: `{command}`), with these flags "
+                  "(run.json → `arguments`):", "", "```",
+                  *(f"{key} = {json.dumps(value)}" for key, value in arguments.items()), "```", ""]
+
+    undocumented: list[str] = list(unknown_files)
+    lines += ["## Files", ""]
+    for index in sorted(groups):
+        entry, names = outputs.REGISTRY[index], groups[index]
+        single = len(names) == 1 and names[0] == entry.pattern
+        lines += [f"### `{entry.pattern}`", ""]
+        text = entry.description[0].upper() + entry.description[1:] + "."
+        if entry.link:
+            text += f" Definition: [{entry.link}]({metrics}#{entry.anchor})."
+        lines += [text, ""]
+        if not single:
+            lines += [f"Files: {_files_list(names)}.", ""]
+        if names[0].endswith(".csv"):
+            columns: list[str] = []
+            for name in names:
+                columns += [c for c in _csv_header(folder / name) if c not in columns]
+            rows = []
+            for column in columns:
+                meaning = entry.column(column)
+                if meaning is None:
+                    undocumented.append(f"{names[0]}: column {column}")
+                    meaning = "**undocumented** (add it to common/outputs.py)"
+                rows.append(f"| `{column}` | {_markdown_cell(meaning)} |")
+            lines += ["| column | meaning |", "|---|---|", *rows, ""]
+        elif names[0].endswith(".npy"):
+            shapes = sorted({_npy_shape(folder / name) for name in names})
+            lines += [f"Axes: `{entry.axes}`; values: {entry.dtype}; here {'; '.join(shapes)}.", ""]
+        elif names[0].endswith(".json") and entry.keys:
+            keys: list[str] = []
+            for name in names:
+                keys += [k for k in _json_keys(folder / name) if k not in keys]
+            rows = []
+            for key in keys:
+                meaning = entry.keys.get(key)
+                if meaning is None:
+                    undocumented.append(f"{names[0]}: key {key}")
+                    meaning = "**undocumented** (add it to common/outputs.py)"
+                rows.append(f"| `{key}` | {_markdown_cell(meaning)} |")
+            lines += ["| key | meaning |", "|---|---|", *rows, ""]
+    if undocumented:
+        lines += ["## Undocumented", "",
+                  "These outputs are not described in `common/outputs.py`. That is a bug: add them to its registry.", "",
+                  *(f"- `{item}`" for item in undocumented), ""]
+    return "\n".join(lines), undocumented
