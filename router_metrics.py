@@ -6,7 +6,7 @@ co-activation, cross-layer routing, load balance and router saturation across ch
         --layers 1 7 15 --num_experts 64 --topk 8 --num_tokens 10000
     uv run router_metrics.py --model allenai/OLMoE-1B-7B-0924 --revisions step5000-tokens20B main
 
-Definitions: SPEC "Routing". Everything is streamed (counts on the model's device; token-id tables are vocab ×
+Definitions: docs/METRICS.md, #selection-frequency through #router-saturation. Everything is streamed (counts on the model's device; token-id tables are vocab ×
 experts per layer), so memory does not grow with --num_tokens.
 
 Outputs: frequency.csv (per layer/domain/expert: counts and f_e top-k and top-1 with uniform baselines; per
@@ -149,7 +149,11 @@ def write_outputs(out: Run, counts: dict[str, np.ndarray], s: Setup, args: argpa
         token_specialization,
         transition_probabilities,
     )
-    from common.figures.specialization import save_specialization_figures
+    from common.figures.specialization import (
+        plot_token_overlap,
+        plot_token_specialization,
+        save_specialization_figures,
+    )
 
     layers, domains = s.layers, [d.name for d in s.domains]
     layer_ids = [m.layer for m in layers]
@@ -199,6 +203,7 @@ def write_outputs(out: Run, counts: dict[str, np.ndarray], s: Setup, args: argpa
         for li, moe_layer in enumerate(layers):
             jaccard, weighted = token_overlap(counts["token_current"][li][:, : moe_layer.num_choices], args.min_count)
             jaccards.append(np.stack([jaccard, weighted]))
+            out.save_figure(plot_token_overlap(jaccard, weighted, moe_layer.layer), f"token_overlap_layer{moe_layer.layer}")
             i, j = np.meshgrid(np.arange(jaccard.shape[0]), np.arange(jaccard.shape[0]), indexing="ij")
             keep = (i != j).ravel()
             overlap_rows.append(pd.DataFrame({"layer": moe_layer.layer, "expert_i": i.ravel()[keep], "expert_j": j.ravel()[keep],
@@ -209,6 +214,7 @@ def write_outputs(out: Run, counts: dict[str, np.ndarray], s: Setup, args: argpa
         out.save_table(pd.concat(overlap_rows, ignore_index=True), "token_overlap")
         out.save_array(np.stack(jaccards), "token_overlap")  # [layer, (jaccard, weighted), E, E]
         out.save_table(pd.DataFrame(spec_rows), "token_specialization")
+        out.save_figure(plot_token_specialization(pd.DataFrame(spec_rows)), "token_specialization")
 
     save_specialization_figures(out, freq, counts, layers, domains)
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 
 from common import distributed
+from common.analysis.routing import GrowingDistribution
 from common.data import Batch
 from common.hooks import LayerRecord
 from common.moe import MoELayer
-from common.stats import Distribution
 
 _NO_KEY = torch.iinfo(torch.long).max  # stream key of an empty top-context slot
 _ROW_STRIDE = 1 << 32  # stream key = batch number * _ROW_STRIDE + token index within the batch
@@ -33,14 +33,15 @@ def _best(score: torch.Tensor, key: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class ExpertActivity:
-    """`max_weight` (the weight histogram's upper edge) must be the same on every rank; `hidden_size` is the width
-    of the experts' outputs."""
+    """`hidden_size` is the width of the experts' outputs. The weight histogram grows to cover the weights seen
+    (`GrowingHistogram`: exact and identical under torchrun); `max_weight` is only its range while none is seen."""
 
     def __init__(self, moe_layer: MoELayer, experts: list[int], device: torch.device, *, hidden_size: int,
                  top_n: int = 20, radius: int = 8, bins: int = 100, max_weight: float = 1.0) -> None:
         self.moe_layer, self.experts, self.device = moe_layer, list(experts), device
         self.top_n, self.radius = top_n, radius
-        self.weights = Distribution({"expert": self.experts}, bins=bins, lo=0.0, hi=max_weight, device=device)
+        self.weights = GrowingDistribution({"expert": self.experts}, bins=max(2, bins), lo=0.0, hi=max_weight,
+                                           device=device)
         # Allocated up front, so that a rank that saw no batch still takes part in all_reduce.
         self.output_sum = torch.zeros(len(self.experts), hidden_size, dtype=torch.float64, device=device)
         self.selected = torch.zeros(len(self.experts), dtype=torch.float64, device=device)

@@ -1,24 +1,26 @@
 """Per-token routing quantities (SPEC "Entropy / decisiveness", "Distributions") and their streamed accumulators.
 
 Per-token functions are pure tensor maps on one layer's record. The accumulators keep, per (layer, domain), the
-moments and fixed-bin histograms of those quantities on the model's device; the overall ("all") row of every table
-is the domain axis pooled.
+moments and histograms of those quantities on the model's device: fixed ranges where a quantity has one (entropies,
+probabilities, margins), a `GrowingHistogram` that widens to cover the data otherwise (raw logits, weights). The
+overall ("all") row of every table is the domain axis pooled.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 
 from common.analysis import ALL_DOMAINS
 from common.hooks import Capture, LayerRecord
 from common.moe import MoELayer
-from common.stats import DEFAULT_QUANTILES, Distribution, StatSet
+from common.stats import DEFAULT_QUANTILES, Accumulator, Distribution, Histogram, Moments, StatSet
+from common.stats.base import _all_reduce_, _zeros
 
 
 def routing_probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -183,10 +185,151 @@ def distribution_values(record: LayerRecord) -> dict[str, torch.Tensor]:
     }
 
 
-def _padded_range(low: float, high: float) -> tuple[float, float]:
-    """A range around the first batch's values with room on both sides (values beyond are clamped and counted)."""
-    span = max(high - low, 1e-3)
-    return math.floor(low - 0.5 * span), math.ceil(high + 0.5 * span)
+# ------------------------------------------------------------------------------ histograms that grow to fit
+
+MIN_LEVEL = -16  # finest bin width of a growing histogram: 2^-16 ≈ 1.5e-5
+
+
+def _pow2(level: torch.Tensor) -> torch.Tensor:
+    """2^level as float64, exactly (built from the exponent bits; -1022 ≤ level ≤ 1023)."""
+    return ((level.long().clamp(-1022, 1023) + 1023) << 52).view(torch.float64)
+
+
+class GrowingHistogram(Histogram):
+    """A `Histogram` whose range grows to cover every counted finite value: streamed, exact, and identical under
+    torchrun. For unbounded quantities (raw router logits, weights of scaled or sigmoid routers).
+
+    The bins lie on a power-of-two grid: width w = 2^level, and bin i covers [(start + i)·w, (start + i + 1)·w).
+    The grid is always the canonical one of the counted finite values seen so far (weight ≠ 0; their min m and
+    max M): the smallest level ≥ `min_level` at which ⌊M/w⌋ − ⌊m/w⌋ + 1 ≤ bins, and start = ⌊m/w⌋. So the edges
+    span [m, M] with m in the first bin, at least about half of the bins lie inside [m, M], and `below`/`above`
+    only ever hold ±inf. When a batch widens [m, M], the counts move to the new grid by merging whole bins (grids
+    of different levels are nested), so every count is exactly the count of its bin, as if the final edges had
+    been known from the start; values are never stored. The grid depends on (m, M) alone, so `all_reduce` first
+    agrees on the global (m, M) (one MIN all_reduce, which a rank without batches joins too), moves every rank to
+    that grid, then sums: the counts of one process, bin for bin. Everything runs on the device without a host
+    sync; the edges reach the host in `result()`. Before any finite value the edges are linspace(lo, hi).
+    """
+
+    _reduce_ops: ClassVar[dict[str, str]] = {"counts": "sum", "extra": "sum", "span": "min"}
+
+    def __init__(self, groups=None, bins: int = 100, lo: float = 0.0, hi: float = 1.0, *, device="cpu",
+                 min_level: int = MIN_LEVEL) -> None:
+        if int(bins) < 2:
+            raise ValueError(f"a growing histogram needs at least 2 bins, got {bins}")
+        self.min_level = int(min_level)
+        super().__init__(groups, bins, lo, hi, device=device)
+
+    def config(self) -> dict:
+        return {**super().config(), "min_level": self.min_level}
+
+    def _init_state(self) -> None:
+        super()._init_state()
+        # span = (min, -max) of the counted finite values (+inf: none yet); grid = (level, start), exact in float64.
+        self._state["span"] = _zeros(2, self.device, math.inf)
+        self._state["grid"] = _zeros(2, self.device)
+        self._state["grid"][0] = self.min_level
+
+    @property
+    def edges(self) -> np.ndarray:
+        span, (level, start) = self._state["span"].cpu().numpy(), self._state["grid"].cpu().numpy()
+        if span[0] > -span[1]:  # nothing finite counted: the fallback range
+            return np.linspace(self.lo, self.hi, self.bins + 1)
+        return np.ldexp(start + np.arange(self.bins + 1, dtype=np.float64), int(level))
+
+    def _grid_of(self, span: torch.Tensor) -> torch.Tensor:
+        """The canonical (level, start) of the values with (min, -max) = span, as float64 [2] on the device."""
+        B = self.bins
+        lo, hi = span[0], -span[1]
+        empty = lo > hi
+        lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
+        # start = lo / w must stay exact in float64: w ≥ 2^(exponent of max |value| - 50).
+        exponent = torch.frexp(torch.maximum(lo.abs(), hi.abs())).exponent.to(torch.float64)
+        floor_level = torch.clamp(exponent - 50, min=self.min_level)
+        guess = torch.ceil(torch.log2(((hi - lo) / B).clamp_min(2.0**-1000)))
+        # The smallest fitting level is guess or guess + 1 (bins ≥ 2) unless the floor is higher; bins needed only
+        # shrink as the level rises, so the first fitting candidate is it.
+        candidates = torch.maximum(guess - 1, floor_level) + torch.arange(4, device=span.device, dtype=torch.float64)
+        scale = _pow2(-candidates)
+        needed = torch.floor(hi * scale) - torch.floor(lo * scale) + 1
+        level = candidates[(needed <= B).long().argmax()]
+        start = torch.floor(lo * _pow2(-level))
+        return torch.where(empty, self._state["grid"], torch.stack([level, start]))
+
+    def _regrid(self, span: torch.Tensor) -> None:
+        """Move the counts to the canonical grid of `span` (never finer than the current one), merging bins."""
+        G, B = self.num_groups, self.bins
+        grid = self._grid_of(span)
+        old_level, old_start = self._state["grid"]
+        counts = self._state["counts"][: G * B].view(G, B)
+        below, above = self._state["extra"][: G * 3].view(G, 3)[:, :2].unbind(1)  # ±inf, clamped into the edge bins
+        finite = counts.clone()
+        finite[:, 0] -= below
+        finite[:, B - 1] -= above
+        shift = (grid[0] - old_level).clamp(0, 62).long()
+        old_bin = old_start.long() + torch.arange(B, device=counts.device)
+        new_bin = ((old_bin >> shift) - grid[1].long()).clamp(0, B - 1)  # >>: floor division by 2^shift
+        moved = torch.zeros_like(counts).index_add_(1, new_bin, finite)
+        moved[:, 0] += below
+        moved[:, B - 1] += above
+        counts.copy_(moved)
+        self._state["grid"].copy_(grid)
+        self._state["span"].copy_(span)
+
+    def _accumulate(self, v: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> None:
+        G, B = self.num_groups, self.bins
+        if v.numel():
+            live = (w != 0) & torch.isfinite(v)
+            batch = torch.stack([v.masked_fill(~live, math.inf).amin(), (-v).masked_fill(~live, math.inf).amin()])
+            self._regrid(torch.minimum(self._state["span"], batch))
+        nan = torch.isnan(v)
+        level, start = self._state["grid"]
+        position = torch.floor(v.masked_fill(nan, 0.0) * _pow2(-level)) - start  # exact: w is a power of two
+        below, above = position < 0, position >= B
+        flat = torch.where(g < G, g * B + position.clamp(0, B - 1).long(), G * B)  # g == G is the spare group
+        self._state["counts"].index_add_(0, flat, w.masked_fill(nan, 0.0))
+        kind = torch.where(nan, 2, torch.where(above, 1, 0))
+        self._state["extra"].index_add_(0, g * 3 + kind, w.masked_fill(~(nan | below | above), 0.0))
+
+    def _all_reduce_state(self, group) -> None:
+        span = self._state["span"].clone()
+        _all_reduce_(span, "min", group)  # every rank, batches or not: the global (min, -max)
+        self._regrid(span)
+        for name in ("counts", "extra"):
+            _all_reduce_(self._state[name], "sum", group)
+
+    @torch.no_grad()
+    def merge(self, other: GrowingHistogram) -> GrowingHistogram:
+        self._check_compatible(other)
+        other = other.copy().to(self.device)
+        span = torch.minimum(self._state["span"], other._state["span"])
+        self._regrid(span)
+        other._regrid(span)
+        for name in ("counts", "extra"):
+            self._state[name].add_(other._state[name])
+        return self
+
+    @torch.no_grad()
+    def marginalize(self, *axes: str) -> Histogram:
+        """A plain `Histogram` with the same edges over the remaining axes, summing over the named ``axes``."""
+        edges = self.edges
+        flat = Histogram(self.groups, self.bins, float(edges[0]), float(edges[-1]), device=self.device)
+        assert np.array_equal(flat.edges, edges)  # power-of-two widths: linspace rebuilds them exactly
+        for name in ("counts", "extra"):
+            flat._state[name].copy_(self._state[name])
+        flat.reduced = self.reduced
+        return flat.marginalize(*axes) if axes else flat
+
+
+class GrowingDistribution(Distribution):
+    """`Distribution` (moments + histogram in one pass) whose histogram is a `GrowingHistogram`."""
+
+    def __init__(self, groups=None, bins: int = 100, lo: float = 0.0, hi: float = 1.0, *, device="cpu",
+                 min_level: int = MIN_LEVEL) -> None:
+        Accumulator.__init__(self, groups, device)
+        self.moments = Moments(self.groups, device=device)
+        self.histogram = GrowingHistogram(self.groups, bins, lo, hi, device=device, min_level=min_level)
+        self._init_state()
 
 
 class DistributionStats(_LayerDomainStats):
@@ -194,34 +337,22 @@ class DistributionStats(_LayerDomainStats):
 
     NAME_COLUMN = "quantity"
     RANKED = ("topk_renormalized", "weight")
+    UNBOUNDED = ("logit", "weight")
 
     def __init__(self, layers: Sequence[MoELayer], domains: Sequence[str], device: torch.device, bins: int = 200) -> None:
         super().__init__(layers, domains, device)
         self.bins = bins
         self.max_k = max(m.top_k for m in self.layers)
-
-    def _create(self, records: Capture) -> None:
-        # Logits and weights have no fixed range; the first batch sets it once (one host sync for the whole run).
-        low_z = min(float(records[m.layer].logits.min()) for m in self.layers)
-        high_z = max(float(records[m.layer].logits.max()) for m in self.layers)
-        high_w = max(float(records[m.layer].topk_weight.max()) for m in self.layers)
-        if dist.is_initialized():  # every rank must bin identically for all_reduce to add like with like
-            extremes = torch.tensor([-low_z, high_z, high_w], dtype=torch.float64, device=self.device)
-            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-            low_z, high_z, high_w = -float(extremes[0]), float(extremes[1]), float(extremes[2])
-        ranges = {
-            "logit": _padded_range(low_z, high_z),
-            "softmax": (0.0, 1.0),
-            "topk_renormalized": (0.0, 1.0),
-            "weight": (0.0, max(1.0, math.ceil(high_w * 1.5))),
-        }
-        for name, (lo, hi) in ranges.items():
+        # Probabilities have a fixed range; logits and weights (scaled or sigmoid routers exceed 1) have none: their
+        # histograms grow to cover the data. Created up front, so a rank without batches joins every all_reduce.
+        for name in ("logit", "softmax", "topk_renormalized", "weight"):
             axes = {**self.axes, "rank": list(range(1, self.max_k + 1))} if name in self.RANKED else self.axes
-            self.stats[name] = Distribution(axes, bins=self.bins, lo=lo, hi=hi, device=self.device)
+            if name in self.UNBOUNDED:
+                self.stats[name] = GrowingDistribution(axes, bins=max(2, bins), device=device)
+            else:
+                self.stats[name] = Distribution(axes, bins=bins, lo=0.0, hi=1.0, device=device)
 
     def update(self, records: Capture, token_domain: torch.Tensor, token_weight: torch.Tensor) -> None:
-        if not len(self.stats):
-            self._create(records)
         for positions, logits, index, weight in _stacked_layers(self.layers, records, with_weights=True):
             layer_of_token = positions.repeat_interleave(token_domain.shape[0]).view(-1, 1)
             domain = token_domain.repeat(len(positions)).view(-1, 1)

@@ -1,4 +1,4 @@
-"""Router and expert weights (SPEC "Representations", Weights): analyses of the parameters alone, no data.
+"""Router and expert weights (docs/METRICS.md#router-and-expert-weights): analyses of the parameters alone, no data.
 
 Notation: a router's weight R ∈ ℝ^{C×H} with rows r_c (C routing choices, H hidden size; biases are recorded but
 not analysed: every quantity here is about directions in the hidden space); E routed experts with

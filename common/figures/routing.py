@@ -8,21 +8,24 @@ import numpy as np
 import pandas as pd
 
 from common.analysis import ALL_DOMAINS
-from common.plots import grid, plt
+from common.plots import PAGE_WIDTH, a4_grid, integer_axis, label, legend_panel, occupied_range, plt
 
+# quantity -> (panel title, x-axis label); every panel's y axis is a probability density.
 DISTRIBUTION_TITLES = {
-    "logit": "router logits z",
-    "softmax": "softmax p (all experts)",
-    "topk_renormalized": "renormalised top-k p̃",
-    "weight": "weights w used by the experts",
+    "logit": ("Raw router logits (all experts)", "router logit z (the model's scale)"),
+    "softmax": ("Router probabilities (all experts)", "softmax probability p"),
+    "topk_renormalized": ("Chosen experts' probabilities, renormalised", "top-k probability p̃ = p / Σ_top-k p"),
+    "weight": ("Weights the chosen experts receive", "routing weight w (the model's scale)"),
 }
+# Quantities whose histogram range grows with the data: drawn over the occupied bins only.
+_UNBOUNDED = ("logit", "weight")
 
 
 def plot_distributions(hist: pd.DataFrame, layer: int) -> plt.Figure:
-    """Four panels for one layer, all domains pooled; ranked quantities get one line per rank."""
-    fig, axes = grid(len(DISTRIBUTION_TITLES), ncols=4, panel_size=(3.2, 2.5))
+    """Four panels (2 × 2) for one layer, all domains pooled; ranked quantities get one line per rank."""
+    fig, axes = a4_grid(len(DISTRIBUTION_TITLES), max_cols=2, panel_height=2.3)
     rows = hist[(hist.layer == layer) & (hist.domain == ALL_DOMAINS)]
-    for ax, (quantity, title) in zip(axes, DISTRIBUTION_TITLES.items(), strict=True):
+    for ax, (quantity, (title, xlabel)) in zip(axes, DISTRIBUTION_TITLES.items(), strict=True):
         q = rows[rows.quantity == quantity]
         for j, (rank, part) in enumerate(q.groupby("rank", sort=True)):
             total = part["count"].sum()
@@ -30,23 +33,25 @@ def plot_distributions(hist: pd.DataFrame, layer: int) -> plt.Figure:
                 continue
             width = (part["right"] - part["left"]).to_numpy()
             density = part["count"].to_numpy() / (total * width)
-            label = None if rank == "all" else f"rank {rank}"
-            ax.step(part["left"], density, where="post", color=f"C{j}", linewidth=1, label=label)
+            edges = np.append(part["left"].to_numpy(), part["right"].to_numpy()[-1])
+            ax.stairs(density, edges, color="black" if rank == "all" else f"C{j}", linewidth=1,
+                      label=None if rank == "all" else f"rank {rank}")
+        if quantity in _UNBOUNDED and len(q):
+            ax.set_xlim(*occupied_range(q["count"].to_numpy(), np.append(q["left"].unique(), q["right"].max())))
+        else:
+            ax.set_xlim(0, 1)
         if quantity == "softmax":
             ax.set_yscale("log")
-        ax.set_title(title)
-        ax.set_ylabel("density")
-        if q["rank"].nunique() > 1:
-            ax.legend(fontsize=7, frameon=False)
-    fig.suptitle(f"Router output distributions, layer {layer}")
+        label(ax, xlabel, "density (log scale)" if quantity == "softmax" else "probability density", title)
+    if rows["rank"].nunique() > 1:
+        legend_panel(fig, axes, title="rank (1 = largest)")
+    fig.suptitle(f"Router output distributions, layer {layer} (all domains pooled)")
     return fig
-
-
 
 
 def plot_violins(counts: np.ndarray, edges: np.ndarray, layers: Sequence[int], domains: Sequence[str]) -> plt.Figure:
     """One violin per layer, drawn from the streamed histogram of H/ln E (all domains pooled)."""
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(layers) + 2), 3.2))
+    fig, ax = plt.subplots(figsize=(min(PAGE_WIDTH, max(3.6, 0.45 * len(layers) + 1.8)), 2.8), layout="constrained")
     centres = 0.5 * (edges[:-1] + edges[1:])
     overall = counts[:, -1, :]
     for i, layer_counts in enumerate(overall):
@@ -56,26 +61,43 @@ def plot_violins(counts: np.ndarray, edges: np.ndarray, layers: Sequence[int], d
         if total:
             median = np.interp(0.5, np.cumsum(layer_counts) / total, edges[1:])
             ax.plot([i - 0.3, i + 0.3], [median, median], color="black", linewidth=1)
-    ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("router entropy H / ln E")
+    step = max(1, -(-len(layers) // 16))
+    ax.set_xticks(range(0, len(layers), step), [str(layer) for layer in layers][::step])
+    ax.set_xlim(-0.6, len(layers) - 0.4)
     ax.set_ylim(0, 1)
-    ax.set_title(f"Router entropy per layer ({len(domains)} domains pooled; line = median)")
+    label(ax, "decoder layer", "router entropy H / ln E (fraction of max)",
+          f"Router entropy per layer ({len(domains)} domains pooled; line = median)")
     return fig
 
 
+# metric -> (panel title, y-axis label)
+DECISIVENESS_PANELS = {
+    "entropy_normalized": ("Entropy over all experts", "H / ln E (fraction of max)"),
+    "topk_entropy_normalized": ("Entropy among the chosen experts", "H(p̃) / ln k (fraction of max)"),
+    "top1_prob": ("Probability of the top expert", "p of the top expert"),
+    "top1_top2_margin": ("Margin between the top two", "p(1) − p(2) (probability)"),
+    "topk_mass": ("Probability mass of the top k", "Σ p over the top k"),
+}
+
+
 def plot_by_layer(summary: pd.DataFrame, domains: Sequence[str]) -> plt.Figure:
-    metrics = ["entropy_normalized", "topk_entropy_normalized", "top1_prob", "top1_top2_margin", "topk_mass"]
-    fig, axes = grid(len(metrics), ncols=len(metrics), panel_size=(3.0, 2.6))
-    for ax, metric in zip(axes, metrics, strict=True):
+    """Mean of each normalised decisiveness metric per layer, one line per domain (black: all pooled); 2 × 3 panels,
+    the sixth holding the legend."""
+    fig, axes = a4_grid(len(DECISIVENESS_PANELS), max_cols=3, panel_height=2.1, spare=1)
+    panels, slot = axes[:-1], axes[-1]
+    layers = sorted(summary.layer.unique())
+    for ax, (metric, (title, ylabel)) in zip(panels, DECISIVENESS_PANELS.items(), strict=True):
         rows = summary[summary.metric == metric]
         for j, domain in enumerate([*domains, ALL_DOMAINS]):
             d = rows[rows.domain == domain].sort_values("layer")
-            style = {"color": "black", "linewidth": 2} if domain == ALL_DOMAINS else {"color": f"C{j % 10}", "linewidth": 1}
-            ax.plot(d.layer, d["mean"], marker="o", markersize=3, label=domain, **style)
-        ax.set_title(metric.replace("_", " "))
-        ax.set_xlabel("decoder layer")
+            pooled = domain == ALL_DOMAINS
+            style = {"color": "black", "linewidth": 2, "zorder": 3} if pooled else {"color": f"C{j % 10}", "linewidth": 1}
+            ax.plot(d.layer, d["mean"], marker="o", markersize=3, label="all domains" if pooled else domain, **style)
         ax.set_ylim(0, 1.02)
-    axes[-1].legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        if len(layers) == 1:
+            ax.set_xlim(layers[0] - 1, layers[0] + 1)
+        integer_axis(ax, "x", layers)
+        label(ax, "decoder layer", ylabel, title)
+    legend_panel(fig, panels, slot, ncols=1 + len(domains) // 12)
     fig.suptitle("Router decisiveness: mean per layer and domain")
     return fig
