@@ -168,8 +168,14 @@ def listing() -> str:
 
 
 def base_parser(description: str, *, layers: bool = True, data: bool = True) -> ArgumentParser:
-    """A parser with the flags every script shares; scripts add their own to it."""
-    parser = ArgumentParser(description=description, formatter_class=_Formatter)
+    """A parser with the flags every script shares; scripts add their own to it.
+
+    Its program name is the calling script's file name, also when `main(argv)` runs in another process's
+    interpreter (the tests), so errors and run.json name the script, not the host program.
+    """
+    caller = Path(sys._getframe(1).f_code.co_filename)
+    prog = caller.name if caller.suffix == ".py" and caller.parent == Path(__file__).resolve().parent.parent else None
+    parser = ArgumentParser(prog=prog, description=description, formatter_class=_Formatter)
     parser.add_argument("--list", action=_ListAction, help="list data presets, shipped models and architectures, then exit")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="TOML file of flag values (keys = flag names, e.g. num_tokens = 100000, layers = [1, 7]); "
@@ -247,10 +253,11 @@ def config(args: argparse.Namespace, script: str, *, layers: Sequence[int | str]
     `layers` overrides `--layers` (scripts that take one `--layer`).
     """
     chosen = layers if layers is not None else getattr(args, "layers", None)
+    arguments = {k: v for k, v in vars(args).items() if k != "_command"}
     return Config(
         model=model_spec(args),
         run=RunSpec(script=script, out=Path(args.out), seed=args.seed, progress=args.progress,
-                    arguments=tuple(vars(args).items())),
+                    arguments=tuple(arguments.items()), command=getattr(args, "_command", None)),
         data=data_spec(args),
         layers=tuple(str(item) for item in chosen) if chosen is not None else None,
     )
@@ -265,7 +272,8 @@ def run_main(parser: ArgumentParser, body: Callable[[argparse.Namespace], None],
     previous, warnings.showwarning = warnings.showwarning, one_line_warning
     try:
         args = parser.parse_args(argv)
-        body(args)
+        command = [parser.prog, *(sys.argv[1:] if argv is None else argv)]
+        body(argparse.Namespace(**vars(args), _command=tuple(command)))
     except InputError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2

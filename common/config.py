@@ -58,6 +58,7 @@ class RunSpec:
     seed: int = 0
     progress: bool = True
     arguments: tuple[tuple[str, Any], ...] = field(default=())  # every flag as given, for run.json
+    command: tuple[str, ...] | None = None  # the command line (None: this process's own sys.argv)
 
     @property
     def argument_dict(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -146,7 +147,7 @@ class Run:
             "model": model,
             "seed": spec.seed,
             "world_size": distributed.world_size(),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "command": shlex.join(spec.command or [Path(sys.argv[0]).name, *sys.argv[1:]]),
             "started": dt.datetime.now().isoformat(timespec="seconds"),
             "git_commit": git_commit(),
             "packages": package_versions(),

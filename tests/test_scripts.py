@@ -51,6 +51,8 @@ def test_script_writes_complete_deterministic_run(name, tmp_path, data_files):
             assert (run / relative).is_file(), relative
     info = json.loads((first / "run.json").read_text())
     assert info["seed"] == 0 and info["model"] == "random:olmoe" and info["arguments"]["layers"] == ["0", "-1"]
+    assert info["command"].startswith(f"{name}.py --model random:olmoe --data ")  # the script's, even in-process
+    assert info["world_size"] == 1
     assert {d: c["counted"] for d, c in info["tokens"]["domains"].items()} == {"prose": 200, "code": 200}
     assert {"torch", "transformers"} <= set(info["packages"]) and "git_commit" in info and info["wall_time_s"] > 0
     assert [m["layer"] for m in info["model_info"]["moe_layers"]] == [0, 1, 2, 3]
@@ -105,5 +107,6 @@ def test_bad_input_one_line_exit_2_no_output(name, case, tmp_path, data_files, d
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2
     assert len(lines) == 1, err
+    assert lines[0].startswith(f"{name}.py: error: ")
     assert "Traceback" not in err and message in lines[0]
     assert not (tmp_path / "results").exists()  # not even an empty root

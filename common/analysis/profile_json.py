@@ -34,19 +34,19 @@ def build_profile(e: int, position: int, ctx: dict, top: int, min_count: int) ->
     per_domain = counts["topk"][li][:, e]
     selected = per_domain.sum()
     profile: dict = {
-        "layer": layer.layer, "expert": e, "model": ctx["model"], "tokens": tokens_total,
-        "selected_topk": selected, "frequency_topk": selected / tokens_total,
+        "layer": layer.layer, "expert": e, "model": ctx["model"], "tokens": int(tokens_total),
+        "selected_topk": int(selected), "frequency_topk": selected / tokens_total,
         "frequency_top1": counts["top1"][li][:, e].sum() / tokens_total,
         "uniform_topk": layer.top_k / layer.num_choices, "uniform_top1": 1 / layer.num_choices,
     }
     weights = ctx["weights"]
     profile["weight_when_selected"] = {
-        "count": float(weights["count"][position]), "mean": float(weights["mean"][position]),
+        "count": int(weights["count"][position]), "mean": float(weights["mean"][position]),
         "std": float(weights["std"][position]),
         **{f"q{q}": float(v) for q, v in zip(ctx["quantile_levels"], ctx["quantiles"][position], strict=True)},
     }
     profile["domains"] = [
-        {"domain": name, "tokens_routed": float(per_domain[d]), "share_of_expert": float(per_domain[d] / selected) if selected else 0.0,
+        {"domain": name, "tokens_routed": int(per_domain[d]), "share_of_expert": float(per_domain[d] / selected) if selected else 0.0,
          "share_of_domain": float(per_domain[d] / counts["tokens"][d]) if counts["tokens"][d] else 0.0}
         for d, name in enumerate(domains)
     ]
@@ -90,7 +90,7 @@ def build_profile(e: int, position: int, ctx: dict, top: int, min_count: int) ->
     with np.errstate(invalid="ignore", divide="ignore"):
         conditional = coact / selected if selected else np.zeros_like(coact)
     partners = [j for j in np.argsort(-coact, kind="stable") if j != e and coact[j] > 0][:top]
-    profile["coactivated_experts"] = [{"expert": int(j), "count": float(coact[j]), "p_given_this": float(conditional[j])} for j in partners]
+    profile["coactivated_experts"] = [{"expert": int(j), "count": int(coact[j]), "p_given_this": float(conditional[j])} for j in partners]
 
     for key, pair, neighbour in (("predecessors", li - 1, "previous"), ("successors", li, "next")):
         profile[key] = []
