@@ -216,7 +216,18 @@ def base_parser(description: str, *, layers: bool = True, data: bool = True) -> 
     parser.add_argument("--seed", type=int, default=0, help="seed of data order, sampling and random models")
     parser.add_argument("--out", default="results", help="root folder of run outputs")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    parser.add_argument("--wandb", metavar="PROJECT", type=_wandb_project, default=None,
+                        help="also log the finished run (metadata, tables, figures) to this Weights & Biases project; "
+                        "needs the wandb package")
     return parser
+
+
+def _wandb_project(text: str) -> str:
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:  # asked for, but absent: refuse before any work
+        raise argparse.ArgumentTypeError("the wandb package is not installed (uv pip install wandb)")
+    return text
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
@@ -257,7 +268,8 @@ def config(args: argparse.Namespace, script: str, *, layers: Sequence[int | str]
     return Config(
         model=model_spec(args),
         run=RunSpec(script=script, out=Path(args.out), seed=args.seed, progress=args.progress,
-                    arguments=tuple(arguments.items()), command=getattr(args, "_command", None)),
+                    arguments=tuple(arguments.items()), command=getattr(args, "_command", None),
+                    wandb=getattr(args, "wandb", None)),
         data=data_spec(args),
         layers=tuple(str(item) for item in chosen) if chosen is not None else None,
     )

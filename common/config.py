@@ -59,6 +59,7 @@ class RunSpec:
     progress: bool = True
     arguments: tuple[tuple[str, Any], ...] = field(default=())  # every flag as given, for run.json
     command: tuple[str, ...] | None = None  # the command line (None: this process's own sys.argv)
+    wandb: str | None = None  # Weights & Biases project to log the finished run to (optional)
 
     @property
     def argument_dict(self) -> dict[str, Any]:

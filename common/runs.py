@@ -124,6 +124,7 @@ class Run:
     def __init__(self, spec: RunSpec, model: str, data: str = "no-data") -> None:
         script = spec.script
         self.script, self.args = script, spec.argument_dict
+        self.wandb_project = spec.wandb
         self.started = time.time()
         # Under torchrun only rank 0 publishes; the others write into a scratch folder that is deleted.
         self.scratch = distributed.rank() != 0
@@ -200,6 +201,8 @@ class Run:
         os.replace(self.dir, self.final_dir)
         self.dir = self.final_dir
         print(f"results: {self.final_dir}", file=sys.stderr)
+        if self.wandb_project:
+            log_to_wandb(self.final_dir, self.info, self.wandb_project)
         return self.final_dir
 
     # -- README
@@ -366,3 +369,25 @@ def readme_text(folder: Path, info: dict[str, Any], metrics: str) -> tuple[str, 
                   "These outputs are not described in `common/outputs.py`. That is a bug: add them to its registry.", "",
                   *(f"- `{item}`" for item in undocumented), ""]
     return "\n".join(lines), undocumented
+
+
+def log_to_wandb(folder: Path, info: dict[str, Any], project: str) -> None:
+    """`--wandb PROJECT`: the run's metadata, its tables (first 10,000 rows each) and figures, as one W&B run.
+
+    Optional and after the results are safely on disk: a logging failure is a warning, never a lost run.
+    """
+    try:
+        import wandb
+
+        run = wandb.init(project=project, name=f"{info['script']}/{info['run_id']}", config=info.get("arguments", {}),
+                         dir=str(folder), job_type=str(info["script"]))
+        run.summary.update({k: info.get(k) for k in ("model", "git_commit", "wall_time_s", "world_size")})
+        payload: dict[str, Any] = {}
+        for csv in sorted(folder.glob("*.csv")):
+            payload[f"table/{csv.stem}"] = wandb.Table(dataframe=pd.read_csv(csv, nrows=10_000))
+        for png in sorted((folder / "figures").glob("*.png")):
+            payload[f"figure/{png.stem}"] = wandb.Image(str(png))
+        run.log(payload)
+        run.finish()
+    except Exception as err:  # optional logging must not fail a finished run
+        print(f"{info.get('script')}: warning: logging to Weights & Biases failed: {err!r}", file=sys.stderr)

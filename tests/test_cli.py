@@ -140,3 +140,42 @@ def test_config_file_gives_defaults_that_flags_override(tmp_path):
             router_decisive.build_parser().parse_args(["--config", str(tmp_path / "bad.toml")])
     with pytest.raises(InputError, match="No such file"):
         router_decisive.build_parser().parse_args(["--config", str(tmp_path / "missing.toml")])
+
+
+def test_wandb_logging_is_optional_and_logs_tables_and_figures(tmp_path, monkeypatch, capsys):
+    import sys as system
+    import types
+
+    import router_decisive
+
+    calls: dict[str, object] = {}
+
+    class FakeRun:
+        def __init__(self) -> None:
+            self.summary: dict = {}
+
+        def log(self, payload):
+            calls["log"] = payload
+
+        def finish(self):
+            calls["finished"] = True
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls.setdefault("init", kwargs) and FakeRun()
+    fake.Table = lambda dataframe: ("table", len(dataframe))
+    fake.Image = lambda path: ("image", Path(path).name)
+    data = _data_file(tmp_path)
+    argv = ["--model", "random:olmoe", "--data", f"a={data}", "--num_tokens", "200", "--seq_len", "32",
+            "--layers", "0", "--out", str(tmp_path / "out"), "--no-progress", "--wandb", "moe-study"]
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else object())
+    assert router_decisive.main(argv) == 2  # asked for but not installed: refused before any work
+    assert "argument --wandb: the wandb package is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    monkeypatch.setitem(system.modules, "wandb", fake)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+    assert router_decisive.main(argv) == 0
+    assert calls["init"]["project"] == "moe-study" and calls["finished"] is True
+    logged = calls["log"]
+    assert logged["table/entropy_summary"][0] == "table" and logged["table/entropy_summary"][1] > 0
+    assert logged["figure/entropy_violin"] == ("image", "entropy_violin.png")
