@@ -380,7 +380,7 @@ def log_to_wandb(folder: Path, info: dict[str, Any], project: str) -> None:
         import wandb
 
         run = wandb.init(project=project, name=f"{info['script']}/{info['run_id']}", config=info.get("arguments", {}),
-                         dir=str(folder), job_type=str(info["script"]))
+                         dir=str(folder.parent / ".wandb"), job_type=str(info["script"]))  # keeps the run folder as documented
         run.summary.update({k: info.get(k) for k in ("model", "git_commit", "wall_time_s", "world_size")})
         payload: dict[str, Any] = {}
         for csv in sorted(folder.glob("*.csv")):
