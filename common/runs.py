@@ -379,6 +379,7 @@ def log_to_wandb(folder: Path, info: dict[str, Any], project: str) -> None:
     try:
         import wandb
 
+        (folder.parent / ".wandb").mkdir(exist_ok=True)
         run = wandb.init(project=project, name=f"{info['script']}/{info['run_id']}", config=info.get("arguments", {}),
                          dir=str(folder.parent / ".wandb"), job_type=str(info["script"]))  # keeps the run folder as documented
         run.summary.update({k: info.get(k) for k in ("model", "git_commit", "wall_time_s", "world_size")})
