@@ -260,6 +260,9 @@ class LanguageModel:
         """Logits from a residual-stream state, through the model's final norm and output head."""
         logits = self.model.get_output_embeddings()(self.final_norm()(residual))
         scaling, cap = _logits_postprocess(self.model.config)
+        multiplier = getattr(self.model, "logit_scale", None)  # Cohere heads multiply their logits
+        if isinstance(multiplier, (int, float)) and multiplier != 1:
+            logits = logits * multiplier
         if scaling is not None:
             logits = logits / scaling
         if cap is not None:

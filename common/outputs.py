@@ -132,6 +132,9 @@ METRICS = ("router_metrics",)
 PROFILES = ("profiles",)
 WEIGHTS = ("weights",)
 LENS = ("logit_lens",)
+SIM = ("sim",)
+SIM_METHODS = ("cosine", "cka", "cka-debiased", "cka-rbf")  # sim.py --method; one npy and one figure each
+SIM_EXPERT = "expert index within the layer (0-based), or 'shared' for the layer's shared experts"
 INTERV = ("interv",)
 
 # fmt: off
@@ -597,6 +600,88 @@ REGISTRY: tuple[Output, ...] = (
            "box: each domain's costliest ablation, dots: its 3 most-selected experts", "expert-importance", INTERV),
     Output("figures/importance_vs_frequency_layer{L}.{ext}", "per domain: ΔNLL of each ablation against the expert's "
            "selection frequency, with the uniform k/E line and Spearman ρ", "expert-importance", INTERV),
+    # ------------------------------------------------------------------------------------ sim.py
+    Output("similarity.csv", "expert-output similarity of every ordered pair of experts (shared experts included), "
+           "per layer and method", "expert-output-similarity", SIM,
+           columns={"layer": LAYER, "expert_i": SIM_EXPERT, "expert_j": "the other expert (same labels)",
+                    "method": "cosine (mean cosine), cka (linear CKA), cka-debiased (unbiased HSIC), cka-rbf (RBF kernel)",
+                    "value": "the similarity (dimensionless; cosine −1 … 1, CKA ≤ 1; empty = NaN: too few shared tokens "
+                             "or undefined)",
+                    "tokens": "tokens the pair was compared on: the sample size n, or with --routed-only the tokens "
+                              "routed to both (count)"},
+           integers=frozenset({"layer", "tokens"})),
+    *(Output(f"similarity_{m}.npy", f"{m} similarity matrices, one per layer", "expert-output-similarity", SIM,
+             axes="[layer (--layers order), expert i, expert j]: rows 0 … E−1 the routed experts, row E the shared "
+                  "experts where the layer has them",
+             dtype="float64, dimensionless (NaN: undefined pairs, and padding of layers with fewer rows)")
+      for m in SIM_METHODS),
+    Output("similarity_tokens.npy", "tokens each pair of experts was compared on", "expert-output-similarity", SIM,
+           axes="[layer, expert i, expert j], as similarity_<method>.npy",
+           dtype="float64, whole-number counts (NaN pads layers with fewer rows)"),
+    Output("similarity_summary.csv", "per layer and method: mean off-diagonal similarity, most and least similar "
+           "pairs of routed experts, undefined pairs", "expert-output-similarity", SIM,
+           columns={"layer": LAYER, "method": "as in similarity.csv",
+                    "experts": "rows of the matrix: routed experts E, + 1 with shared experts (count)",
+                    "tokens": "sample size n (count)",
+                    "pairs": "unordered pairs i < j of rows, shared row included (count)",
+                    "nan_pairs": "of those, pairs with no value (too few shared tokens, or undefined) (count)",
+                    "mean_offdiag": "mean similarity over pairs of routed experts i < j with a value (dimensionless)",
+                    "std_offdiag": "their population standard deviation (dimensionless)",
+                    "mean_vs_shared": "mean similarity of the shared row to the routed experts (dimensionless; "
+                                      "empty without shared experts)",
+                    "most_similar_i": "first expert of the most similar routed pair",
+                    "most_similar_j": "second expert of that pair",
+                    "most_similar_value": "its similarity (dimensionless)",
+                    "least_similar_i": "first expert of the least similar routed pair",
+                    "least_similar_j": "second expert of that pair",
+                    "least_similar_value": "its similarity (dimensionless)",
+                    "top_pairs": "the three most similar routed pairs as 'i-j (value)', '; '-separated"},
+           integers=frozenset({"layer", "experts", "tokens", "pairs", "nan_pairs"})),
+    Output("cluster_order.csv", "the experts' order in each heatmap: average-linkage clustering of 1 − similarity",
+           "expert-output-similarity", SIM,
+           columns={"layer": LAYER, "method": "as in similarity.csv",
+                    "position": "place in the heatmap, 0 = first row / column", "expert": SIM_EXPERT},
+           integers=frozenset({"layer", "position"})),
+    Output("rbf_sigma.csv", "RBF bandwidth σ_e of each expert (cka-rbf only)", "expert-output-similarity", SIM,
+           columns={"layer": LAYER, "expert": SIM_EXPERT,
+                    "sigma": "σ_e (the residual stream's units)",
+                    "source": "'given (--sigma)' or 'median on N tokens' (median pairwise distance of its outputs)"},
+           integers=frozenset({"layer"})),
+    *(Output(f"figures/similarity_{m}_layer{{L}}.{{ext}}", f"{m} similarity of one layer as an expert × expert "
+             "heatmap in clustering order, dendrogram on top (diagonal hatched, undefined pairs grey)",
+             "expert-output-similarity", SIM) for m in SIM_METHODS),
+    # ------------------------------------------------------------------------------------ dim_reduc.py
+    Output("embedding_coords.csv", "2-D PCA / UMAP coordinates of expert outputs, one row per (layer, method, point); "
+           "a point is one (token, routed expert) pair of the seeded sample", "umap-pca-and-separation", ("dim_reduc",),
+           columns={"layer": LAYER, "method": "the embedding: umap or pca",
+                    "point": "index of the point within its layer (0-based; the same point in every method)",
+                    "x": "first coordinate (PCA: along PC1, the outputs' units; UMAP: no unit)",
+                    "y": "second coordinate (PCA: along PC2; UMAP: no unit)",
+                    "expert": "the routed expert e whose output E_e(x) (× w_e with --weighted) is the point",
+                    "rank": "rank of w_e among the token's k weights, 1 = largest",
+                    "weight": "routing weight w_e the expert receives for this token (the model's weight scale)",
+                    "domain": "domain name from --data of the token", "token_id": "id of the token",
+                    "token": "the token decoded alone", "batch": "stream number of the batch holding the token",
+                    "row": "window (row) of the token within that batch", "position": "position of the token in its window (0-based)"},
+           integers=frozenset({"layer", "point", "expert", "rank", "token_id", "batch", "row", "position"})),
+    Output("separation.csv", "per layer, space and label: leave-one-out k-NN accuracy beside the same accuracy "
+           "with permuted labels and the majority-class share", "umap-pca-and-separation", ("dim_reduc",),
+           columns={"layer": LAYER, "space": "where neighbours are found: original (the expert outputs, H dims), pca or umap (2-D)",
+                    "label": "what is predicted: expert or domain",
+                    "accuracy": "share of points whose label is the majority label of their k nearest other points (fraction)",
+                    "accuracy_permuted": "the same with the labels randomly permuted, seeded: the chance control (fraction)",
+                    "majority_baseline": "share of the most frequent label (fraction)",
+                    "k": "neighbours per vote, min(--knn, points − 1) (count)", "num_points": "points of the layer (count)",
+                    "num_classes": "distinct labels among the points (count)", "dims": "dimensions of the space (count)"},
+           integers=frozenset({"layer", "k", "num_points", "num_classes", "dims"})),
+    Output("figures/umap_layer{L}_by_expert.{ext}", "UMAP of one layer's expert outputs coloured by expert (ids on "
+           "the points), with the expert's k-NN separation", "umap-pca-and-separation", ("dim_reduc",)),
+    Output("figures/umap_layer{L}_by_domain.{ext}", "UMAP of one layer's expert outputs coloured by domain, with "
+           "the domain's k-NN separation", "umap-pca-and-separation", ("dim_reduc",)),
+    Output("figures/pca_layer{L}_by_expert.{ext}", "PCA of one layer's expert outputs coloured by expert (ids on "
+           "the points), with the expert's k-NN separation", "umap-pca-and-separation", ("dim_reduc",)),
+    Output("figures/pca_layer{L}_by_domain.{ext}", "PCA of one layer's expert outputs coloured by domain, with the "
+           "domain's k-NN separation", "umap-pca-and-separation", ("dim_reduc",)),
 )
 # fmt: on
 

@@ -246,7 +246,7 @@ def test_set_force_logit_and_renormalize(olmoe):
     assert registered_hook_count(olmoe.model) == baseline_hooks
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "granitemoe", "dbrx", "gpt_oss", "deepseek_v3", "llama4_text"])
+@pytest.mark.parametrize("arch", ["olmoe", "granitemoe", "dbrx", "gpt_oss", "deepseek_v3", "llama4_text", "cohere2_moe"])
 def test_unembed_reproduces_model_logits(arch, saved_tiny_model):
     """Final norm + unembedding (+ the head's logit scaling) of the last layer's residual gives the model's logits."""
     moe = _load(saved_tiny_model, arch)
