@@ -136,6 +136,7 @@ SIM = ("sim",)
 SIM_METHODS = ("cosine", "cka", "cka-debiased", "cka-rbf")  # sim.py --method; one npy and one figure each
 SIM_EXPERT = "expert index within the layer (0-based), or 'shared' for the layer's shared experts"
 INTERV = ("interv",)
+CLUSTER = ("cluster",)
 
 # fmt: off
 REGISTRY: tuple[Output, ...] = (
@@ -682,6 +683,47 @@ REGISTRY: tuple[Output, ...] = (
            "the points), with the expert's k-NN separation", "umap-pca-and-separation", ("dim_reduc",)),
     Output("figures/pca_layer{L}_by_domain.{ext}", "PCA of one layer's expert outputs coloured by domain, with the "
            "domain's k-NN separation", "umap-pca-and-separation", ("dim_reduc",)),
+    # ------------------------------------------------------------------------------------ cluster.py
+    Output("cluster_scores.csv", "token-cluster specialization of every expert: JSD (bits) of the cluster mix of its "
+           "input and of its logit-lens output tokens from the layer's, the random-sample baseline and their "
+           "difference, per layer, expert and k", "token-cluster-specialization", CLUSTER,
+           columns={"layer": LAYER, "expert": EXPERT, "k": "number of unembedding clusters (--clusters)",
+                    "tokens": "picks n_e: counted tokens routed to the expert with a non-zero weight (count; also "
+                              "its number of output tokens)",
+                    "jsd_input_bits": "JSD(π_e ‖ μ) of the clusters of the tokens it receives (bits; empty if n_e = 0)",
+                    "baseline_input_bits": "expected JSD of n_e tokens drawn from μ, mean of --baseline_draws "
+                                           "multinomial samples (bits)",
+                    "score_input": "jsd_input_bits − baseline_input_bits (bits; ≈ 0 = a random sample of the layer's "
+                                   "tokens)",
+                    "jsd_output_bits": "the same JSD for its output tokens: top-1 token of w_e·E_e(x) through the "
+                                       "final norm and unembedding, one per pick (bits)",
+                    "baseline_output_bits": "expected JSD of n_e draws from the layer's output-token cluster mix (bits)",
+                    "score_output": "jsd_output_bits − baseline_output_bits (bits)"},
+           integers=frozenset({"layer", "expert", "k", "tokens"})),
+    Output("cluster_sizes.csv", "every unembedding cluster of every k: size, cohesion and its most central tokens",
+           "token-cluster-specialization", CLUSTER,
+           columns={"k": "number of clusters of this clustering", "cluster": "cluster id (0-based, as in "
+                    "clusters_k<K>.json)", "size": "token ids in the cluster (count)",
+                    "mean_cosine": "mean cosine of its members' centred unembedding rows with the centroid "
+                                   "(dimensionless; empty for an empty cluster)",
+                    "central_tokens": "its 8 tokens closest to the centroid (Python reprs, space-separated)"},
+           integers=frozenset({"k", "cluster", "size"})),
+    Output("clusters_k{K}.json", "the clustering with k = K as {\"<cluster id>\": [token, ...]}, the format of "
+           "The Expert Strikes Back's data: every token id's decoded text once, most central first (text that is "
+           "not valid on its own, e.g. a partial UTF-8 byte: the tokenizer's raw piece; head rows beyond the "
+           "tokenizer: #<id>)", "token-cluster-specialization", CLUSTER),
+    Output("cluster_assignment.npy", "the cluster of every token id, for each k", "token-cluster-specialization",
+           CLUSTER, axes="[k (order of --clusters), token id]", dtype="int64, cluster id"),
+    Output("cluster_counts_k{K}.npy", "expert × cluster counts N_{e,c} the scores of k = K come from",
+           "token-cluster-specialization", CLUSTER,
+           axes="[side (0 input tokens, 1 output tokens), layer (order of --layers), expert, cluster]",
+           dtype="int64, picks (0 pads layers with fewer experts)"),
+    Output("figures/cluster_scores_layer{L}.{ext}", "each expert's specialization score (bits), input vs output "
+           "tokens, one panel per k", "token-cluster-specialization", CLUSTER),
+    Output("figures/cluster_scores_by_layer.{ext}", "mean over experts and highest expert score per layer, input vs "
+           "output tokens, one panel per k", "token-cluster-specialization", CLUSTER),
+    Output("figures/cluster_sizes.{ext}", "cluster sizes from largest to smallest for each k (log-log), with the "
+           "equal-size line", "token-cluster-specialization", CLUSTER),
 )
 # fmt: on
 

@@ -54,12 +54,17 @@ def _token_mask(edit: RoutingEdit, batch_shape: dict, num_tokens: int, device: t
     batch, seq = batch_shape.get("shape", (1, num_tokens))
     if batch * seq != num_tokens:  # a call outside the recorded forward (e.g. a direct block call)
         batch, seq = 1, num_tokens
+    # Absolute positions of this forward's tokens: cached generation feeds one new token at position p, given as
+    # cache_position [S] or (transformers 5.x generate) position_ids [B, S]; a plain forward starts at 0.
     absolute = batch_shape.get("cache_position")
     if absolute is None or absolute.numel() != seq:
+        ids = batch_shape.get("position_ids")
+        absolute = ids if ids is not None and ids.numel() == batch * seq else None
+    if absolute is None:
         absolute = torch.arange(seq, device=device)
+    absolute = absolute.to(device).reshape(-1, seq).expand(batch, seq)
     wanted = torch.tensor([p if p >= 0 else seq + p for p in edit.positions], device=device)
-    per_position = (absolute.to(device).view(-1, 1) == wanted.view(1, -1)).any(dim=1)
-    return per_position.view(1, seq).expand(batch, seq).reshape(-1)
+    return (absolute.unsqueeze(-1) == wanted.view(1, 1, -1)).any(dim=-1).reshape(-1)
 
 
 def edit_routing(
@@ -156,6 +161,7 @@ def intervene(moe: MoEModel, edits: Sequence[RoutingEdit | TopKRestriction]) -> 
         if isinstance(ids, torch.Tensor):
             batch_shape["shape"] = (ids.shape[0], ids.shape[1])
         batch_shape["cache_position"] = kwargs.get("cache_position")
+        batch_shape["position_ids"] = kwargs.get("position_ids")
         for moe_layer in moe.layers:  # a previous forward's Llama4 edits must not leak into this one
             EDITED_LLAMA4_ROUTING.pop(moe_layer.router, None)
 

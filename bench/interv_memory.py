@@ -1,0 +1,60 @@
+"""Peak memory of interv.py's dataset mode does not grow with --num_tokens (running sums, streamed batches).
+
+    uv run bench/interv_memory.py                                # demo model, layer 1, 2 domains, 2 experts
+    uv run bench/interv_memory.py --small 2000 --large 20000 --extra --experts 0 1 2 3
+
+Runs `interv.py --layer L --data ...` (dataset mode: one base forward + one forward per ablated expert per batch)
+twice in fresh processes, reads each child's peak resident memory from the kernel (`os.wait4`), then prints both,
+the ratio and the goal line (≤ 1.10). Memory does not depend on how many experts are ablated (each forward's
+logits are dropped before the next), so the default ablates two to keep the run short. Not a test: minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def peak_rss_mib(argv: list[str]) -> tuple[float, float]:
+    """(peak RSS in MiB, wall seconds) of `python interv.py argv` in its own process."""
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, str(ROOT / "interv.py"), *argv], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"interv.py failed: {child.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024, elapsed  # Linux reports KiB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--layer", default="1")
+    parser.add_argument("--data", nargs="+", default=["demo"])
+    parser.add_argument("--domains", nargs="+", default=["code", "bible"])
+    parser.add_argument("--experts", nargs="+", default=["0", "1"])
+    parser.add_argument("--small", type=int, default=2_000)
+    parser.add_argument("--large", type=int, default=20_000)
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more interv.py flags")
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as out:
+        for tokens in (args.small, args.large):
+            argv = ["--model", args.model, "--layer", args.layer, "--data", *args.data, "--domains", *args.domains,
+                    "--experts", *args.experts, "--num_tokens", str(tokens), "--out", out, "--no-progress", *args.extra]
+            results[tokens] = peak_rss_mib(argv)
+            print(f"--num_tokens {tokens:>8}: peak RSS {results[tokens][0]:8.1f} MiB, {results[tokens][1]:6.1f} s", flush=True)
+    ratio = results[args.large][0] / results[args.small][0]
+    print(f"ratio large/small: {ratio:.3f}  (goal ≤ 1.10: {'PASS' if ratio <= 1.10 else 'FAIL'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,425 @@
+"""interv.py and common.analysis.importance against independent references.
+
+References: a copy of the experts whose down projection of one expert is zeroed, spliced in for the targeted
+tokens only; a manual top-k of the captured router logits + d; generation by full re-forwards instead of the KV
+cache; transformers' own causal-LM loss; a planted model whose expert can never be selected.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import interv
+from common import tiny
+from common.analysis.importance import kl_divergence, log_probs, run_prompt
+from common.config import ModelSpec
+from common.data import resolve_domains, token_batches
+from common.hooks import RoutingEdit, capture, intervene
+from common.hooks.routing import experts_call_args
+from common.models import load_moe
+from tests.planted import write_domains
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYER = 1
+SEQ = 12
+TARGET = 5
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random OLMoE made decisive: at init its routing and next-token distributions are near uniform and
+    an expert's output is tiny, so an edit would move probabilities by ~1e-9. Scaled router, experts and head make
+    each edit visible."""
+    model, tokenizer = tiny.build_random_model("olmoe")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(20)
+            layer.mlp.experts.gate_up_proj.mul_(8)
+            layer.mlp.experts.down_proj.mul_(8)
+        model.lm_head.weight.mul_(30)
+    path = tmp_path_factory.mktemp("sharp-olmoe")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def moe(model_dir):
+    return load_moe(ModelSpec(model=str(model_dir), device="cpu", dtype="float32"))
+
+
+def _ids(batch: int = 2, seq: int = SEQ) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
+def _forward(moe, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return moe.model(input_ids=ids, use_cache=False).logits
+
+
+def _routing(moe, ids, edits=()):
+    with intervene(moe, list(edits)), capture(moe, [moe.layer(LAYER)], ("logits", "topk")) as records:
+        logits = _forward(moe, ids)
+    rec = records[LAYER]
+    return logits, rec.logits.clone(), rec.topk_index.clone(), rec.topk_weight.clone()
+
+
+def _selected_at(moe, ids, row: int, position: int) -> int:
+    _, _, index, _ = _routing(moe, ids)
+    return int(index.view(ids.shape[0], ids.shape[1], -1)[row, position, 0])
+
+
+def _zeroed_down_at(moe, ids: torch.Tensor, expert: int, position: int) -> torch.Tensor:
+    """Logits with `expert`'s down projection zeroed for the tokens at `position` only: the experts' output of
+    those tokens comes from a copy of the experts module with that expert's down projection set to 0."""
+    moe_layer = moe.layer(LAYER)
+    twin = copy.deepcopy(moe_layer.experts)
+    with torch.no_grad():
+        twin.down_proj[expert].zero_()
+    batch, seq = ids.shape
+
+    def splice(module, args, kwargs, out):
+        hidden, index, weight = experts_call_args(moe_layer, args, kwargs)
+        rows = torch.arange(batch) * seq + position
+        replaced = out.clone()
+        replaced[rows] = twin(hidden, index, weight)[rows]
+        return replaced
+
+    handle = moe_layer.experts.register_forward_hook(splice, with_kwargs=True)
+    try:
+        return _forward(moe, ids)
+    finally:
+        handle.remove()
+
+
+# ------------------------------------------------------------------------------------- the edits, exactly
+
+
+def test_ablation_equals_zeroed_down_projection_at_the_target_only(moe):
+    ids = _ids()
+    base = _forward(moe, ids)
+    expert = _selected_at(moe, ids, 0, TARGET)
+    edited, _, _, _ = _routing(moe, ids, [RoutingEdit(LAYER, expert, "scale", 0.0, positions=[TARGET])])
+    reference = _zeroed_down_at(moe, ids, expert, TARGET)
+    assert torch.equal(edited[:, :TARGET], base[:, :TARGET])  # causality: earlier positions bit-identical
+    assert torch.equal(reference[:, :TARGET], base[:, :TARGET])
+    assert (edited - reference).abs().max() <= 1e-5
+    assert (edited[0, TARGET] - base[0, TARGET]).abs().max() > 1e-4  # the ablation did something
+
+
+def test_script_records_the_ablation_of_the_reference(moe, model_dir, tmp_path):
+    prompt = "The quick brown fox"
+    ids = moe.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    position = 3
+    expert = _selected_at(moe, ids, 0, position)
+    argv = ["--model", str(model_dir), "--prompt", prompt, "--layer", str(LAYER), "--expert_id", str(expert),
+            "--target_idx", str(position), "--value", "0", "--max_new_tokens", "3", "--out", str(tmp_path), "--no-progress"]
+    assert interv.main(argv) == 0
+    (run,) = tmp_path.glob("interv/*/prompts/*")
+    sweep = pd.read_csv(run / "intervention_sweep.csv")
+    reference = _zeroed_down_at(moe, ids, expert, position)[0, -1]
+    expected = kl_divergence(log_probs(_forward(moe, ids)[0, -1]), log_probs(reference))
+    assert expected > 1e-4
+    assert sweep.kl_nats.iloc[0] == pytest.approx(expected, rel=1e-4)
+    assert sweep.selected_before.iloc[0] == 1 and sweep.selected_after.iloc[0] == 0  # a zero weight is no pick
+    assert sweep.weight_after_mean.iloc[0] == 0.0
+    tokens = pd.read_csv(run / "prompt_tokens.csv", keep_default_na=False)
+    target = tokens[tokens.target]
+    assert target.position.tolist() == [position] and target.token_id.tolist() == [int(ids[0, position])]
+    assert target.token.tolist() == [moe.tokenizer.decode([int(ids[0, position])])]
+
+
+def test_scale_one_leaves_every_logit_bit_identical(moe, model_dir, tmp_path):
+    ids = _ids()
+    base = _forward(moe, ids)
+    for expert in range(moe.layer(LAYER).num_experts):
+        edited, _, _, _ = _routing(moe, ids, [RoutingEdit(LAYER, expert, "scale", 1.0)])
+        assert torch.equal(edited, base), expert
+    argv = ["--model", str(model_dir), "--prompt", "Hello there", "--layer", str(LAYER), "--expert_id", "0",
+            "--value", "1", "--max_new_tokens", "5", "--out", str(tmp_path), "--no-progress"]
+    assert interv.main(argv) == 0
+    (run,) = tmp_path.glob("interv/*/prompts/*")
+    sweep = pd.read_csv(run / "intervention_sweep.csv")
+    assert sweep.kl_nats.tolist() == [0.0] and not sweep.continuation_changed.any()
+    assert (sweep.entropy_before == sweep.entropy_after).all()
+
+
+def test_force_puts_the_expert_in_the_topk_with_the_stated_weight(moe):
+    ids = _ids()
+    _, _, base_index, base_weight = _routing(moe, ids)
+    k = base_index.shape[1]
+    rare = int(torch.bincount(base_index.flatten(), minlength=moe.layer(LAYER).num_experts).argmin())
+    targets = [2, SEQ - 1]
+    _, _, index, weight = _routing(moe, ids, [RoutingEdit(LAYER, rare, "force", 0.3, positions=[2, -1])])
+    index, weight = index.view(2, SEQ, k), weight.view(2, SEQ, k)
+    base_index, base_weight = base_index.view(2, SEQ, k), base_weight.view(2, SEQ, k)
+    for p in targets:
+        hit = index[:, p] == rare
+        assert hit.sum(-1).tolist() == [1, 1]
+        assert torch.all(weight[:, p][hit] == torch.tensor(0.3))
+    others = [p for p in range(SEQ) if p not in targets]
+    # Earlier positions keep their routing exactly; later ones only through the (changed) residual stream.
+    assert torch.equal(index[:, :2], base_index[:, :2]) and torch.equal(weight[:, :2], base_weight[:, :2])
+    assert all((index[:, p] != rare).all() or (base_index[:, p] == rare).any() for p in others)
+    # Without a value the forced expert takes the weight of the slot it replaces (the smallest).
+    _, _, index, weight = _routing(moe, ids, [RoutingEdit(LAYER, rare, "force", None, positions=[2])])
+    slot = index.view(2, SEQ, k)[:, 2] == rare
+    assert torch.equal(weight.view(2, SEQ, k)[:, 2][slot], base_weight[:, 2].min(-1).values)
+
+
+def test_logit_shift_selects_as_a_manual_topk_of_the_shifted_logits(moe):
+    ids = _ids()
+    _, logits, base_index, _ = _routing(moe, ids)
+    k = base_index.shape[1]
+    position, row = 3, 0
+    token = row * SEQ + position
+    z = logits[token]
+    outside = [e for e in range(z.shape[0]) if e not in base_index[token].tolist()]
+    inside = base_index[token].tolist()
+    kth = z.topk(k).values[-1]
+    # Promote an unselected expert just past the k-th logit, then demote a selected one below the rest.
+    for expert, d in ((outside[0], float(kth - z[outside[0]]) + 0.25), (inside[0], -float(z[inside[0]] - z.min()) - 1)):
+        _, shifted, index, weight = _routing(moe, ids, [RoutingEdit(LAYER, expert, "logit", d, positions=[position])])
+        manual = logits.clone()
+        manual.view(2, SEQ, -1)[:, position, expert] += d
+        torch.testing.assert_close(shifted, manual, rtol=0, atol=1e-6)
+        probs = torch.softmax(manual.float(), dim=-1)
+        expected_weight, expected_index = probs.topk(k, dim=-1)
+        assert torch.equal(index.sort(-1).values, expected_index.sort(-1).values)
+        torch.testing.assert_close(weight.sort(-1).values, expected_weight.sort(-1).values)
+        assert (expert in index[token].tolist()) == (d > 0)
+
+
+@pytest.mark.parametrize("positions", [[7], [0], None])
+def test_generation_under_the_edit_matches_full_reforwards(moe, positions):
+    """Cached generation under an edit of prompt positions (kept in the KV cache, generated tokens unedited) or of
+    every position equals generating by re-forwarding the whole sequence under the same edit."""
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    expert = _selected_at(moe, ids, 0, 7 if positions is None else positions[0])
+    edit = RoutingEdit(LAYER, expert, "set", 30.0, positions=positions)
+    cached = run_prompt(moe, ids, moe.layer(LAYER), [edit], [edit] if positions is None else [], 6).continuation
+    sequence = ids
+    for _ in range(6):
+        with intervene(moe, [edit]):
+            token = int(_forward(moe, sequence)[0, -1].argmax())
+        sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
+    assert cached == sequence[0, ids.shape[1]:].tolist()
+    uncached = run_prompt(moe, ids, moe.layer(LAYER), [edit], [], 6, kv_cache=False).continuation
+    assert uncached == cached
+    if positions != [0]:  # position 0 reaches the last token only through attention, too weakly in this model
+        unedited = run_prompt(moe, ids, moe.layer(LAYER), [], [], 6).continuation
+        assert cached != unedited  # the edit matters, so the comparison above means something
+
+
+def test_prompt_mode_outputs(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("First prompt here\n\n  \nSecond one, a bit longer\n")
+    argv = ["--model", str(model_dir), "--prompts", str(prompts), "--layer", "-1", "--expert_id", "2",
+            "--target_idx", "1", "-1", "--values", "0", "1", "4", "--max_new_tokens", "4", "--target_token", "e",
+            "--sample", "--temperature", "0.7", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert interv.main(argv) == 0
+    assert interv.main(argv) == 0
+    first, second = sorted((tmp_path / "out").glob("interv/*/prompts/*"))
+    for name in ("prompt_tokens.csv", "intervention_sweep.csv", "next_token_top.csv", "sweep_token_probs.csv",
+                 "interventions.json", "figures/sweep_prompt0.png", "figures/sweep_prompt1.pdf",
+                 "figures/kl_by_value.png", "run.json"):
+        assert (first / name).is_file(), name
+    for name in ("intervention_sweep.csv", "next_token_top.csv", "interventions.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name  # seeded sampling
+    sweep = pd.read_csv(first / "intervention_sweep.csv")
+    assert len(sweep) == 2 * 3 and sweep.value.tolist() == [0, 1, 4] * 2
+    assert set(sweep.layer) == {3} and set(sweep.targets) == {f"1 {n - 1}" for n in (17, 24)}
+    assert sweep.target_prob_before.between(0, 1).all()
+    top = pd.read_csv(first / "next_token_top.csv")
+    assert len(top) == 2 * 10 * 4 and set(top.which) == {"before", "after"}
+    report = json.loads((first / "interventions.json").read_text())
+    assert [p["prompt"] for p in report["prompts"]] == ["First prompt here", "Second one, a bit longer"]
+    assert report["prompts"][0]["targets"] == [1, 16]
+
+
+def test_target_all_and_force_default_weight(model_dir, tmp_path):
+    argv = ["--model", str(model_dir), "--prompt", "abc", "--prompt", "de", "--layer", "1", "--expert_id", "5",
+            "--mode", "force", "--renormalize", "--max_new_tokens", "0", "--out", str(tmp_path), "--no-progress"]
+    assert interv.main(argv) == 0
+    (run,) = tmp_path.glob("interv/*/prompts/*")
+    sweep = pd.read_csv(run / "intervention_sweep.csv")
+    assert sweep.targets.tolist() == ["all", "all"] and sweep.value.isna().all()
+    assert sweep.selected_after.tolist() == [3, 2]  # forced at every position
+    assert (run / "figures/sweep_prompt1.png").is_file() and not (run / "figures/kl_by_value.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------- dataset mode
+
+
+def _dead_expert_model(path: Path, dead: int) -> Path:
+    """A tiny OLMoE whose expert `dead` can never be selected: residual coordinate 0 is held at 1 in every layer
+    (embedding column 0 = 1; attention and expert outputs never write it), and the router row of `dead` reads
+    only that coordinate with weight -1e4, so its logit is about -1e4 / rms(x) ≤ -1e3 at every token."""
+    model, tokenizer = tiny.build_random_model("olmoe")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0
+            layer.mlp.experts.down_proj[:, 0] = 0
+            layer.mlp.gate.weight[dead] = 0
+            layer.mlp.gate.weight[dead, 0] = -1e4
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+DEAD = 6
+
+
+@pytest.fixture(scope="module")
+def dataset_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("importance")
+    model = _dead_expert_model(root / "model", DEAD)
+    specs = write_domains(root, documents=12, length=50)
+    common = ["--model", str(model), "--data", *specs, "--num_tokens", "150", "--seq_len", "32", "--layer", str(LAYER),
+              "--no-progress"]
+    for batch_size in (4, 3):
+        assert interv.main([*common, "--batch_size", str(batch_size), "--out", str(root / f"out{batch_size}")]) == 0
+    runs = {b: next((root / f"out{b}").glob("interv/*/*/*")) for b in (4, 3)}
+    return model, specs, runs
+
+
+def test_never_selected_expert_costs_exactly_nothing(dataset_run):
+    _, specs, runs = dataset_run
+    table = pd.read_csv(runs[4] / f"importance_layer{LAYER}.csv")
+    dead = table[table.expert == DEAD]
+    assert len(dead) == len(specs) + 1  # every domain and 'all'
+    assert (dead.delta_nll == 0.0).all() and (dead.selected == 0).all()
+    assert (table[table.expert != DEAD].delta_nll.abs() > 0).any()
+    matrix = np.load(runs[4] / f"importance_layer{LAYER}.npy")
+    assert matrix.shape == (8, len(specs))
+    assert np.all(matrix[DEAD] == 0)
+    wide = table[table.domain != "all"].pivot(index="expert", columns="domain", values="delta_nll")
+    np.testing.assert_allclose(matrix, wide[[s.split("=")[0] for s in specs]].to_numpy(), rtol=1e-12)
+    frequency = np.load(runs[4] / f"importance_frequency_layer{LAYER}.npy")
+    np.testing.assert_allclose(frequency.sum(0), 2.0)  # k = 2 experts per counted token
+    summary = pd.read_csv(runs[4] / f"importance_summary_layer{LAYER}.csv")
+    assert summary.domain.tolist() == ["d0", "d1", "d2", "all"]
+    for name in (f"importance_heatmap_layer{LAYER}.png", f"importance_vs_frequency_layer{LAYER}.pdf"):
+        assert (runs[4] / "figures" / name).is_file()
+
+
+def test_base_nll_equals_transformers_loss_on_the_counted_tokens(dataset_run):
+    model_dir, specs, runs = dataset_run
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    totals: dict[int, list[float]] = {}
+    batches = token_batches(resolve_domains(specs), tokenizer, num_tokens=150, seq_len=32, batch_size=4, progress=False)
+    for batch in batches:
+        labels = torch.where(batch.count_mask, batch.input_ids, -100)
+        with torch.no_grad():
+            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
+        n = int((labels[:, 1:] != -100).sum())
+        total = totals.setdefault(int(batch.domain_ids[0]), [0.0, 0])
+        total[0] += float(loss) * n
+        total[1] += n
+    table = pd.read_csv(runs[4] / f"importance_layer{LAYER}.csv")
+    for d, (loss_sum, n) in totals.items():
+        rows = table[(table.domain == f"d{d}") & (table.expert == 0)]
+        assert int(rows.tokens.iloc[0]) == n < 150  # a window's first token is never predicted
+        assert rows.nll_base.iloc[0] == pytest.approx(loss_sum / n, rel=1e-5)
+    # Another batching (other padding) gives the same numbers.
+    other = pd.read_csv(runs[3] / f"importance_layer{LAYER}.csv")
+    np.testing.assert_allclose(other.nll_base, table.nll_base, rtol=1e-5)
+    np.testing.assert_allclose(other.delta_nll, table.delta_nll, rtol=1e-3, atol=1e-6)
+    assert (other.tokens == table.tokens).all() and (other.selected == table.selected).all()
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture(scope="module")
+def bad_input_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty.txt").write_text("\n  \n")
+    (root / "p.txt").write_text("hello\n")
+    return root
+
+
+BAD = {
+    "target beyond prompt": (["--prompt", "abc", "--expert_id", "1", "--target_idx", "9"],
+                             "--target_idx 9 is beyond prompt 0 ('abc'): it has 3 tokens"),
+    "negative target beyond prompt": (["--prompt", "abc", "--expert_id", "1", "--target_idx", "-4"], "--target_idx -4 is beyond"),
+    "expert out of range": (["--prompt", "abc", "--expert_id", "8"], "--expert_id 8 out of range: layer 1 has experts 0..7"),
+    "dataset expert out of range": (["--experts", "3", "99", "--data", "demo:math"], "--experts 99 out of range"),
+    "dense layer": (["--model", "random:deepseek_v3", "--layer", "0", "--prompt", "abc", "--expert_id", "1"],
+                    "dense (non-MoE) layer; MoE layers: 1, 2, 3"),
+    "missing layer": (["--layer", "9", "--prompt", "abc", "--expert_id", "1"], "layer 9 does not exist"),
+    "empty prompt": (["--prompt", " ", "--expert_id", "1"], "--prompt is empty"),
+    "empty prompts file": (["--prompts", "{root}/empty.txt", "--expert_id", "1"], "no prompt in it"),
+    "missing prompts file": (["--prompts", "{root}/nope.txt", "--expert_id", "1"], "no such file"),
+    "prompt and prompts": (["--prompt", "abc", "--prompts", "{root}/p.txt", "--expert_id", "1"],
+                           "argument --prompts: not allowed with argument --prompt"),
+    "force with a list": (["--prompt", "abc", "--expert_id", "1", "--mode", "force", "--values", "0.1", "0.2"],
+                          "--mode force takes one --value"),
+    "value and values": (["--prompt", "abc", "--expert_id", "1", "--value", "1", "--values", "1", "2"],
+                         "argument --values: not allowed with argument --value"),
+    "no expert": (["--prompt", "abc"], "--expert_id is required with a prompt"),
+    "prompt flag in dataset mode": (["--expert_id", "1"], "--expert_id needs a prompt"),
+    "data with a prompt": (["--prompt", "abc", "--expert_id", "1", "--data", "demo"], "--data is for dataset mode"),
+    "temperature without sample": (["--prompt", "abc", "--expert_id", "1", "--temperature", "2"],
+                                   "--temperature applies to --sample"),
+    "all mixed with positions": (["--prompt", "abc", "--expert_id", "1", "--target_idx", "all", "2"],
+                                 "give 'all' alone"),
+    "target token of two tokens": (["--prompt", "abc", "--expert_id", "1", "--target_token", "ab"], "is 2 tokens"),
+    "non-finite value": (["--prompt", "abc", "--expert_id", "1", "--value", "nan"], "must be finite"),
+    "too long for the context": (["--prompt", "abc", "--expert_id", "1", "--max_new_tokens", "600"],
+                                 "exceeds the model's context length 512"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_one_line_exit_2_nothing_written(case, model_dir, bad_input_files, tmp_path, capsys):
+    extra, message = BAD[case]
+    extra = [e.format(root=bad_input_files) for e in extra]
+    argv = ["--model", str(model_dir), "--layer", str(LAYER), "--out", str(tmp_path / "results"), "--no-progress", *extra]
+    assert interv.main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert message in lines[0], lines[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_help_and_flag_errors_never_import_torch():
+    probe = ("import runpy, sys; sys.argv = ['interv.py', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_path('interv.py', run_name='__main__')\n"
+             "except SystemExit as e:\n    code = e.code\n"
+             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'); sys.exit(code)")
+    for flags, code in ((["--help"], 0), (["--layer", "1", "--prompt", "a", "--expert_id", "1", "--mode", "force",
+                                            "--values", "1", "2"], 2)):
+        result = subprocess.run([sys.executable, "-c", probe, *flags], cwd=ROOT, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == code, result.stderr
+        assert result.stdout.strip().endswith("NO-TORCH")
+
+
+# ---------------------------------------------------------------------------------------------- demo model
+
+
+@pytest.mark.slow
+def test_demo_importance_falls_on_frequently_selected_experts(tmp_path):
+    """On the demo model, the ablation that costs a domain most hits one of its 3 most-selected experts in at
+    least 4 of the 6 domains (layer 1, 3000 tokens per domain)."""
+    argv = ["--model", "demo", "--data", "demo", "--layer", "1", "--num_tokens", "3000", "--out", str(tmp_path),
+            "--no-progress"]
+    assert interv.main(argv) == 0
+    (run,) = tmp_path.glob("interv/*/*/*")
+    summary = pd.read_csv(run / "importance_summary_layer1.csv").set_index("domain").drop("all")
+    assert len(summary) == 6
+    assert summary.important_in_top3_selected.sum() >= 4, summary
