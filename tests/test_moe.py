@@ -299,8 +299,8 @@ def test_dense_and_unknown_models_are_refused(tmp_path):
 
 
 def test_position_edits_follow_absolute_positions_during_cached_generation(olmoe):
-    """generate() feeds one token per step at its absolute position: an edit at position 2 must touch the prompt's
-    token 2 only, never the generated tokens (which each arrive as the only token of their forward)."""
+    """generate() feeds one token per step at its absolute position: an edit at position 0 must touch the prompt's
+    token 0 only, never the generated tokens (each arrives as the only token, index 0, of its forward)."""
     ids = _ids()[:1, :5]
     layer = olmoe.layers[0].layer
     edited_positions = []
@@ -310,12 +310,12 @@ def test_position_edits_follow_absolute_positions_during_cached_generation(olmoe
         edited_positions.append(int((weight == 0).any(-1).sum()))
 
     baseline = registered_hook_count(olmoe.model)
-    with torch.no_grad(), intervene(olmoe, [RoutingEdit(layer, e, "scale", 0.0, positions=[2]) for e in range(8)]):
+    with torch.no_grad(), intervene(olmoe, [RoutingEdit(layer, e, "scale", 0.0, positions=[0]) for e in range(8)]):
         handle = olmoe.layers[0].experts.register_forward_pre_hook(spy, with_kwargs=True)
         try:
             olmoe.model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
         finally:
             handle.remove()
-    # The prompt forward zeroes every expert of token 2 (one token); the 3 cached steps (positions 5, 6, 7) none.
+    # The prompt forward zeroes every expert of token 0 (one token); the 3 cached steps (positions 5, 6, 7) none.
     assert edited_positions[0] == 1 and edited_positions[1:] == [0] * (len(edited_positions) - 1)
     assert len(edited_positions) == 4 and registered_hook_count(olmoe.model) == baseline
