@@ -1,0 +1,127 @@
+"""The figure of one expert profile (profiles.py): domain mix, routing weight when chosen, top tokens by count and by
+lift, top next tokens, and the tokens its mean output promotes and suppresses — all from the profile's JSON dict."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.plots import a4_grid, bar_values, label, plt, text_label
+from common.runs import Run
+
+SHOWN = 12  # entries per token panel
+
+
+def _no_data(ax: plt.Axes, title: str, why: str = "none (the expert was never chosen)") -> None:
+    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+
+
+def _token_bars(ax: plt.Axes, items: list[dict], value: str, title: str, xlabel: str, colour: str = "C0",
+                fmt: str = "{:.0f}", note: str | None = None) -> None:
+    """Horizontal bars, largest on top, one per token (labelled with its repr); `note`: the item's count shown
+    beside each value (for the lift panel)."""
+    items = items[:SHOWN]
+    if not items:
+        _no_data(ax, title)
+        return
+    y = np.arange(len(items))[::-1]
+    values = [item[value] for item in items]
+    bars = ax.barh(y, values, color=colour, height=0.7)
+    labels = [fmt.format(v) + (f"  (n = {item[note]:.0f})" if note else "") for v, item in zip(values, items, strict=True)]
+    ax.bar_label(bars, labels=labels, fontsize=6, padding=1.5)
+    ax.set_yticks(y, [text_label(item["token"]) for item in items], fontsize=6.5)
+    ax.set_xlim(0, max(values) * 1.35 if max(values) > 0 else 1)
+    label(ax, xlabel, None, title)
+
+
+def _domains(ax: plt.Axes, profile: dict) -> None:
+    title = "Domains: share routed to this expert"
+    rows = profile["domains"]
+    if not rows or not profile["selected_topk"]:
+        _no_data(ax, title)
+        return
+    y = np.arange(len(rows))[::-1]
+    shares = [100 * d["share_of_domain"] for d in rows]
+    bars = ax.barh(y, shares, color="C2", height=0.7)
+    ax.bar_label(bars, labels=[f"{s:.1f}%  ({100 * d['share_of_expert']:.0f}% of its tokens)"
+                               for s, d in zip(shares, rows, strict=True)], fontsize=6, padding=1.5)
+    ax.axvline(100 * profile["uniform_topk"], color="C3", linestyle="--", linewidth=1)
+    ax.set_yticks(y, [text_label(d["domain"], 24)[1:-1] for d in rows], fontsize=6.5)
+    ax.set_xlim(0, max(max(shares), 100 * profile["uniform_topk"]) * 1.6)
+    label(ax, "% of the domain's tokens (top-k); dashed: uniform routing k / E", None, title)
+
+
+def _weights(ax: plt.Axes, profile: dict) -> None:
+    title = "Routing weight when chosen"
+    w = profile["weight_when_selected"]
+    if not w["count"]:
+        _no_data(ax, title)
+        return
+    q = {float(key[1:]): value for key, value in w.items() if key.startswith("q")}
+
+    def at(level: float) -> float:
+        return q.get(level, np.nan)
+
+    stats = {"med": at(0.5), "q1": at(0.25), "q3": at(0.75), "whislo": at(0.05), "whishi": at(0.95),
+             "fliers": [v for v in (at(0.01), at(0.99)) if np.isfinite(v)], "mean": w["mean"], "label": ""}
+    ax.bxp([stats], vert=False, showmeans=True, widths=0.5, patch_artist=True,
+           boxprops={"facecolor": "C0", "alpha": 0.35}, medianprops={"color": "black"},
+           meanprops={"marker": "D", "markerfacecolor": "C3", "markeredgecolor": "C3", "markersize": 4},
+           flierprops={"marker": "|", "markersize": 8})
+    ax.set_yticks([])
+    ax.text(0.02, 0.97, f"{w['count']:.0f} choices; mean {w['mean']:.3g} ± {w['std']:.2g} (diamond)\n"
+            "box: 25–75%, line: median, whiskers: 5–95%, ticks: 1% and 99%",
+            transform=ax.transAxes, va="top", fontsize=6)
+    ax.set_ylim(0.5, 1.9)
+    low, high = (at(0.01), at(0.99)) if np.isfinite(at(0.01)) else (at(0.05), at(0.95))
+    span = max(high - low, 0.05 * max(abs(high), 1e-3))
+    ax.set_xlim(low - 0.15 * span, high + 0.15 * span)
+    label(ax, "routing weight w (the model's scale)", None, title)
+
+
+def _promoted(ax: plt.Axes, profile: dict) -> None:
+    title = "Tokens its mean output promotes / suppresses"
+    half = SHOWN // 2
+    promoted, suppressed = profile["promoted_tokens"][:half], profile["suppressed_tokens"][:half][::-1]
+    items = promoted + suppressed
+    if not items or not profile["selected_topk"]:
+        _no_data(ax, title)
+        return
+    y = np.arange(len(items))[::-1]
+    values = [item["logit"] for item in items]
+    colours = ["C2"] * len(promoted) + ["C3"] * len(suppressed)
+    bars = ax.barh(y, values, color=colours, height=0.7)
+    bar_values(ax, bars, "{:.2g}", fontsize=6)
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.set_yticks(y, [text_label(item["token"]) for item in items], fontsize=6.5)
+    extent = max(abs(v) for v in values) * 1.3 or 1.0
+    low = min(min(values) * 1.3, 0)
+    ax.set_xlim(low if low < 0 else -0.05 * extent, max(max(values) * 1.3, 0.05 * extent))
+    label(ax, "logit of the decoded mean output", None, title)
+
+
+def plot_profile(profile: dict) -> plt.Figure:
+    """Six panels (3 rows × 2) summarising one expert profile (the dict written as profile_layer<L>_expert<E>.json)."""
+    fig, axes = a4_grid(6, max_cols=2, panel_height=2.45)
+    _domains(axes[0], profile)
+    _weights(axes[1], profile)
+    _token_bars(axes[2], profile["top_tokens_by_count"], "count", "Top input tokens by count",
+                "times routed to this expert (count)")
+    _token_bars(axes[3], profile["top_tokens_by_lift"], "lift", "Top input tokens by lift over their base rate",
+                "lift (× the token's share of all tokens)", colour="C1", fmt="{:.2g}", note="count")
+    _token_bars(axes[4], profile["top_next_tokens"], "count", "Tokens that follow its tokens",
+                "times the next token (count)", colour="C4")
+    _promoted(axes[5], profile)
+    model = str(profile.get("model", ""))
+    model = model if len(model) <= 40 else "…" + model[-39:]
+    fig.suptitle(f"Expert {profile['expert']}, layer {profile['layer']} of {model}\nchosen by "
+                 f"{100 * profile['frequency_topk']:.1f}% of tokens (uniform {100 * profile['uniform_topk']:.1f}%), "
+                 f"top expert for {100 * profile['frequency_top1']:.1f}% (uniform {100 * profile['uniform_top1']:.1f}%)")
+    return fig
+
+
+def save_profile_figure(out: Run, profile: dict) -> None:
+    """`figures/profile_layer<L>_expert<E>` of one profile."""
+    out.save_figure(plot_profile(profile), f"profile_layer{profile['layer']}_expert{profile['expert']}")
