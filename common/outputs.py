@@ -724,6 +724,41 @@ REGISTRY: tuple[Output, ...] = (
            "output tokens, one panel per k", "token-cluster-specialization", CLUSTER),
     Output("figures/cluster_sizes.{ext}", "cluster sizes from largest to smallest for each k (log-log), with the "
            "equal-size line", "token-cluster-specialization", CLUSTER),
+    # ------------------------------------------------------------------------------------ label.py
+    Output("label_layer{L}_expert{E}.json", "one expert's automatic label: its top windows, the explainer's and "
+           "scorer's prompts and responses, and the label's detection scores", "automatic-labels", ("label",),
+           keys={"layer": "decoder-layer index of the MoE layer", "expert": "expert index", "model": "model id",
+                 "label": "the explainer's label (null: no label)",
+                 "f1": "detection F1 of the class 'belongs to the expert' over the answered windows (fraction; null: undefined)",
+                 "accuracy": "share of answered windows the scorer got right (fraction; null: none answered)",
+                 "precision": "TP / (TP + FP) (fraction; null: undefined)",
+                 "recall": "TP / (TP + FN) (fraction; null: undefined)",
+                 "windows_explained": "windows in the explainer's prompt (count)",
+                 "windows_scored": "windows the scorer answered for (count)",
+                 "positives": "the expert's own windows sent to the scorer (count)",
+                 "negatives": "other experts' windows sent to the scorer (count)",
+                 "confusion": "true_positives, false_positives, true_negatives, false_negatives (counts)",
+                 "malformed": "replies that could not be fully parsed (count)",
+                 "failed": "requests with no reply after all retries, or refused (count)",
+                 "note": "why the expert has no label or score, or fewer negatives than positives (null: nothing to say)",
+                 "control": "'shuffled windows' under --shuffle-windows, else null",
+                 "llm": "the LLM: backend, model, endpoint (null for a local model) or local path",
+                 "explanation": "the explainer request: prompt (chat messages), response, error, cached, note, "
+                                "malformed, and the windows shown (id, expert, rank, score, weight, domain, "
+                                "top_position, top_token, text, marked, active_tokens with weight, output_norm and "
+                                "logit_lens)",
+                 "scoring": "requests (window ids, prompt, response, error, cached, note, malformed, answers) and "
+                            "windows (the scored windows with belongs = truth and answer = the scorer's yes/no/null)"}),
+    Output("labels_layer{L}.csv", "one row per labelled expert: label and detection scores", "automatic-labels",
+           ("label",),
+           columns={"layer": LAYER, "expert": EXPERT, "label": "the explainer's label (empty: none)",
+                    "f1": "detection F1 over the answered windows (fraction; empty: undefined)",
+                    "accuracy": "share of the answered windows the scorer got right (fraction; empty: none answered)",
+                    "windows_explained": "windows in the explainer's prompt (count)",
+                    "windows_scored": "windows the scorer answered for (count)",
+                    "malformed": "replies that could not be fully parsed (count)",
+                    "failed": "requests with no reply after all retries, or refused (count)"},
+           integers=frozenset({"layer", "expert", "windows_explained", "windows_scored", "malformed", "failed"})),
 )
 # fmt: on
 

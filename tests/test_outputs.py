@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import cluster
 import profiles
 import router_decisive
 import router_metrics
@@ -29,6 +30,7 @@ SCRIPTS = {
     "router_metrics": (router_metrics, ["--layers", "0", "1"]),
     "profiles": (profiles, ["--layer", "1", "--expert_id", "0", "5"]),
     "weights": (weights, ["--layers", "0", "1", "--num_random", "50"]),
+    "cluster": (cluster, ["--layers", "0", "1", "--clusters", "4", "16", "--baseline_draws", "5"]),
 }
 NO_DATA = {"weights"}  # scripts without data flags
 LINK = re.compile(r"\]\(([^)#]*METRICS\.md)#([^)]+)\)")
