@@ -214,8 +214,11 @@ class Run:
             text, undocumented = f"# {self.script} run {self.run_id}\n\nREADME generation failed: {err!r}\n", []
             print(f"{self.script}: warning: README.md generation failed: {err!r}", file=sys.stderr)
         if undocumented:
-            print(f"{self.script}: warning: {len(undocumented)} output(s) not described in common/outputs.py "
-                  f"(listed in README.md): {', '.join(undocumented)}", file=sys.stderr)
+            message = (f"{len(undocumented)} output(s) not described in common/outputs.py (listed in README.md): "
+                       f"{', '.join(undocumented)}")
+            if os.environ.get("MOESCOPE_STRICT_OUTPUTS"):  # the test suite: every output of every script is described
+                raise RuntimeError(message)
+            print(f"{self.script}: warning: {message}", file=sys.stderr)
         return atomic_write(self.dir / "README.md", lambda p: p.write_text(text, encoding="utf-8"))
 
     # -- outputs

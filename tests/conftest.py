@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,6 +10,10 @@ import pytest
 import torch
 
 from common import tiny
+
+# Every run any test makes must describe every file, CSV column and JSON key it writes (common/outputs.py): an
+# undocumented output fails the run (subprocesses inherit the variable).
+os.environ["MOESCOPE_STRICT_OUTPUTS"] = "1"
 
 # Tiny models run 2-3x faster single-threaded on a shared CPU: intra-op threads only spin-wait on ops this small.
 torch.set_num_threads(1)

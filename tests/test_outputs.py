@@ -184,7 +184,8 @@ def test_whole_number_columns():
     assert back["share"].tolist() == table["share"].tolist()  # floats round-trip exactly
 
 
-def test_undocumented_outputs_are_loud(tmp_path, capsys):
+def test_undocumented_outputs_are_loud(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MOESCOPE_STRICT_OUTPUTS")  # outside the test suite: a warning and a README section
     with Run(RunSpec(script="router_metrics", out=tmp_path), "random:olmoe") as run:
         run.save_table(pd.DataFrame({"layer": [0.0], "count_topk": [1.0], "mystery": [2.0]}), "frequency")
         run.save_table(pd.DataFrame({"x": [1.0]}), "not_registered")
@@ -195,6 +196,10 @@ def test_undocumented_outputs_are_loud(tmp_path, capsys):
         assert item in undocumented
     assert "not described in common/outputs.py" in capsys.readouterr().err
     assert (run.final_dir / "frequency.csv").read_text().splitlines()[1] == "0,1,2.0"  # integer set of the registry only
+    monkeypatch.setenv("MOESCOPE_STRICT_OUTPUTS", "1")  # inside it: the run fails
+    with pytest.raises(RuntimeError, match=r"not described in common/outputs\.py"), \
+            Run(RunSpec(script="router_metrics", out=tmp_path / "strict"), "random:olmoe") as strict:
+        strict.save_table(pd.DataFrame({"x": [1.0]}), "not_registered")
 
 
 def test_metrics_link_is_relative_inside_the_repository(tmp_path):
