@@ -743,12 +743,14 @@ REGISTRY: tuple[Output, ...] = (
                  "note": "why the expert has no label or score, or fewer negatives than positives (null: nothing to say)",
                  "control": "'shuffled windows' under --shuffle-windows, else null",
                  "llm": "the LLM: backend, model, endpoint (null for a local model) or local path",
-                 "explanation": "the explainer request: prompt (chat messages), response, error, cached, note, "
-                                "malformed, and the windows shown (id, expert, rank, score, weight, domain, "
-                                "top_position, top_token, text, marked, active_tokens with weight, output_norm and "
-                                "logit_lens)",
+                 "explanation": "the explainer request: prompt (chat messages as sent), response, error, cached, "
+                                "note, malformed, and the windows shown: id ('<expert>:<rank>', rank 0 = strongest), "
+                                "expert, rank, score = w·‖E_e(x)‖ and weight of the top token, domain, top_position, "
+                                "top_token, text and marked (newlines kept; prompts write them as \\n), "
+                                "active_tokens (position, token, weight, output_norm = ‖w·E_e(x)‖, logit_lens)",
                  "scoring": "requests (window ids, prompt, response, error, cached, note, malformed, answers) and "
-                            "windows (the scored windows with belongs = truth and answer = the scorer's yes/no/null)"}),
+                            "windows (the scored windows with belongs = truth and answer = the scorer's yes/no/null; "
+                            "marks only on the expert's own, the scorer saw plain text)"}),
     Output("labels_layer{L}.csv", "one row per labelled expert: label and detection scores", "automatic-labels",
            ("label",),
            columns={"layer": LAYER, "expert": EXPERT, "label": "the explainer's label (empty: none)",
