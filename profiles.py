@@ -17,8 +17,6 @@ profiles as one process.
 from __future__ import annotations
 
 import argparse
-import itertools
-import math
 import sys
 from collections.abc import Sequence
 
@@ -46,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
     import pandas as pd
     import torch
 
-    from common import distributed, pipeline
+    from common import pipeline
     from common.analysis.expert_profile import ExpertActivity
     from common.analysis.profile_json import build_profile
     from common.analysis.specialization import RoutingCounts
@@ -68,15 +66,9 @@ def run(args: argparse.Namespace) -> None:
     with pipeline.start_run(s) as out:
         counts_acc = RoutingCounts(count_layers, domains, s.moe.vocab_size, s.moe.device, seed=args.seed)
         captured = pipeline.captured_batches(s.moe, stream, count_layers, ("logits", "topk", "input"))
-        first = next(captured, None)
-        # The weight histogram's range comes from the stream's first batch (sigmoid/scaled routers exceed 1). Rank 0
-        # holds it and every rank must bin alike for all_reduce, so rank 0's value is broadcast (before the loop:
-        # a rank without batches takes part too).
-        first_max = float(first[0][layer.layer].topk_weight.max()) if first is not None else 0.0
-        max_weight = max(1.0, math.ceil(1.5 * distributed.broadcast(first_max)))
-        activity = ExpertActivity(layer, experts, s.moe.device, hidden_size=s.moe.hidden_size, top_n=args.top,
-                                  max_weight=max_weight)
-        for records, batch, logits in itertools.chain([first] if first is not None else [], captured):
+        # The weight histogram grows its range with the data (common/stats), so every rank bins alike.
+        activity = ExpertActivity(layer, experts, s.moe.device, hidden_size=s.moe.hidden_size, top_n=args.top)
+        for records, batch, logits in captured:
             counts_acc.update(records, batch, predicted=logits.argmax(-1))
             activity.update(records[layer.layer], batch)
         counts_acc.all_reduce()

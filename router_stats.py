@@ -6,8 +6,8 @@
 Per MoE layer (docs/METRICS.md#router-output-distributions): (a) raw router logits z over all experts, (b) softmax p over all experts,
 (c) the renormalised top-k probabilities p̃_i = p_i / Σ_{j∈K} p_j and (d) the weights w the experts really receive
 (whatever the scoring rule: softmax, sigmoid, scaled, renormalised or not), (c) and (d) per rank 1..k (rank 1 =
-largest). Streamed per (layer, domain[, rank]) into fixed-bin histograms; logits and weights get their range from
-the first batch (values outside are clamped into the edge bins and counted in `below`/`above`).
+largest). Streamed per (layer, domain[, rank]) into histograms: probabilities on their fixed [0, 1] bins, logits and
+weights on a range that grows with the data by merging whole bins (exact, and identical under torchrun).
 
 Outputs: distribution_summary.csv (count, mean, std, min, max, quantiles), distribution_histograms.csv (tidy),
 <quantity>_hist.npy [layer, domain (+all last), (rank,) bin] with <quantity>_edges.npy, and a figure per layer.

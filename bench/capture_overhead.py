@@ -283,7 +283,7 @@ class Bench:
         return naive_statistics(self.naive_batch, self.host_domain, self.layers[0].top_k, self.naive_ranges(), self.bins)
 
     def naive_ranges(self) -> dict[str, tuple[float, float]]:
-        """The streamed accumulators' histogram ranges (fixed, or set by their first batch)."""
+        """The streamed accumulators' histogram ranges (fixed, or grown with the data)."""
         ranges = dict(metric_ranges(self.layers))
         for name, acc in self.stats.distributions.stats.items():
             ranges[name] = (acc.histogram.lo, acc.histogram.hi)

@@ -154,11 +154,12 @@ def _has_glyph(char: str) -> bool:
     return font.get_char_index(ord(char)) != 0
 
 
-def text_label(text: str, limit: int = 18) -> str:
+def text_label(text: str, limit: int = 18, quoted: bool = True) -> str:
     """A token or other raw string as a readable, safe tick label: its Python repr (spaces, newlines and control
-    characters visible), characters the font lacks as \\u escapes, shortened to `limit` characters, with `$`
-    escaped so matplotlib does not read math."""
-    shown = "".join(c if c.isascii() or _has_glyph(c) else ascii(c)[1:-1] for c in repr(text))
+    characters visible; without the quotes unless `quoted`), characters the font lacks as \\u escapes, shortened to
+    `limit` characters, with `$` escaped so matplotlib does not read math."""
+    shown = repr(text) if quoted else repr(text)[1:-1]
+    shown = "".join(c if c.isascii() or _has_glyph(c) else ascii(c)[1:-1] for c in shown)
     if len(shown) > limit:
         shown = shown[: limit - 1] + "…"
     return shown.replace("$", r"\$")

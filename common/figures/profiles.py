@@ -48,7 +48,7 @@ def _domains(ax: plt.Axes, profile: dict) -> None:
     ax.bar_label(bars, labels=[f"{s:.1f}%  ({100 * d['share_of_expert']:.0f}% of its tokens)"
                                for s, d in zip(shares, rows, strict=True)], fontsize=6, padding=1.5)
     ax.axvline(100 * profile["uniform_topk"], color="C3", linestyle="--", linewidth=1)
-    ax.set_yticks(y, [text_label(d["domain"], 24)[1:-1] for d in rows], fontsize=6.5)
+    ax.set_yticks(y, [text_label(d["domain"], 24, quoted=False) for d in rows], fontsize=6.5)
     ax.set_xlim(0, max(max(shares), 100 * profile["uniform_topk"]) * 1.6)
     label(ax, "% of the domain's tokens (top-k); dashed: uniform routing k / E", None, title)
 

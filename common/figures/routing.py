@@ -36,10 +36,9 @@ def plot_distributions(hist: pd.DataFrame, layer: int) -> plt.Figure:
             edges = np.append(part["left"].to_numpy(), part["right"].to_numpy()[-1])
             ax.stairs(density, edges, color="black" if rank == "all" else f"C{j}", linewidth=1,
                       label=None if rank == "all" else f"rank {rank}")
-        if quantity in _UNBOUNDED and len(q):
-            ax.set_xlim(*occupied_range(q["count"].to_numpy(), np.append(q["left"].unique(), q["right"].max())))
-        else:
-            ax.set_xlim(0, 1)
+        if len(q):  # the range the data occupy (probabilities: within 0 … 1), not the whole binning range
+            low, high = occupied_range(q["count"].to_numpy(), np.append(q["left"].unique(), q["right"].max()))
+            ax.set_xlim(*((low, high) if quantity in _UNBOUNDED else (max(low, 0.0), min(high, 1.0))))
         if quantity == "softmax":
             ax.set_yscale("log")
         label(ax, xlabel, "density (log scale)" if quantity == "softmax" else "probability density", title)
@@ -64,9 +63,12 @@ def plot_violins(counts: np.ndarray, edges: np.ndarray, layers: Sequence[int], d
     step = max(1, -(-len(layers) // 16))
     ax.set_xticks(range(0, len(layers), step), [str(layer) for layer in layers][::step])
     ax.set_xlim(-0.6, len(layers) - 0.4)
-    ax.set_ylim(0, 1)
+    low, high = occupied_range(overall, edges, pad=0.08)
+    zoomed = high - low < 0.4  # e.g. a near-uniform router: every token close to 1
+    ax.set_ylim(*((max(low, 0.0), min(high, 1.0)) if zoomed else (0.0, 1.0)))
     label(ax, "decoder layer", "router entropy H / ln E (fraction of max)",
-          f"Router entropy per layer ({len(domains)} domains pooled; line = median)")
+          f"Router entropy per layer\n({len(domains)} domains pooled; line = median"
+          f"{'; y axis zoomed to the data' if zoomed else ''})")
     return fig
 
 
@@ -91,7 +93,9 @@ def plot_by_layer(summary: pd.DataFrame, domains: Sequence[str]) -> plt.Figure:
         for j, domain in enumerate([*domains, ALL_DOMAINS]):
             d = rows[rows.domain == domain].sort_values("layer")
             pooled = domain == ALL_DOMAINS
-            style = {"color": "black", "linewidth": 2, "zorder": 3} if pooled else {"color": f"C{j % 10}", "linewidth": 1}
+            # the pooled line underneath, wide and pale, so that domains that coincide with it stay visible
+            style = ({"color": "black", "alpha": 0.35, "linewidth": 3.5, "zorder": 1} if pooled
+                     else {"color": f"C{j % 10}", "linewidth": 1, "zorder": 2})
             ax.plot(d.layer, d["mean"], marker="o", markersize=3, label="all domains" if pooled else domain, **style)
         ax.set_ylim(0, 1.02)
         if len(layers) == 1:
