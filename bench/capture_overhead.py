@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, OlmoeConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: make `common` importable
@@ -47,6 +46,7 @@ from common import pipeline
 from common.analysis.routing import DecisivenessStats, DistributionStats, metric_ranges
 from common.data import Batch
 from common.hooks import Capture, capture
+from common.measure import count_ops
 from common.moe import MoELayer, MoEModel
 from common.stats import Accumulator, BinCount
 
@@ -490,24 +490,6 @@ def _captured(bench: Bench) -> Capture:
 
 def _domain_weight(bench: Bench) -> tuple[torch.Tensor, torch.Tensor]:
     return bench.batch.token_domains(), bench.batch.token_weights()
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched inside the block: on a GPU, roughly one kernel launch each."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_ops(fn: Callable[[], object]) -> int:
-    with OpCounter() as counter:
-        fn()
-    return counter.count
 
 
 def print_breakdown(bench: Bench, repeats: int, bare: float, tokens: int) -> None:

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: make `common` importable
 
@@ -27,6 +26,7 @@ from common.analysis.routing import DecisivenessStats
 from common.analysis.specialization import RoutingCounts
 from common.data import Batch
 from common.hooks import capture
+from common.measure import OpCounter
 from common.moe import MoEModel
 from common.oom import with_oom_backoff
 
@@ -34,16 +34,6 @@ from common.oom import with_oom_backoff
 FULL = {"vocab_size": 50_304, "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 16,
         "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8}
 SMALL = {**FULL, "hidden_size": 64, "intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 4}
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def sync(device: torch.device) -> None:

@@ -10,26 +10,14 @@ Runs router_metrics.py twice in fresh processes and reads each child's peak resi
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a file: make `common` importable
 
-
-def peak_rss_mib(argv: list[str]) -> tuple[float, float]:
-    """(peak RSS in MiB, wall seconds) of `python router_metrics.py argv` in its own process."""
-    start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, str(ROOT / "router_metrics.py"), *argv], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"router_metrics.py failed: {child.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss / 1024, elapsed  # Linux reports KiB
+from common.measure import peak_rss_mib  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +31,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         for tokens in (args.small, args.large):
             argv = ["--model", args.model, "--num_tokens", str(tokens), "--out", out, "--no-progress", *args.extra]
-            results[tokens] = peak_rss_mib(argv)
+            results[tokens] = peak_rss_mib("router_metrics.py", argv)
             print(f"--num_tokens {tokens:>8}: peak RSS {results[tokens][0]:8.1f} MiB, {results[tokens][1]:6.1f} s", flush=True)
     ratio = results[args.large][0] / results[args.small][0]
     print(f"ratio large/small: {ratio:.3f}  (goal ≤ 1.10: {'PASS' if ratio <= 1.10 else 'FAIL'})")

@@ -4,23 +4,13 @@ the bare forward of an OLMoE-1B-7B-shaped model (16 MoE layers, 64 experts, top-
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import OlmoeConfig, OlmoeForCausalLM
 
 from common.analysis.specialization import RoutingCounts
 from common.data import Batch
 from common.hooks import capture
+from common.measure import OpCounter
 from common.moe import MoEModel
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_router_metrics_update_dispatches_fewer_ops_than_the_forward():
@@ -31,12 +21,12 @@ def test_router_metrics_update_dispatches_fewer_ops_than_the_forward():
     ids = torch.randint(0, config.vocab_size, (4, 64))
     batch = Batch(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool), torch.zeros(4, dtype=torch.long),
                   torch.zeros_like(ids))
-    with torch.inference_mode(), _Ops() as bare:
+    with torch.inference_mode(), OpCounter() as bare:
         moe.model(input_ids=ids, use_cache=False)
     with torch.inference_mode(), capture(moe, moe.layers, ("logits", "topk")) as records:
         predicted = moe.model(input_ids=ids, use_cache=False).logits.argmax(-1)
     counts = RoutingCounts(moe.layers, ["d"], config.vocab_size, torch.device("cpu"))
-    with _Ops() as update:
+    with OpCounter() as update:
         counts.update(records, batch, predicted=predicted)
     assert 0 < update.count <= bare.count, (update.count, bare.count)
     assert counts.arrays()["topk"].sum() == 16 * ids.numel() * 8  # and it counted every selection of every layer

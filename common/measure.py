@@ -1,0 +1,45 @@
+"""Measuring the suite itself (benchmarks and tests): peak memory of a script run in its own process, and the aten
+ops a block of code dispatches (on a GPU each is about one kernel launch)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def peak_rss_mib(script: str, argv: Sequence[str]) -> tuple[float, float]:
+    """(peak resident memory in MiB, wall seconds) of `python <script> argv` in a fresh process, from the kernel."""
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{script} failed: {child.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024, elapsed  # Linux reports KiB
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], object]) -> int:
+    with OpCounter() as counter:
+        fn()
+    return counter.count
