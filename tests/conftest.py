@@ -55,6 +55,19 @@ def saved_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str]
     return get
 
 
+@pytest.fixture(scope="session")
+def saved_dense_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random dense Llama (no MoE layer) with the tiny tokenizer, saved: what MoE-only scripts must refuse."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("dense")
+    config = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tiny.tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tiny_tokenizer():
     """The byte-level tokenizer of the tiny models (ids 0..255 are bytes; bos/eos/pad follow)."""

@@ -239,17 +239,6 @@ def test_script_end_to_end(tmp_path, data):
     assert counts[0, 0].sum(axis=1).tolist() == layer0.tokens.tolist()
 
 
-@pytest.fixture(scope="module")
-def dense_model(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("dense")
-    config = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tiny.tiny_tokenizer().save_pretrained(path)
-    return path
-
 
 BAD = {
     "one cluster": (["--clusters", "1"], "argument --clusters: must be at least 2 (got 1)"),
@@ -261,9 +250,9 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, data, dense_model, capsys):
+def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, data, saved_dense_model, capsys):
     extra, message = BAD[case]
-    extra = [e.format(dense=dense_model) for e in extra]
+    extra = [e.format(dense=saved_dense_model) for e in extra]
     code = cluster.main(_argv(tmp_path / "results", data, *extra))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, lines

@@ -265,26 +265,15 @@ def test_script_prompt_mode_shared_experts_and_dense_first_layer(tmp_path):
     assert info["prompt"] == "def add(a, b):\n    return" and info["position"] == len(info["input_ids"]) - 1
 
 
-@pytest.fixture(scope="module")
-def dense_model_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("dense")
-    config = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tiny.tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-def test_dense_model_gets_the_layer_output_column_only(tmp_path, dense_model_dir, data_files, capsys):
+def test_dense_model_gets_the_layer_output_column_only(tmp_path, saved_dense_model, data_files, capsys):
     capsys.readouterr()
-    assert logit_lens.main(["--model", str(dense_model_dir), "--prompt", "Hello", "--out", str(tmp_path),
+    assert logit_lens.main(["--model", str(saved_dense_model), "--prompt", "Hello", "--out", str(tmp_path),
                             "--no-progress"]) == 0
     table = pd.read_csv(_run_dir(tmp_path) / "lens_grid.csv")
     assert set(table.column) == {"layer_output"} and set(table.layer) == {0, 1}
     capsys.readouterr()
-    code = logit_lens.main(_data_argv(tmp_path / "data", data_files, "--model", str(dense_model_dir)))
+    code = logit_lens.main(_data_argv(tmp_path / "data", data_files, "--model", str(saved_dense_model)))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "top-k restriction needs experts" in err[0]
     assert not (tmp_path / "data").exists()

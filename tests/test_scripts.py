@@ -69,19 +69,6 @@ def test_help_exits_zero(capsys):
     assert "--num_tokens" in capsys.readouterr().out
 
 
-@pytest.fixture(scope="module")
-def dense_model_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from common.tiny import tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("dense")
-    config = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
 
 BAD_INPUT = {
     "missing layer": (["--layers", "7"], "layer 7 does not exist"),
@@ -99,9 +86,9 @@ BAD_INPUT = {
 
 @pytest.mark.parametrize("case", BAD_INPUT)
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_bad_input_one_line_exit_2_no_output(name, case, tmp_path, data_files, dense_model_dir, capsys):
+def test_bad_input_one_line_exit_2_no_output(name, case, tmp_path, data_files, saved_dense_model, capsys):
     extra, message = BAD_INPUT[case]
-    extra = [e.format(dense=dense_model_dir, data=data_files) for e in extra]
+    extra = [e.format(dense=saved_dense_model, data=data_files) for e in extra]
     code = SCRIPTS[name].main(_argv(tmp_path / "results", data_files, *extra))
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
