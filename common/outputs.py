@@ -137,6 +137,7 @@ SIM_METHODS = ("cosine", "cka", "cka-debiased", "cka-rbf")  # sim.py --method; o
 SIM_EXPERT = "expert index within the layer (0-based), or 'shared' for the layer's shared experts"
 INTERV = ("interv",)
 CLUSTER = ("cluster",)
+PROBING = ("probing",)
 
 # fmt: off
 REGISTRY: tuple[Output, ...] = (
@@ -761,6 +762,54 @@ REGISTRY: tuple[Output, ...] = (
                     "malformed": "replies that could not be fully parsed (count)",
                     "failed": "requests with no reply after all retries, or refused (count)"},
            integers=frozenset({"layer", "expert", "windows_explained", "windows_scored", "malformed", "failed"})),
+    # ------------------------------------------------------------------------------------ probing.py
+    Output("probing.csv", "one row per k-sparse probe: concept, unit (a layer's expert, or a dense FFN layer), k and "
+           "neuron selection, with the held-out F1, precision and recall", "k-sparse-probing", PROBING,
+           columns={"concept": "concept name (probing.py --list-concepts)",
+                    "layer": "decoder-layer index of the unit: a MoE layer of --model for an expert; for expert "
+                             "'dense' a layer of the dense baseline (--dense_model; 'same': of --model)",
+                    "expert": "expert index within the layer (0-based), or 'dense' for a dense FFN layer",
+                    "k": "neurons the probe reads (count)",
+                    "selection": "ranked: the k neurons with the largest train-split gap |mean(pos) − mean(neg)|; "
+                                 "random: k neurons drawn at random, seeded (the control)",
+                    "f1": "binary F1 of the positive class on the held-out split (fraction)",
+                    "precision": "TP / (TP + FP) on the held-out split (fraction; 0 if nothing is predicted positive)",
+                    "recall": "TP / (TP + FN) on the held-out split (fraction)",
+                    "num_positive": "positive examples of the cell, train + held out (count; at most --max_examples)",
+                    "num_negative": "negative examples of the cell, train + held out (count; at most --max_examples)"},
+           integers=frozenset({"layer", "k", "num_positive", "num_negative"})),
+    Output("probing_best_layer.csv", "best-layer F1 per concept, model, selection and k: the maximum over a layer's "
+           "experts, then over layers", "k-sparse-probing", PROBING,
+           columns={"concept": "concept name (probing.py --list-concepts)",
+                    "model": "moe (expert neurons of --model) or dense (FFN neurons of the dense baseline)",
+                    "selection": "ranked or random, as in probing.csv",
+                    "k": "neurons the probe reads (count)",
+                    "f1": "the best held-out F1 (fraction)",
+                    "layer": "decoder layer where it is reached (the first in probing.csv order on ties)",
+                    "expert": "expert where it is reached, or 'dense'",
+                    "units_probed": "units (expert-layer pairs, or dense layers) probed for this concept, k and "
+                                    "selection: what the maximum runs over (count)"},
+           integers=frozenset({"k", "layer", "units_probed"})),
+    Output("probing_examples.csv", "examples per concept and unit (what it saw, what was kept) and whether the cell "
+           "was probed or skipped", "k-sparse-probing", PROBING,
+           columns={"concept": "concept name (probing.py --list-concepts)",
+                    "model": "moe or dense, as in probing_best_layer.csv",
+                    "layer": "decoder-layer index of the unit, as in probing.csv",
+                    "expert": "expert index, or 'dense'",
+                    "seen_positive": "positive tokens the unit saw in the stream (count; an expert sees the tokens "
+                                     "routed to it)",
+                    "seen_negative": "eligible negative tokens it saw (count; see --negatives)",
+                    "num_positive": "positives kept: min(seen_positive, --max_examples) (count)",
+                    "num_negative": "negatives kept: min(seen_negative, --max_examples) (count)",
+                    "probed": "1 if num_positive and num_negative both reach --min_examples (probed), else 0 "
+                              "(skipped)"},
+           integers=frozenset({"layer", "seen_positive", "seen_negative", "num_positive", "num_negative", "probed"})),
+    Output("figures/probing_f1_vs_k.{ext}", "best-layer F1 against k (log scale): MoE expert neurons vs dense FFN "
+           "neurons, top-k by mean gap (solid) vs k at random (dashed); median over the concepts probed for both, "
+           "band = 25th–75th percentile", "k-sparse-probing", PROBING),
+    Output("figures/probing_concepts.{ext}", "best-layer F1 of every probed concept at k = 1 and k = 16, MoE vs "
+           "dense, ranked (filled) vs random (open markers); concepts never probed are named below",
+           "k-sparse-probing", PROBING),
 )
 # fmt: on
 

@@ -100,8 +100,9 @@ def plot_concepts(best: pd.DataFrame, ks: Sequence[int], all_concepts: Sequence[
     handles, texts = axes[0].get_legend_handles_labels()
     if texts:
         fig.legend(handles, texts, loc="outside lower center", ncols=2, frameon=False)
-    fig.suptitle("Best-layer F1 per concept (a missing marker: too few examples to probe there)")
+    title = "Best-layer F1 per concept (a missing marker: too few examples to probe there)"
     if missing:
-        text = "not probed anywhere (too few examples): " + ", ".join(missing)
-        fig.text(0.5, 0, "\n".join(textwrap.wrap(text, 140)), ha="center", va="top", fontsize=7, color="0.35")
+        note = textwrap.wrap("Not probed anywhere (too few examples): " + ", ".join(missing) + ".", 95)
+        title += "\n" + "\n".join(note)
+    fig.suptitle(title)
     return fig
