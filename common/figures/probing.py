@@ -74,7 +74,7 @@ def plot_concepts(best: pd.DataFrame, ks: Sequence[int], all_concepts: Sequence[
     concepts = list(dict.fromkeys(best["concept"]))
     missing = [c for c in all_concepts if c not in set(concepts)]
     ks = [k for k in ks if k in set(best["k"])]
-    fig, axes = a4_grid(max(1, len(ks)), max_cols=2, panel_height=0.5 + 0.16 * max(1, len(concepts)))
+    fig, axes = a4_grid(max(1, len(ks)), max_cols=2, panel_height=max(1.6, 0.5 + 0.16 * len(concepts)))
     y = np.arange(len(concepts))
     offsets = {"moe": -0.17, "dense": 0.17}
     for panel, (ax, k) in enumerate(zip(axes, ks, strict=False)):
