@@ -59,7 +59,9 @@ def plot_f1_vs_k(best: pd.DataFrame, model_name: str, dense_name: str | None, un
     ax.set_ylim(0, 1.02)
     ax.grid(axis="y", linewidth=0.4, alpha=0.5)
     against = f" vs {dense_name}" if dense_name else ""
-    title = f"k-sparse probing: {model_name}{against}\nmedian over {len(concepts)} concepts, band = 25th–75th percentile"
+    n = len(concepts)
+    title = (f"k-sparse probing: {model_name}{against}\nmedian over {n} concept{'s' if n != 1 else ''}, "
+             "band = 25th–75th percentile")
     label(ax, "k (neurons the probe reads; log scale)", "best-layer F1 on held-out tokens",
           title + (f"\nbest of {units}" if units else ""))
     if ax.get_legend_handles_labels()[1]:
@@ -73,8 +75,10 @@ def plot_concepts(best: pd.DataFrame, ks: Sequence[int], all_concepts: Sequence[
     that were never probed (too few examples everywhere) are named below the panels."""
     concepts = list(dict.fromkeys(best["concept"]))
     missing = [c for c in all_concepts if c not in set(concepts)]
+    note = textwrap.wrap("Not probed anywhere (too few examples): " + ", ".join(missing) + ".", 95) if missing else []
     ks = [k for k in ks if k in set(best["k"])]
-    fig, axes = a4_grid(max(1, len(ks)), max_cols=2, panel_height=max(1.6, 0.5 + 0.16 * len(concepts)))
+    height = max(1.6, 0.5 + 0.16 * len(concepts)) + 0.17 * len(note)  # room for the title's note lines
+    fig, axes = a4_grid(max(1, len(ks)), max_cols=2, panel_height=height)
     y = np.arange(len(concepts))
     offsets = {"moe": -0.17, "dense": 0.17}
     for panel, (ax, k) in enumerate(zip(axes, ks, strict=False)):
@@ -100,9 +104,5 @@ def plot_concepts(best: pd.DataFrame, ks: Sequence[int], all_concepts: Sequence[
     handles, texts = axes[0].get_legend_handles_labels()
     if texts:
         fig.legend(handles, texts, loc="outside lower center", ncols=2, frameon=False)
-    title = "Best-layer F1 per concept (a missing marker: too few examples to probe there)"
-    if missing:
-        note = textwrap.wrap("Not probed anywhere (too few examples): " + ", ".join(missing) + ".", 95)
-        title += "\n" + "\n".join(note)
-    fig.suptitle(title)
+    fig.suptitle("\n".join(["Best-layer F1 per concept (a missing marker: too few examples to probe there)", *note]))
     return fig
