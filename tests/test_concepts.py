@@ -89,7 +89,7 @@ def test_every_concept_has_examples_and_there_are_enough():
 
 
 @pytest.mark.parametrize("name", list(EXAMPLES))
-def test_concept_matches_exactly_the_marked_characters(name):
+def test_concept_matches_exactly_the_marked_characters_and_their_tokens(name, tiny_tokenizer):
     concept = BY_NAME[name]
     positives, negatives = EXAMPLES[name]
     for marked in positives:
@@ -97,8 +97,14 @@ def test_concept_matches_exactly_the_marked_characters(name):
         assert expected.any(), marked
         got = concept.char_mask(text)
         assert got.tolist() == expected.tolist(), (marked, [text[s:e] for s, e in concept.spans(text)])
+        # byte tokens: each byte is positive iff the character it belongs to is marked
+        ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+        byte_marks = [bool(m) for ch, m in zip(text, expected, strict=True) for _ in ch.encode("utf-8")]
+        assert label_ids(tiny_tokenizer, ids, [concept])[:, 0].tolist() == byte_marks, marked
     for text in negatives:
         assert not concept.char_mask(text).any(), (text, [text[s:e] for s, e in concept.spans(text)])
+        ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert not label_ids(tiny_tokenizer, ids, [concept]).any(), text
 
 
 def test_overlap_rule_a_token_touching_a_match_is_positive():
