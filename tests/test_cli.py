@@ -13,21 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.script_probe import run_script
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["router_decisive.py", "router_stats.py", "router_metrics.py", "profiles.py"]
-# Runs a script as `python SCRIPT ARGS` would, then reports on stdout whether torch was ever imported.
-PROBE = """
-import runpy, sys
-script, *args = sys.argv[1:]
-sys.argv = [script, *args]
-code = 0
-try:
-    runpy.run_path(script, run_name="__main__")
-except SystemExit as exit_:
-    code = exit_.code or 0
-print("TORCH-IMPORTED" if "torch" in sys.modules else "TORCH-NOT-IMPORTED")
-sys.exit(code)
-"""
 # (flags, the words the one-line error must contain: the flag at fault)
 BAD_FLAGS = {
     "router_decisive.py": [(["--bins", "0"], "argument --bins: must be at least 1"),
@@ -45,11 +34,10 @@ BAD_FLAGS = {
 }
 
 
-def _probe(script: str, *args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+def _probe(script: str, *args: str) -> tuple[subprocess.CompletedProcess, list[str], float]:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", PROBE, script, *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout)
-    return result, time.perf_counter() - started
+    result, heavy = run_script(script, *args)
+    return result, heavy, time.perf_counter() - started
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -58,18 +46,18 @@ def test_help_and_flag_errors_are_fast_one_line_and_never_import_torch(script):
     subprocess.run([sys.executable, "-c", "import argparse"], check=True)
     baseline = time.perf_counter() - started
 
-    result, seconds = _probe(script, "--help")
+    result, heavy, seconds = _probe(script, "--help")
     assert result.returncode == 0 and "usage:" in result.stdout and "--model" in result.stdout
-    assert result.stdout.rstrip().endswith("TORCH-NOT-IMPORTED") and result.stderr == ""
+    assert heavy == [] and result.stderr == ""
     assert seconds < baseline + 1.5, seconds
 
     for flags, fault in BAD_FLAGS[script]:
-        result, seconds = _probe(script, *flags)
+        result, heavy, seconds = _probe(script, *flags)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, (flags, result.stderr)
         assert len(lines) == 1 and "Traceback" not in result.stderr, (flags, result.stderr)
         assert lines[0].startswith(f"{script}: error: ") and fault in lines[0], (flags, lines[0])
-        assert result.stdout.strip() == "TORCH-NOT-IMPORTED"
+        assert heavy == [] and result.stdout.strip() == ""
         assert seconds < baseline + 1.5, (flags, seconds)
 
 

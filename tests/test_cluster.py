@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +20,7 @@ from common.analysis import clusters as cl
 from common.hooks import capture
 from common.moe import MoEModel
 from common.plots import MAX_PNG_WIDTH
+from tests.script_probe import run_script
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -261,7 +260,6 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, data, saved_d
 
 
 def test_help_does_not_import_torch():
-    code = "import sys, cluster; cluster.main(['--help']); assert 'torch' not in sys.modules, 'torch imported'"
-    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    done, heavy = run_script("cluster.py", "--help")
+    assert done.returncode == 0 and heavy == [], (done.stderr, heavy)
     assert "--clusters" in done.stdout and "about a minute" in done.stdout

@@ -5,8 +5,6 @@ reproducible CSVs, and bad input refused in one line with nothing written."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from common.analysis.embedding import expert_points, knn_accuracy, loo_neighbour
 from common.config import ModelSpec
 from common.models import load_moe
 from common.moe import MoEModel
+from tests.script_probe import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -199,9 +198,6 @@ def test_bad_input_one_line_exit_2_nothing_written(case, planted, tmp_path, caps
 
 
 def test_help_imports_neither_torch_nor_umap_nor_sklearn():
-    probe = ("import sys, runpy; sys.argv = ['dim_reduc.py', '--help']\n"
-             "try:\n    runpy.run_path('dim_reduc.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-             "print(sorted(m for m in ('torch', 'umap', 'sklearn') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result, heavy = run_script("dim_reduc.py", "--help")
     assert "--per_expert" in result.stdout and "about a minute" in result.stdout
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert heavy == []

@@ -4,8 +4,6 @@ everything, a planted expert neuron found at k = 1 (and not by random neurons), 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from common.analysis.probing import (
     rank_neurons,
     stratified_test,
 )
+from tests.script_probe import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -356,26 +355,10 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, text_file, de
     assert not (tmp_path / "results").exists()
 
 
-PROBE = """
-import runpy, sys
-script, *args = sys.argv[1:]
-sys.argv = [script, *args]
-code = 0
-try:
-    runpy.run_path(script, run_name="__main__")
-except SystemExit as exit_:
-    code = exit_.code or 0
-heavy = [m for m in ("torch", "sklearn", "transformers") if m in sys.modules]
-print("HEAVY:" + ",".join(heavy))
-sys.exit(code)
-"""
-
-
 @pytest.mark.parametrize("flags", [["--help"], ["--list-concepts"], ["--concepts", "nonsense"]])
 def test_help_listing_and_flag_errors_import_nothing_heavy(flags):
-    result = subprocess.run([sys.executable, "-c", PROBE, "probing.py", *flags], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert result.stdout.strip().endswith("HEAVY:"), result.stdout[-300:] + result.stderr
+    result, heavy = run_script("probing.py", *flags, timeout=120)
+    assert heavy == [], (heavy, result.stderr)
     if flags == ["--help"]:
         assert result.returncode == 0 and "--max_examples" in result.stdout and "a few minutes" in result.stdout
     elif flags == ["--list-concepts"]:

@@ -5,8 +5,6 @@ twin experts must come out with CKA 1, and sim.py's outputs and input errors."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from common.similarity import (
     plan_blocks,
 )
 from tests.planted_similarity import save_rotated_twin
+from tests.script_probe import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 F64 = torch.float64
@@ -336,10 +335,9 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, data_files, c
 
 
 def test_flag_errors_and_help_do_not_import_torch():
-    code = ("import sys, sim; codes = [sim.main(['--method', 'nope']), sim.main(['--num_tokens', '1']), "
-            "sim.main(['--help'])]; print(codes, 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip().splitlines()[-1] == "[2, 2, 0] False", out.stderr
+    for flags, code in ((["--method", "nope"], 2), (["--num_tokens", "1"], 2), (["--help"], 0)):
+        result, heavy = run_script("sim.py", *flags)
+        assert result.returncode == code and heavy == [], (flags, result.stderr, heavy)
 
 
 def test_method_names_agree():

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from common.analysis.weights import analyze, effective_rank, find_router_weight,
 from common.errors import InputError
 from common.moe import find_moe_layers
 from tests.conftest import ALL_MOE_TYPES
+from tests.script_probe import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 H, E, WIDTH = 64, 8, 32  # the tiny OLMoE's hidden size, experts and expert width
@@ -278,11 +277,8 @@ def test_bad_input_one_line_exit_2_nothing_written(extra, message, tmp_path, cap
 
 
 def test_help_does_not_import_torch():
-    probe = ("import runpy, sys; sys.argv = ['weights.py', '--help']\n"
-             "try:\n    runpy.run_path('weights.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert "--routers-only" in result.stdout and result.stdout.rstrip().endswith("NO-TORCH")
+    result, heavy = run_script("weights.py", "--help")
+    assert "--routers-only" in result.stdout and heavy == []
 
 
 def test_row_cosine_of_a_zero_row_is_nan():
