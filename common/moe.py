@@ -15,6 +15,7 @@ tiny random models of every architecture, and tests/test_moe.py and tests/test_c
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,15 @@ RoutingKind = Literal["standard", "llama4", "jetmoe", "legacy"]
 
 
 
+# Set while the adapter itself calls a model's experts (`MoELayer.expert_fn`): hooks skip those calls.
+_ADAPTER_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("moescope_adapter_call", default=False)
+
+
+def in_adapter_call() -> bool:
+    """Whether the current experts call comes from the adapter (`expert_fn`), not from the model's forward."""
+    return _ADAPTER_CALL.get()
+
+
 @dataclass(eq=False)
 class MoELayer:
     """One MoE block: where it lives, its routing encoding, sizes, and per-expert access."""
@@ -62,9 +72,20 @@ class MoELayer:
     shared_experts: list[nn.Module] = field(default_factory=list)
 
     def expert_fn(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert `expert`'s unweighted output on hidden states x [..., H] (the experts' own input space)."""
+        """Expert `expert`'s unweighted output on hidden states x [..., H] (the experts' own input space).
+
+        Runs the model's own experts module; capture and intervention hooks ignore this call (`in_adapter_call`), so
+        it neither overwrites a layer's captured routing nor is edited by an active intervention.
+        """
         if not 0 <= expert < self.num_experts:
             raise InputError(f"expert {expert} out of range: layer {self.layer} has experts 0..{self.num_experts - 1}")
+        token = _ADAPTER_CALL.set(True)
+        try:
+            return self._expert_fn(expert, x)
+        finally:
+            _ADAPTER_CALL.reset(token)
+
+    def _expert_fn(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         n = x.shape[0]

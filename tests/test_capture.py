@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from common.experts import all_expert_outputs, expert_output_chunks
-from common.hooks import TopKRestriction, capture, intervene, registered_hook_count, restrict_topk
+from common.hooks import (
+    RoutingEdit,
+    TopKRestriction,
+    capture,
+    intervene,
+    registered_hook_count,
+    restrict_topk,
+)
 from common.models import ModelSpec, load_moe
 from common.moe import MoEModel
 from tests.conftest import ALL_MOE_TYPES
@@ -156,3 +163,22 @@ def test_expert_output_chunks_cover_every_token_once(olmoe):
     assert len(slices) > 1
     assert [s.start for s in slices] == sorted(s.start for s in slices)
     assert sum(s.stop - s.start for s in slices) == 37 and slices[-1].stop == 37
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "dbrx", "llama4_text", "jetmoe", "qwen2_moe"])
+def test_expert_fn_is_invisible_to_captures_and_interventions(arch, saved_tiny_model):
+    """expert_fn runs the model's own experts module: a capture must not record that call over the forward's
+    routing, and an active ablation must not edit it."""
+    moe = _load(saved_tiny_model, arch)
+    layer = moe.layers[0]
+    with torch.no_grad(), capture(moe, [layer], OUTPUT_ITEMS) as records:
+        moe.model(input_ids=_ids(), use_cache=False)
+        rec = records[layer.layer]
+        before = {name: getattr(rec, name).clone() for name in ("topk_index", "topk_weight", "expert_input", "routed_output")}
+        x = rec.expert_input
+        outside = layer.expert_fn(0, x[:3])
+        after = {name: getattr(records[layer.layer], name) for name in before}
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    with torch.no_grad(), intervene(moe, [RoutingEdit(layer.layer, 0, "scale", 0.0)]):
+        inside = layer.expert_fn(0, x[:3])
+    assert torch.equal(inside, outside) and outside.abs().sum() > 0

@@ -25,7 +25,7 @@ from torch import nn
 
 from common.hooks.routing import Hooks, experts_call_args, special_router_routing
 from common.model_view import DenseFFN, LanguageModel
-from common.moe import MoELayer
+from common.moe import MoELayer, in_adapter_call
 
 Capturable = Literal[
     "logits", "topk", "input", "moe_output", "routed_output", "shared_output", "residual", "ffn_input", "ffn_neurons"
@@ -145,6 +145,8 @@ def _register_moe(moe_layer: MoELayer, model: LanguageModel, result: Capture, wa
             record().logits = _flat(logits.detach())
 
         def experts_pre_hook(module, args, kwargs):
+            if in_adapter_call():
+                return
             hidden, index, weight = experts_call_args(moe_layer, args, kwargs)
             rec = record()
             if "topk" in wanted:
@@ -195,6 +197,8 @@ def _register_moe_outputs(moe_layer: MoELayer, model: LanguageModel, record, hoo
     if from_experts:
 
         def experts_hook(module, args, out):
+            if in_adapter_call():
+                return
             routed = _first(out)
             if moe_layer.kind == "llama4":  # [E·T, H] per-expert outputs of score-weighted inputs
                 routed = routed.view(moe_layer.num_experts, -1, routed.shape[-1]).sum(0)

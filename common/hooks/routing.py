@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from common.errors import InputError
-from common.moe import MoELayer, router_logits_from_gate_input
+from common.moe import MoELayer, in_adapter_call, router_logits_from_gate_input
 
 # Llama4 routing edited by an intervention, read back by a capture hook on the same router call: after an
 # ablation the dense scores alone cannot tell a zero-weighted selected expert from an unselected one.
@@ -120,6 +120,8 @@ def register_routing_rewrite(moe_layer: MoELayer, rewrite: RoutingRewrite, hooks
     if kind == "standard":
 
         def experts_pre_hook(module, args, kwargs):
+            if in_adapter_call():  # expert_fn's own call: the unedited expert, whatever the intervention
+                return None
             hidden, index, weight = experts_call_args(moe_layer, args, kwargs)
             flat_index, flat_weight = index.reshape(-1, index.shape[-1]), weight.reshape(-1, weight.shape[-1])
             new_index, new_weight = rewrite(flat_index, flat_weight, flat_index.shape[0], index.device)
