@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> None:
 
     from common import distributed, pipeline
     from common.analysis import labelling as lab
+    from common.figures.labels import plot_labels
     from common.llm import ChatClient, Reply, ResponseCache
 
     s = pipeline.setup(cli.config(args, SCRIPT, layers=[args.layer]))
@@ -270,6 +271,8 @@ def run(args: argparse.Namespace) -> None:
                          "accuracy": scores["accuracy"], "windows_explained": len(r["explained"]),
                          "windows_scored": answered, "malformed": r["malformed"], "failed": r["failed"]})
         out.save_table(pd.DataFrame(rows), f"labels_layer{layer.layer}")
+        out.save_figure(plot_labels(pd.DataFrame(rows), layer.layer, control=args.shuffle_windows),
+                        f"labels_layer{layer.layer}")
         stats = client.stats.to_dict()
         out.record(llm={**identity, **stats, "cache": str(cache_dir),
                         "malformed": sum(r["malformed"] for r in results.values())})

@@ -16,6 +16,7 @@ import argparse
 import base64
 import html
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +58,16 @@ def _esc(value) -> str:
     return html.escape(str(value))
 
 
+def _natural(path: Path) -> list:
+    """Sort key that puts expert2 before expert10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def _cell(value) -> str:
+    """A table cell: floats to 6 significant digits (the CSV has them all), everything else as written."""
+    return _esc(f"{value:.6g}" if isinstance(value, float) else value)
+
+
 def _describe(relative: str):
     from common import outputs
 
@@ -87,7 +98,7 @@ def _csv_section(path: Path, relative: str, rows: int) -> str:
     numeric = {c for c in head.columns if pd.api.types.is_numeric_dtype(head[c])}
     header = "".join(f"<th class={'n' if c in numeric else 't'} title='{_esc(entry.column(c) if entry else '')}'>{_esc(c)}</th>"
                      for c in head.columns)
-    body = "".join("<tr>" + "".join(f"<td class={'n' if c in numeric else 't'}>{_esc(v)}</td>" for c, v in zip(head.columns, row, strict=True))
+    body = "".join("<tr>" + "".join(f"<td class={'n' if c in numeric else 't'}>{_cell(v)}</td>" for c, v in zip(head.columns, row, strict=True))
                    + "</tr>" for row in head.itertuples(index=False))
     columns = ""
     if entry is not None:
@@ -102,7 +113,7 @@ def _csv_section(path: Path, relative: str, rows: int) -> str:
 def run_page(run: Path, rows: int) -> str:
     info = json.loads((run / "run.json").read_text())
     parts = [f"<h1>{_esc(info.get('script'))} — {_esc(info.get('model'))}</h1>", _metadata(info)]
-    figures = sorted((run / "figures").glob("*.png")) if (run / "figures").is_dir() else []
+    figures = sorted((run / "figures").glob("*.png"), key=_natural) if (run / "figures").is_dir() else []
     if figures:
         parts.append("<h2>Figures</h2>")
         for png in figures:
@@ -111,17 +122,23 @@ def run_page(run: Path, rows: int) -> str:
             link = f" (<a href='figures/{_esc(pdf.name)}'>PDF</a>)" if pdf.exists() else ""
             parts.append(f"<figure><img alt='{_esc(png.stem)}' src='data:image/png;base64,{data}'>"
                          f"<figcaption>{_esc(png.stem)}{link}</figcaption></figure>")
-    tables = sorted(run.glob("*.csv"))
+    tables = sorted(run.glob("*.csv"), key=_natural)
     if tables:
         parts.append("<h2>Tables</h2>")
         parts.extend(_csv_section(path, path.name, rows) for path in tables)
-    others = sorted(p for p in run.iterdir() if p.suffix in (".npy", ".json") and p.name != "run.json")
+    others = sorted((p for p in run.iterdir() if p.suffix in (".npy", ".json") and p.name != "run.json"), key=_natural)
     if others:
-        items = []
+        groups: dict[str, list[Path]] = {}  # files of one registry entry (one per expert, say) share a line
         for path in others:
             entry = _describe(path.name)
+            groups.setdefault(entry.pattern if entry is not None else path.name, []).append(path)
+        items = []
+        for paths in groups.values():
+            entry = _describe(paths[0].name)
             extra = f" — axes {entry.axes}" if entry is not None and entry.axes else ""
-            items.append(f"<li><a href='{_esc(path.name)}'>{_esc(path.name)}</a>: {_esc(entry.description if entry else '')}{_esc(extra)}</li>")
+            links = ", ".join(f"<a href='{_esc(p.name)}'>{_esc(p.name)}</a>" for p in paths)
+            count = f" ({len(paths)} files)" if len(paths) > 1 else ""
+            items.append(f"<li>{_esc(entry.description if entry else '')}{_esc(extra)}{count}: {links}</li>")
         parts.append("<h2>Other files</h2><ul>" + "".join(items) + "</ul>")
     return _page(f"{info.get('script')} {info.get('run_id')}", "".join(parts))
 

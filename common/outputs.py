@@ -762,6 +762,8 @@ REGISTRY: tuple[Output, ...] = (
                     "malformed": "replies that could not be fully parsed (count)",
                     "failed": "requests with no reply after all retries, or refused (count)"},
            integers=frozenset({"layer", "expert", "windows_explained", "windows_scored", "malformed", "failed"})),
+    Output("figures/labels_layer{L}.{ext}", "each expert's label beside its detection F1 (bars) and accuracy (dots), "
+           "0.5 marked (random answers)", "automatic-labels", ("label",)),
     # ------------------------------------------------------------------------------------ probing.py
     Output("probing.csv", "one row per k-sparse probe: concept, unit (a layer's expert, or a dense FFN layer), k and "
            "neuron selection, with the held-out F1, precision and recall", "k-sparse-probing", PROBING,

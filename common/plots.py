@@ -154,11 +154,12 @@ def _has_glyph(char: str) -> bool:
     return font.get_char_index(ord(char)) != 0
 
 
-def text_label(text: str, limit: int = 18, quoted: bool = True) -> str:
+def text_label(text: str, limit: int = 18, quoted: bool = True, prose: bool = False) -> str:
     """A token or other raw string as a readable, safe tick label: its Python repr (spaces, newlines and control
     characters visible; without the quotes unless `quoted`), characters the font lacks as \\u escapes, shortened to
-    `limit` characters, with `$` escaped so matplotlib does not read math."""
-    shown = repr(text) if quoted else repr(text)[1:-1]
+    `limit` characters, with `$` escaped so matplotlib does not read math. `prose`: free text (an LLM's label), shown
+    as written with runs of whitespace as one space, instead of a repr."""
+    shown = " ".join(text.split()) if prose else repr(text) if quoted else repr(text)[1:-1]
     shown = "".join(c if c.isascii() or _has_glyph(c) else ascii(c)[1:-1] for c in shown)
     if len(shown) > limit:
         shown = shown[: limit - 1] + "…"

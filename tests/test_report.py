@@ -3,6 +3,7 @@ loads and every table has rows. Skipped where Debian's chromium is absent (CI in
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shutil
@@ -10,10 +11,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import report
-import router_decisive
-import router_metrics
+from common.plots import MAX_PNG_WIDTH
+from tests.llm_stub import Stub
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
@@ -28,32 +30,59 @@ def _render(page: Path, profile: Path) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r'data-([a-z-]+)="(\d+)"', body)}
 
 
+# Every script on the shipped demo model with its defaults, except a smaller token budget (the default runs take
+# 15-60 s each here; their pages were checked the same way by hand) and the flags a script cannot run without.
+SCRIPTS: dict[str, list[str]] = {
+    "router_decisive": [], "router_stats": [], "router_metrics": [], "profiles": ["--layer", "1", "--expert_id", "9"],
+    "sim": [], "dim_reduc": [], "weights": [], "interv": ["--layer", "1"], "logit_lens": [], "probing": [],
+    "cluster": [], "label": ["--layer", "1", "--top", "4", "--llm", "stub", "--api-key-env", "none"],
+}
+NUM_TOKENS = 1200
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report") / "results"
-    data = out.parent / "a.txt"
-    data.write_text("the quick brown fox jumps over the lazy dog. " * 100)
-    common = ["--model", "random:olmoe", "--data", f"a={data}", "--num_tokens", "300", "--seq_len", "32",
-              "--out", str(out), "--no-progress"]
-    assert router_decisive.main(common) == 0
-    assert router_metrics.main([*common, "--layers", "0", "1"]) == 0
+    stub = Stub()
+    try:
+        for script, extra in SCRIPTS.items():
+            if script == "label":
+                extra = [*extra, "--api-base", stub.url]
+            tokens = [] if script == "weights" else ["--num_tokens", str(NUM_TOKENS)]
+            assert importlib.import_module(script).main([*extra, *tokens, "--out", str(out), "--no-progress"]) == 0
+    finally:
+        stub.close()
     assert report.main([str(out), "--rows", "50"]) == 0
     return out
 
 
 def test_pages_are_self_contained_and_list_every_file(results):
     pages = sorted(results.rglob("report.html"))
-    assert len(pages) == 2 and (results / "index.html").is_file()
+    assert sorted(page.relative_to(results).parts[0] for page in pages) == sorted(SCRIPTS)
     for page in pages:
         text = page.read_text()
-        assert "http://" not in text and "https://" not in text  # no network: figures are embedded
+        assert not re.search(r"(src|href)=['\"]?https?:", text)  # no network: figures are embedded
         run = page.parent
-        for png in (run / "figures").glob("*.png"):
+        pngs = list((run / "figures").glob("*.png"))
+        assert pngs, f"{run}: no figure"
+        for png in pngs:
             assert f"alt='{png.stem}'" in text
         for csv in run.glob("*.csv"):
             assert f"<h3>{csv.name}</h3>" in text
     index = (results / "index.html").read_text()
-    assert index.count("/report.html'") == 2 and "router_metrics" in index and "random:olmoe" in index
+    assert index.count("/report.html'") == len(SCRIPTS) and all(script in index for script in SCRIPTS)
+    assert "demo" in index
+
+
+def test_every_script_writes_figures_that_fit_the_page(results):
+    """What tests/test_figures.py checks for the routing scripts, for every script's default figures."""
+    for folder in sorted(p.parent for p in results.rglob("run.json")):
+        pngs = sorted(p.stem for p in (folder / "figures").glob("*.png"))
+        assert pngs and sorted(p.stem for p in (folder / "figures").glob("*.pdf")) == pngs, folder
+        for stem in pngs:
+            with Image.open(folder / "figures" / f"{stem}.png") as image:
+                width, height = image.size
+            assert width <= MAX_PNG_WIDTH and height <= 2 * MAX_PNG_WIDTH, (folder, stem, image.size)
 
 
 def test_bad_input(tmp_path, capsys):
@@ -72,4 +101,4 @@ def test_every_figure_loads_and_every_table_has_rows_in_chromium(results, tmp_pa
         assert counters["tables"] >= 1 and counters["tables-with-rows"] == counters["tables"], (page, counters)
         assert counters["images-loaded"] == counters["images"], (page, counters)
         if page.name == "report.html":
-            assert counters["images"] >= 2, (page, counters)
+            assert counters["images"] >= 1, (page, counters)

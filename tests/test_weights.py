@@ -19,7 +19,8 @@ import torch
 
 import weights as script
 from common import tiny
-from common.analysis.weights import analyze, effective_rank, find_router_weight, principal_angles, row_cosine
+from common.analysis.subspaces import effective_rank, principal_angles, row_cosine
+from common.analysis.weights import analyze, find_router_weight
 from common.errors import InputError
 from common.moe import find_moe_layers
 from tests.conftest import ALL_MOE_TYPES

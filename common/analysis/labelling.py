@@ -73,16 +73,12 @@ class LabelWindows:
 
     @torch.no_grad()
     def update(self, record: LayerRecord, batch: Batch) -> None:
-        # Calling an expert inside the capture context re-fires the capture hooks, which replace the record's
-        # tensors with that call's arguments: keep this batch's own before anything calls an expert.
-        seen = LayerRecord(topk_index=record.topk_index, topk_weight=record.topk_weight,
-                           expert_input=record.expert_input)
         old_key, old_state = self.activity.best_key.clone(), self._state()
-        self.activity.update(seen, batch)
+        self.activity.update(record, batch)
         fresh = self._follow(old_key, old_state)
         fresh &= (self.activity.best_key // _ROW_STRIDE) == batch.number
         if fresh.any():
-            self._fill(fresh.nonzero(), seen, batch)
+            self._fill(fresh.nonzero(), record, batch)
 
     def _follow(self, old_key: torch.Tensor, old_state: list[torch.Tensor]) -> torch.Tensor:
         """Carry each kept window's state to its new slot; returns [n, X] the slots holding a window not seen

@@ -9,6 +9,7 @@ out.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib.patheffects as path_effects
@@ -17,9 +18,10 @@ from matplotlib.colors import to_rgba
 from matplotlib.lines import Line2D
 
 from common.analysis.embedding import label_anchors
-from common.plots import plt
+from common.plots import PAGE_WIDTH, plt
 
 METHOD_NAMES = {"umap": "UMAP", "pca": "PCA"}
+TITLE_CHARS = 96  # a title line at 9 pt that fits the page width
 LEGEND_LIMIT = 20  # classes up to which a legend is drawn (beyond it, only the labels on the points)
 
 
@@ -117,7 +119,7 @@ def plot_embedding(
     classes = list(range(len(names)))
     colours = palette(len(names))
     legend = len(names) <= LEGEND_LIMIT
-    fig, ax = plt.subplots(figsize=(7.6 if legend else 6.4, 5.6), layout="constrained")
+    fig, ax = plt.subplots(figsize=(PAGE_WIDTH if legend else 6.4, 5.6), layout="constrained")
     order = np.random.default_rng(seed).permutation(len(labels))
     point_colours = np.array(colours)[labels[order]] if len(labels) else np.zeros((0, 4))
     ax.scatter(coords[order, 0], coords[order, 1], c=point_colours, s=_marker_size(len(labels)), linewidths=0,
@@ -140,7 +142,7 @@ def plot_embedding(
         ax.legend(handles=handles, title=legend_title, fontsize=7, title_fontsize=8, frameon=False,
                   loc="center left", bbox_to_anchor=(1.0, 0.5), ncols=2 if len(handles) > 12 else 1)
     _axes_labels(ax, method, explained)
-    ax.set_title(f"{title}\n{subtitle}", fontsize=9)
+    ax.set_title("\n".join([*textwrap.wrap(title, TITLE_CHARS), *textwrap.wrap(subtitle, TITLE_CHARS)]), fontsize=9)
     return fig
 
 

@@ -16,7 +16,7 @@ from common.analysis.weights import (
     VARIANCE_THRESHOLD,
     WeightResults,
 )
-from common.plots import grid, plt
+from common.plots import PAGE_WIDTH, a4_grid, grid, plt
 from common.runs import Run
 
 ALIGNMENT_TITLES = {
@@ -81,7 +81,7 @@ def plot_cosine_panels(matrices: np.ndarray, layers: Sequence[int], title: str, 
 
 def plot_cross_layer(matrices: np.ndarray, cross: pd.DataFrame, layers: Sequence[int]) -> plt.Figure:
     """Layer × layer maps of router-row |cos|, best-match |cos| and principal-angle alignment, with their controls."""
-    fig, axes = plt.subplots(1, len(CROSS_TITLES), figsize=(3.6 * len(CROSS_TITLES), 3.4), layout="constrained")
+    fig, axes = a4_grid(len(CROSS_TITLES), max_cols=2, panel_height=3.0)
     n = len(layers)
     random_cos = float(cross.abs_cosine_random.iloc[0])
     off = cross[cross.layer_a != cross.layer_b]
@@ -116,7 +116,7 @@ def plot_cross_layer(matrices: np.ndarray, cross: pd.DataFrame, layers: Sequence
 
 def plot_spectra(spectra: pd.DataFrame, summary: pd.DataFrame, layers: Sequence[int]) -> plt.Figure:
     """Variance share σ_k²/Σσ² per component (each layer and all stacked) and the effective rank per layer."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.4), layout="constrained")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 3.4), layout="constrained")
     colours = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(layers))))
     for colour, layer in zip(colours, layers, strict=True):
         d = spectra[(spectra.scope == "layer") & (spectra.layer == layer)]
@@ -142,9 +142,10 @@ def plot_spectra(spectra: pd.DataFrame, summary: pd.DataFrame, layers: Sequence[
     right.set_xlabel("decoder layer")
     right.set_ylabel("components")
     right.yaxis.set_major_locator(MaxNLocator(integer=True))
-    right.set_title(f"Effective rank (σ_k²/Σσ² > {VARIANCE_THRESHOLD:g}); stacked: "
+    right.set_title(f"Effective rank (σ_k²/Σσ² > {VARIANCE_THRESHOLD:g})\nall layers stacked: "
                     f"{int(all_rows.effective_rank)} of {int(all_rows.rows)} rows", fontsize=8)
-    right.legend(fontsize=7, frameon=False, loc="lower right")
+    right.set_ylim(0, float(per_layer.rows.max()) * 1.25)  # headroom for the legend above the bars
+    right.legend(fontsize=7, frameon=False, loc="upper center", ncol=2)
     return fig
 
 
