@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> None:
 
     from common import pipeline
     from common.analysis.sample import TokenSample
-    from common.figures.similarity import plot_similarity
+    from common.figures.similarity import plot_similarity, plot_similarity_by_layer
     from common.similarity import (
         SHARED,
         ExpertOutputs,
@@ -216,6 +216,7 @@ def run(args: argparse.Namespace) -> None:
         out.record(blocks=plans)
         out.save_table(pd.concat(rows_out, ignore_index=True), "similarity")
         out.save_table(pd.DataFrame(summaries), "similarity_summary")
+        out.save_figure(plot_similarity_by_layer(pd.DataFrame(summaries)), "similarity_by_layer")
         out.save_table(pd.DataFrame(orders), "cluster_order")
         if sigma_rows:
             out.save_table(pd.DataFrame(sigma_rows), "rbf_sigma")

@@ -620,6 +620,9 @@ REGISTRY: tuple[Output, ...] = (
     Output("similarity_tokens.npy", "tokens each pair of experts was compared on", "expert-output-similarity", SIM,
            axes="[layer, expert i, expert j], as similarity_<method>.npy",
            dtype="float64, whole-number counts (NaN pads layers with fewer rows)"),
+    Output("figures/similarity_by_layer.{ext}", "per method: mean off-diagonal similarity of the routed experts "
+           "per layer (± std) with the most and least similar pair (similarity_summary.csv)",
+           "expert-output-similarity", SIM),
     Output("similarity_summary.csv", "per layer and method: mean off-diagonal similarity, most and least similar "
            "pairs of routed experts, undefined pairs", "expert-output-similarity", SIM,
            columns={"layer": LAYER, "method": "as in similarity.csv",

@@ -5,7 +5,6 @@ their data with no overflow, and bin exactly like numpy on their final edges how
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -21,25 +20,8 @@ import router_stats
 from common import tiny
 from common.analysis.routing import GrowingDistribution, GrowingHistogram
 from common.plots import MAX_PNG_WIDTH
+from tests.figure_checks import assert_every_table_has_a_figure
 
-# table (regex on the CSV name) -> figures (regexes on the PNG stems) of which at least one must exist
-TABLE_FIGURES = {
-    r"entropy_summary": [r"decisiveness_by_layer"],
-    r"entropy_histograms": [r"entropy_violin"],
-    r"distribution_summary": [r"distributions_layer\d+"],
-    r"distribution_histograms": [r"distributions_layer\d+"],
-    r"frequency": [r"frequency_layer\d+", r"domain_heatmap_layer\d+"],
-    r"expert_specialization": [r"expert_specialization"],
-    r"coverage50": [r"coverage50"],
-    r"load_balance": [r"load_balance"],
-    r"coactivation": [r"coactivation_layer\d+"],
-    r"transitions": [r"transitions_\d+_\d+"],
-    r"indicator_correlation_summary": [r"indicator_correlation"],
-    r"token_overlap": [r"token_overlap_layer\d+"],
-    r"token_specialization": [r"token_specialization"],
-    r"saturation": [r"saturation"],
-    r"profiles_layer(\d+)": [r"profile_layer{0}_expert\d+"],
-}
 SCRIPTS = {
     "router_decisive": (router_decisive, ["--layers", "0", "1"]),
     "router_stats": (router_stats, ["--layers", "1"]),
@@ -73,15 +55,8 @@ def test_every_table_has_a_figure(runs, name):
     folder = runs[name]
     figures = sorted(p.stem for p in (folder / "figures").glob("*.png"))
     assert figures and sorted(p.stem for p in (folder / "figures").glob("*.pdf")) == figures
-    tables = sorted(p.stem for p in folder.glob("*.csv"))
-    assert tables
-    for table in tables:
-        matches = [(pattern, m) for pattern in TABLE_FIGURES if (m := re.fullmatch(pattern, table))]
-        assert matches, f"{name}: table {table}.csv has no figure listed in TABLE_FIGURES"
-        pattern, match = matches[0]
-        wanted = [re.compile(f.format(*match.groups())) for f in TABLE_FIGURES[pattern]]
-        for figure in wanted:
-            assert any(figure.fullmatch(stem) for stem in figures), f"{name}: no {figure.pattern} for {table}.csv"
+    assert_every_table_has_a_figure(folder, name)
+
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

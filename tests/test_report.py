@@ -15,6 +15,7 @@ from PIL import Image
 
 import report
 from common.plots import MAX_PNG_WIDTH
+from tests.figure_checks import assert_every_table_has_a_figure
 from tests.llm_stub import Stub
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -75,10 +76,12 @@ def test_pages_are_self_contained_and_list_every_file(results):
 
 
 def test_every_script_writes_figures_that_fit_the_page(results):
-    """What tests/test_figures.py checks for the routing scripts, for every script's default figures."""
+    """What tests/test_figures.py checks for the routing scripts, for every script's default run: each table has
+    its figure (TABLE_FIGURES), each figure a PDF beside its PNG, and none is wider than the page."""
     for folder in sorted(p.parent for p in results.rglob("run.json")):
         pngs = sorted(p.stem for p in (folder / "figures").glob("*.png"))
         assert pngs and sorted(p.stem for p in (folder / "figures").glob("*.pdf")) == pngs, folder
+        assert_every_table_has_a_figure(folder, folder.relative_to(results).parts[0])
         for stem in pngs:
             with Image.open(folder / "figures" / f"{stem}.png") as image:
                 width, height = image.size

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 from matplotlib.patches import Rectangle
 from mpl_toolkits.axes_grid1 import make_axes_locatable
 
-from common.plots import PAGE_WIDTH, heatmap, plt
+from common.plots import PAGE_WIDTH, a4_grid, heatmap, integer_axis, label, legend_panel, plt
 from common.similarity import METHOD_LABELS, SHARED
 
 
@@ -78,4 +79,31 @@ def plot_similarity(matrix: np.ndarray, labels: Sequence[str], order: Sequence[i
     grey = f"; grey = undefined ({nan_cells} cells)" if nan_cells else ""
     title_ax.set_title(f"Layer {layer}: {METHOD_LABELS[method]} between expert outputs\n{note}\n"
                        f"clustered (average linkage); diagonal (self) hatched{grey}", fontsize=8)
+    return fig
+
+
+def plot_similarity_by_layer(summary: pd.DataFrame) -> plt.Figure:
+    """similarity_summary.csv as a figure: per method, the mean off-diagonal similarity of the routed experts per
+    layer (± one standard deviation), with the most and least similar pair's value, and the shared row's mean
+    similarity to them where the model has shared experts."""
+    methods = list(dict.fromkeys(summary["method"]))
+    fig, axes = a4_grid(len(methods), max_cols=2, panel_height=2.6)
+    for ax, method in zip(axes, methods, strict=True):
+        rows = summary[summary["method"] == method].sort_values("layer")
+        layers = rows["layer"].to_numpy()
+        mean, std = rows["mean_offdiag"].to_numpy(float), rows["std_offdiag"].to_numpy(float)
+        ax.fill_between(layers, mean - std, mean + std, color="C0", alpha=0.2, linewidth=0, label="mean ± std")
+        ax.plot(layers, mean, color="C0", marker="o", markersize=3, label="mean over expert pairs")
+        ax.plot(layers, rows["most_similar_value"].to_numpy(float), color="C3", linestyle="--", marker="^",
+                markersize=3, linewidth=1, label="most similar pair")
+        ax.plot(layers, rows["least_similar_value"].to_numpy(float), color="C2", linestyle="--", marker="v",
+                markersize=3, linewidth=1, label="least similar pair")
+        shared = pd.to_numeric(rows["mean_vs_shared"], errors="coerce").to_numpy(float)
+        if np.isfinite(shared).any():
+            ax.plot(layers, shared, color="C4", marker="s", markersize=3, linewidth=1, label="shared vs routed (mean)")
+        integer_axis(ax, "x", layers.tolist())
+        label(ax, "decoder layer", f"{METHOD_LABELS.get(method, method)} (dimensionless)",
+              f"{METHOD_LABELS.get(method, method)} between routed experts' outputs")
+    legend_panel(fig, axes)
+    fig.suptitle(f"Expert output similarity by layer ({int(summary['tokens'].iloc[0])} tokens)")
     return fig
