@@ -61,17 +61,19 @@ def test_help_and_flag_errors_are_fast_one_line_and_never_import_torch(script):
         assert seconds < baseline + 1.5, (flags, seconds)
 
 
-def _data_file(tmp_path: Path) -> Path:
+def _data_file(tmp_path: Path, repeats: int = 400) -> Path:
     path = tmp_path / "a.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    path.write_text("the quick brown fox jumps over the lazy dog. " * repeats)
     return path
 
 
 @pytest.mark.parametrize("when", ["while importing", "mid-run"])
 def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing(tmp_path, when):
     out = tmp_path / "results"
-    argv = [sys.executable, "router_metrics.py", "--model", "random:olmoe", "--data", f"a={_data_file(tmp_path)}",
-            "--num_tokens", "1000000", "--seq_len", "64", "--batch_size", "2", "--out", str(out), "--no-progress"]
+    # data for far longer than the test waits (900,000 tokens), so the run is mid-stream when interrupted on any
+    # machine, never already past the end of its data (which would add the "ran out of data" warning)
+    argv = [sys.executable, "router_metrics.py", "--model", "random:olmoe", "--data",
+            f"a={_data_file(tmp_path, repeats=20_000)}", "--num_tokens", "1000000", "--seq_len", "64", "--batch_size", "2", "--out", str(out), "--no-progress"]
     process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         if when == "while importing":
