@@ -68,6 +68,18 @@ def _cell(value) -> str:
     return _esc(f"{value:.6g}" if isinstance(value, float) else value)
 
 
+def _run_record(run: Path) -> dict:
+    """The run's run.json; a file that is not a JSON object is an InputError naming it."""
+    path = run / "run.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: not a readable run record ({error})") from None
+    if not isinstance(info, dict):
+        raise InputError(f"{path}: not a readable run record (a JSON {type(info).__name__}, not an object)")
+    return info
+
+
 def _describe(relative: str):
     from common import outputs
 
@@ -92,8 +104,12 @@ def _metadata(info: dict) -> str:
 def _csv_section(path: Path, relative: str, rows: int) -> str:
     import pandas as pd
 
-    table = pd.read_csv(path)
     entry = _describe(relative)
+    try:
+        table = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        return (f"<h3>{_esc(relative)}</h3><p class=desc>{_esc(entry.description if entry else '')} — "
+                f"<b>could not be read</b> ({_esc(error)}), <a href='{_esc(relative)}'>the file</a></p>")
     head = table.head(rows)
     numeric = {c for c in head.columns if pd.api.types.is_numeric_dtype(head[c])}
     header = "".join(f"<th class={'n' if c in numeric else 't'} title='{_esc(entry.column(c) if entry else '')}'>{_esc(c)}</th>"
@@ -111,7 +127,7 @@ def _csv_section(path: Path, relative: str, rows: int) -> str:
 
 
 def run_page(run: Path, rows: int) -> str:
-    info = json.loads((run / "run.json").read_text())
+    info = _run_record(run)
     parts = [f"<h1>{_esc(info.get('script'))} — {_esc(info.get('model'))}</h1>", _metadata(info)]
     figures = sorted((run / "figures").glob("*.png"), key=_natural) if (run / "figures").is_dir() else []
     if figures:
@@ -154,10 +170,9 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob("run.json") if not any(part.startswith(".") for part in p.parent.parts))
 
 
-def index_page(root: Path, runs: Sequence[Path]) -> str:
+def index_page(root: Path, runs: Sequence[tuple[Path, dict]]) -> str:
     rows = []
-    for run in runs:
-        info = json.loads((run / "run.json").read_text())
+    for run, info in runs:
         relative = run.relative_to(root).as_posix()
         data = relative.split("/")[2] if relative.count("/") >= 3 else ""
         rows.append(f"<tr><td class=t>{_esc(info.get('script'))}</td><td class=t>{_esc(info.get('model'))}</td>"
@@ -177,13 +192,23 @@ def run(args: argparse.Namespace) -> None:
     runs = find_runs(root)
     if not runs:
         raise InputError(f"{args.results}: no run folder (with a run.json) here or below")
+    written = []
     for folder in runs:
-        page = run_page(folder, args.rows)
+        try:
+            page = run_page(folder, args.rows)
+        except InputError as error:
+            if runs == [root]:
+                raise
+            print(f"report: skipped {error}", file=sys.stderr)  # one broken run does not cost the others' pages
+            continue
         atomic_write(folder / "report.html", lambda p, text=page: p.write_text(text, encoding="utf-8"))
+        written.append((folder, _run_record(folder)))
     if runs != [root]:
-        text = index_page(root, runs)
+        if not written:
+            raise InputError(f"{args.results}: none of the {len(runs)} run folders could be read (see above)")
+        text = index_page(root, written)
         atomic_write(root / "index.html", lambda p: p.write_text(text, encoding="utf-8"))
-        print(f"report: {root / 'index.html'} ({len(runs)} runs)", file=sys.stderr)
+        print(f"report: {root / 'index.html'} ({len(written)} run{'s' if len(written) != 1 else ''})", file=sys.stderr)
     else:
         print(f"report: {root / 'report.html'}", file=sys.stderr)
 

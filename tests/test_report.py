@@ -4,6 +4,7 @@ loads and every table has rows. Skipped where Debian's chromium is absent (CI in
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import shutil
@@ -93,6 +94,26 @@ def test_bad_input(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "no such folder" in err[0] and "no run folder" in err[1]
+
+
+def test_a_broken_run_is_skipped_with_one_line_and_costs_nothing_else(tmp_path, capsys):
+    good, broken = tmp_path / "good", tmp_path / "broken"
+    good.mkdir()
+    broken.mkdir()
+    (good / "run.json").write_text(json.dumps({"script": "router_decisive", "model": "demo"}))
+    (good / "numbers.csv").write_text("expert,share\n10,0.123456789\n2,0.5\n")
+    (good / "empty.csv").write_text("")
+    (broken / "run.json").write_text("{not json")
+    assert report.main([str(tmp_path)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("report: skipped ") and "broken/run.json" in err[0]
+    assert err[1].endswith("(1 run)")
+    page = (good / "report.html").read_text()
+    assert "<td class=n>0.123457</td>" in page  # 6 significant digits shown; the CSV keeps them all
+    assert "<h3>empty.csv</h3>" in page and "could not be read" in page
+    assert not (broken / "report.html").exists() and (tmp_path / "index.html").read_text().count("report.html'") == 1
+    assert report.main([str(broken)]) == 2
+    assert "not a readable run record" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("MOESCOPE_REQUIRE_CHROMIUM"),
