@@ -125,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra: list[str] = []
     if "--" in argv:
         extra, argv = argv[argv.index("--") + 1 :], argv[: argv.index("--")]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\n" + __doc__.split("\n\n")[2])
     parser.add_argument("script", help="the script to run, e.g. router_metrics.py")
     parser.add_argument("--models", nargs="+", required=True, help="--model of each job")
     parser.add_argument("--layers", nargs="+", default=None, help="layer sets, each one string: 'all' '1 7 15'")
