@@ -38,7 +38,7 @@ figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{f
 SCRIPT_JS = """
 document.querySelectorAll('table.sortable th').forEach(function(th,col){th.addEventListener('click',function(){
  var body=th.closest('table').tBodies[0],rows=Array.from(body.rows),asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
- rows.sort(function(a,b){var x=a.cells[col].textContent,y=b.cells[col].textContent,p=parseFloat(x),q=parseFloat(y);
+ rows.sort(function(a,b){var x=a.cells[col].textContent,y=b.cells[col].textContent,p=parseFloat(x.replace(/,/g,'')),q=parseFloat(y.replace(/,/g,''));
   var c=(!isNaN(p)&&!isNaN(q))?p-q:x.localeCompare(y);return asc?c:-c});rows.forEach(function(r){body.appendChild(r)})})});
 window.addEventListener('load',function(){var imgs=Array.from(document.images);
  document.body.dataset.images=imgs.length;document.body.dataset.imagesLoaded=imgs.filter(function(i){return i.complete&&i.naturalWidth>0}).length;
@@ -170,17 +170,37 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob("run.json") if not any(part.startswith(".") for part in p.parent.parts))
 
 
+def _layers(arguments: dict) -> str:
+    chosen = arguments.get("layers")
+    if chosen is None and arguments.get("layer") is not None:
+        chosen = [arguments["layer"]]
+    return " ".join(str(layer) for layer in chosen) if chosen else "all"
+
+
+def _tokens(info: dict) -> str:
+    domains = info.get("tokens", {}).get("domains", {}) if isinstance(info.get("tokens"), dict) else {}
+    counted = [d.get("counted") for d in domains.values() if isinstance(d, dict)]
+    return f"{sum(c for c in counted if isinstance(c, int)):,}" if counted else "—"
+
+
 def index_page(root: Path, runs: Sequence[tuple[Path, dict]]) -> str:
+    columns = ("script", "model", "data", "layers", "tokens", "started", "wall time (s)", "run")
     rows = []
     for run, info in runs:
         relative = run.relative_to(root).as_posix()
         data = relative.split("/")[2] if relative.count("/") >= 3 else ""
-        rows.append(f"<tr><td class=t>{_esc(info.get('script'))}</td><td class=t>{_esc(info.get('model'))}</td>"
-                    f"<td class=t>{_esc(data)}</td><td class=t>{_esc(info.get('started'))}</td>"
-                    f"<td class=t><a href='{_esc(relative)}/report.html'>{_esc(relative)}</a></td></tr>")
-    table = ("<table class='sortable data'><thead><tr><th class=t>script</th><th class=t>model</th><th class=t>data</th>"
-             f"<th class=t>started</th><th class=t>run</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
-    return _page(f"moescope results: {root}", f"<h1>Runs in {_esc(root)}</h1>{table}")
+        arguments = info.get("arguments") if isinstance(info.get("arguments"), dict) else {}
+        wall = info.get("wall_time_s")
+        cells = [info.get("script"), info.get("model"), data, _layers(arguments), _tokens(info), info.get("started"),
+                 f"{wall:.1f}" if isinstance(wall, (int, float)) else "—"]
+        rows.append("<tr>" + "".join(f"<td class={'n' if i in (4, 6) else 't'}>{_esc(c)}</td>"
+                                     for i, c in enumerate(cells))
+                    + f"<td class=t><a href='{_esc(relative)}/report.html' title='{_esc(info.get('command', ''))}'>"
+                      f"{_esc(relative)}</a></td></tr>")
+    header = "".join(f"<th class=t>{_esc(c)}</th>" for c in columns)
+    table = f"<table class='sortable data'><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return _page(f"moescope results: {root}", f"<h1>Runs in {_esc(root)}</h1><p class=desc>{len(runs)} runs; a "
+                 "click on a column header sorts by it; hover a run for its command.</p>" + table)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -74,6 +74,10 @@ def test_pages_are_self_contained_and_list_every_file(results):
     index = (results / "index.html").read_text()
     assert index.count("/report.html'") == len(SCRIPTS) and all(script in index for script in SCRIPTS)
     assert "demo" in index
+    # label ran on layer 1 with 1,200 tokens per domain of the demo data (6 domains); weights reads no data
+    label_row = next(row for row in index.split("<tr>") if "label/demo" in row)
+    assert "<td class=t>1</td>" in label_row and "<td class=n>7,200</td>" in label_row
+    assert "<td class=n>—</td>" in next(row for row in index.split("<tr>") if "weights/demo" in row)
 
 
 def test_every_script_writes_figures_that_fit_the_page(results):
