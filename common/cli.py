@@ -275,8 +275,33 @@ def config(args: argparse.Namespace, script: str, *, layers: Sequence[int | str]
     )
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    if "torch" not in sys.modules:  # nothing could have allocated device memory
+        return False
+    from common.oom import is_out_of_memory
+
+    return is_out_of_memory(err)
+
+
+# flag -> what to do with it when the device runs out of memory (only the flags the script has are named)
+MEMORY_FLAGS = {
+    "--batch_size": "a smaller --batch_size",
+    "--seq_len": "a shorter --seq_len",
+    "--stats_memory": "a smaller --stats_memory (statistics' device budget)",
+    "--block_mb": "a smaller --block_mb",
+    "--device_map": "--device_map auto to spread the model over all GPUs",
+}
+
+
+def _memory_hint(parser: argparse.ArgumentParser) -> str:
+    options = [text for flag, text in MEMORY_FLAGS.items() if flag in parser._option_string_actions]
+    return "try " + ", or ".join(options) if options else "free the device's memory or use a larger device"
+
+
 def run_main(parser: ArgumentParser, body: Callable[[argparse.Namespace], None], argv: Sequence[str] | None) -> int:
-    """Parse, validate and run; `InputError` -> one line on stderr, exit 2; Ctrl-C -> one line, exit 130."""
+    """Parse, validate and run; `InputError` -> one line on stderr, exit 2; Ctrl-C -> one line, exit 130; the
+    device out of memory -> one line naming the flags that lower memory, exit 1 (the run's folder is kept as
+    <run-id>.failed, see `Run`)."""
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
         print(f"{parser.prog}: warning: {message}", file=sys.stderr)
@@ -294,6 +319,12 @@ def run_main(parser: ArgumentParser, body: Callable[[argparse.Namespace], None],
         return 130
     except SystemExit as exit_:  # --help / --list
         return int(exit_.code or 0)
+    except Exception as err:
+        if not _out_of_memory(err):
+            raise
+        print(f"{parser.prog}: error: out of memory ({str(err).strip().splitlines()[0][:200]}); "
+              + _memory_hint(parser), file=sys.stderr)
+        return 1
     finally:
         warnings.showwarning = previous
     return 0

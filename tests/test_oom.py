@@ -35,3 +35,38 @@ def test_gives_up_at_the_minimum_and_never_hides_other_errors():
     with pytest.raises(ValueError):
         with_oom_backoff(broken, 8)
     assert is_out_of_memory(RuntimeError("CUDA error: out of memory")) and not is_out_of_memory(RuntimeError("other"))
+
+
+def test_a_script_that_runs_out_of_memory_says_which_flags_lower_it(tmp_path, capsys, monkeypatch):
+    """Simulated CUDA OOM in the forward of router_metrics.py: exit 1, one error line naming the script's own
+    memory flags, no traceback, and the run's folder kept as <run-id>.failed with the error in its run.json."""
+    import json
+
+    import router_metrics
+    from common.moe import MoEModel
+
+    def forward(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(MoEModel, "forward", forward)
+    data = tmp_path / "a.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    out = tmp_path / "results"
+    code = router_metrics.main(["--model", "random:olmoe", "--data", f"a={data}", "--num_tokens", "100",
+                                "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("router_metrics.py: error: out of memory (CUDA out of memory. Tried to allocate")
+    assert "--batch_size" in err[-1] and "--stats_memory" in err[-1] and "--block_mb" not in err[-1]
+    (failed,) = out.glob("router_metrics/*/*/*.failed")
+    assert "OutOfMemoryError" in json.loads((failed / "run.json").read_text())["error"]
+
+
+def test_other_errors_still_raise():
+    from common.cli import ArgumentParser, run_main
+
+    def body(args):
+        raise ValueError("a bug, not a resource limit")
+
+    with pytest.raises(ValueError):
+        run_main(ArgumentParser(prog="x.py"), body, [])
