@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from common import cli
@@ -42,7 +43,7 @@ def build_parser():
                          "demo model; see docs/METRICS.md#token-cluster-specialization.")
     parser.set_defaults(num_tokens=DEFAULT_NUM_TOKENS)
     parser.add_argument("--clusters", type=at_least(2), nargs="+", default=list(DEFAULT_CLUSTERS), metavar="K",
-                        help="numbers of clusters k of the unembedding (each ≥ 2 and at most the vocabulary size)")
+                        help="numbers of clusters k of the unembedding (each ≥ 2 and at most the vocabulary size; of the defaults, those above it are left out with a warning)")
     parser.add_argument("--kmeans_iters", type=at_least(1), default=100,
                         help="most k-means rounds (it stops earlier when no assignment changes)")
     parser.add_argument("--baseline_draws", type=at_least(1), default=20,
@@ -75,7 +76,12 @@ def run(args: argparse.Namespace) -> None:
 
     def preflight(skeleton, layers, domains) -> None:  # from the config alone, before any weight is read
         too_many = [k for k in ks if k > skeleton.vocab_size]
-        if too_many:
+        if too_many and args.clusters == list(DEFAULT_CLUSTERS) and len(too_many) < len(ks):
+            # the defaults suit real vocabularies; a tiny model keeps the ones that fit rather than failing
+            warnings.warn(f"--clusters: leaving out {', '.join(map(str, too_many))} (more clusters than the model's "
+                          f"{skeleton.vocab_size} token ids)", stacklevel=1)
+            ks[:] = [k for k in ks if k <= skeleton.vocab_size]
+        elif too_many:
             raise InputError(f"--clusters {too_many[0]}: more clusters than the model's {skeleton.vocab_size} token ids")
         plans.append(plan_routing_counts(layers, [d.name for d in domains], skeleton.vocab_size,
                                          resolve_device(config.model.device), device_budget_gib=args.stats_memory,

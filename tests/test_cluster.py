@@ -239,6 +239,21 @@ def test_script_end_to_end(tmp_path, data):
 
 
 
+def test_default_cluster_counts_that_exceed_a_tiny_vocabulary_are_left_out_with_a_warning(tmp_path, data, capsys):
+    """The defaults (10 50 100 1000) suit real vocabularies; on a 259-token random model k = 1000 is left out with
+    one warning line instead of failing (given explicitly, it is an error: see BAD)."""
+    argv = _argv(tmp_path, data, "--no-figures")
+    at = argv.index("--clusters")
+    del argv[at : at + 3]  # back to the default --clusters
+    assert cluster.main(argv) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == ["cluster.py: warning: --clusters: leaving out 1000 (more clusters than the model's 259 "
+                        "token ids)"]
+    (run,) = [p for p in tmp_path.glob("cluster/*/*/*") if p.is_dir()]
+    assert [m["k"] for m in json.loads((run / "run.json").read_text())["kmeans"]] == [10, 50, 100]
+    assert sorted(pd.read_csv(run / "cluster_scores.csv").k.unique()) == [10, 50, 100]
+
+
 BAD = {
     "one cluster": (["--clusters", "1"], "argument --clusters: must be at least 2 (got 1)"),
     "zero clusters": (["--clusters", "0"], "argument --clusters: must be at least 2 (got 0)"),
