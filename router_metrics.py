@@ -122,7 +122,9 @@ def run(args: argparse.Namespace) -> None:
         out.record(stats_memory=plan.to_dict())
         counts_acc = RoutingCounts(s.layers, domains, s.moe.vocab_size, s.moe.device, olmoe_compat=args.olmoe_compat,
                                    token_tables=args.token_tables, seed=args.seed, table_device=plan.table_device)
-        for records, batch, logits in pipeline.captured_batches(s.moe, stream, s.layers, ("logits", "topk")):
+        # routing counts are sums over rows: a batch that does not fit is forwarded in parts
+        for records, batch, logits in pipeline.captured_batches(s.moe, stream, s.layers, ("logits", "topk"),
+                                                                split_on_oom=True):
             counts_acc.update(records, batch, predicted=logits.argmax(-1))
         counts_acc.all_reduce()
         out.record(tokens=stream.report.to_dict())

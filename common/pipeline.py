@@ -6,6 +6,7 @@ exists or a large model is loaded. Everything here takes the typed specs of `com
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from common.errors import InputError
 from common.hooks import Capturable, Capture, capture
 from common.models import inspect_moe, load_moe
 from common.moe import MoELayer, MoEModel
+from common.oom import is_out_of_memory
 from common.runs import Run
 
 DEFAULT_SEQ_LEN = 512
@@ -103,22 +105,44 @@ def batches(s: Setup, split: str = "train", data: DataSpec | None = None) -> Tok
 
 
 def captured_batches(
-    moe: MoEModel, stream: Iterator[Batch], layers: Sequence[MoELayer], what: Sequence[Capturable]
+    moe: MoEModel, stream: Iterator[Batch], layers: Sequence[MoELayer], what: Sequence[Capturable], *,
+    split_on_oom: bool = False,
 ) -> Iterator[tuple[Capture, Batch, torch.Tensor]]:
     """Forward each batch with capture hooks on `layers`.
 
     Yields (records, batch on the model's device, the model's output logits [B, S, V]).
+
+    `split_on_oom`: when a forward runs out of device memory, the batch is cut in halves (and every later batch into
+    parts of that many rows) instead of failing, with one warning. Only for consumers whose statistics are sums
+    over rows that do not key anything on (batch number, row): the parts keep their batch's number.
     """
+    max_rows: int | None = None
     with capture(moe, layers, what) as records:
         for batch in stream:
-            batch = batch.to(moe.device)
-            output = moe.forward(batch.input_ids, batch.attention_mask)
-            yield records, batch, output.logits
-            records.clear()
+            pending = batch.to(moe.device).split(max_rows) if max_rows else [batch.to(moe.device)]
+            while pending:
+                part = pending.pop(0)
+                try:
+                    output = moe.forward(part.input_ids, part.attention_mask)
+                except Exception as err:
+                    rows = part.input_ids.shape[0]
+                    if not (split_on_oom and rows > 1 and is_out_of_memory(err)):
+                        raise
+                    records.clear()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    max_rows = rows // 2
+                    warnings.warn(f"out of memory at {rows} rows of {part.input_ids.shape[1]} tokens: forwarding "
+                                  f"batches in parts of {max_rows} rows from here on", stacklevel=1)
+                    pending = [piece for rest in (part, *pending) for piece in rest.split(max_rows)]
+                    continue
+                yield records, part, output.logits
+                records.clear()
+                del output  # the logits [B, S, V] go before the next forward allocates its own
 
 
 def accumulate_routing(acc, s: Setup, stream: Iterator[Batch]) -> None:
     """Stream every batch's router logits and top-k into a (layer, domain) accumulator, then all-reduce it."""
-    for records, batch, _ in captured_batches(s.moe, stream, s.layers, ("logits", "topk")):
+    for records, batch, _ in captured_batches(s.moe, stream, s.layers, ("logits", "topk"), split_on_oom=True):
         acc.update(records, batch.token_domains(), batch.token_weights())
     acc.all_reduce()

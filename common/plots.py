@@ -196,8 +196,7 @@ def heatmap(ax: plt.Axes, matrix: np.ndarray, *, cbar_label: str, cmap: str = "v
     matrix = np.array(matrix, dtype=np.float64)
     if mask_diagonal and matrix.shape[0] == matrix.shape[1]:
         np.fill_diagonal(matrix, np.nan)
-    colours = plt.get_cmap(cmap).copy()
-    colours.set_bad("#dddddd")
+    colours = plt.get_cmap(cmap).with_extremes(bad="#dddddd")
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap=colours, vmin=None if norm else vmin,
                       vmax=None if norm else vmax, norm=norm, aspect=aspect, interpolation="nearest")
     if xticklabels is not None:

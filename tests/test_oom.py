@@ -70,3 +70,52 @@ def test_other_errors_still_raise():
 
     with pytest.raises(ValueError):
         run_main(ArgumentParser(prog="x.py"), body, [])
+
+
+@pytest.mark.parametrize("script", ["router_decisive", "router_stats", "router_metrics"])
+def test_a_batch_that_does_not_fit_is_forwarded_in_parts_with_the_same_results(script, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A simulated CUDA OOM for forwards of more than 3 rows: the routing scripts cut their batches (8 rows) into
+    parts of 2 rows, warn once, and write the same tables as a run where everything fits (counts exactly, float
+    statistics to rounding)."""
+    import importlib
+
+    import pandas as pd
+
+    from common.moe import MoEModel
+
+    module = importlib.import_module(script)
+    data = tmp_path / "a.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    argv = ["--model", "random:olmoe", "--data", f"a={data}", "--num_tokens", "600", "--seq_len", "32",
+            "--batch_size", "8", "--no-progress", "--layers", "0", "1"]
+    assert module.main([*argv, "--out", str(tmp_path / "fits")]) == 0
+    capsys.readouterr()
+
+    forward, attempts = MoEModel.forward, []
+
+    def small_device(self, input_ids, *args, **kwargs):
+        attempts.append(input_ids.shape[0])
+        if input_ids.shape[0] > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(MoEModel, "forward", small_device)
+    assert module.main([*argv, "--out", str(tmp_path / "parts")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "out of memory" in line]
+    assert warnings == [f"{script}.py: warning: out of memory at 8 rows of 32 tokens: forwarding batches in parts "
+                        "of 4 rows from here on",
+                        f"{script}.py: warning: out of memory at 4 rows of 32 tokens: forwarding batches in parts "
+                        "of 2 rows from here on"]
+    assert attempts[:3] == [8, 4, 2] and set(attempts[3:]) <= {2, 1}  # later batches go straight to parts
+
+    (fits,) = [p for p in (tmp_path / "fits").glob(f"{script}/*/*/*") if p.is_dir()]
+    (parts,) = [p for p in (tmp_path / "parts").glob(f"{script}/*/*/*") if p.is_dir()]
+    tables = sorted(p.name for p in fits.glob("*.csv"))
+    assert tables and tables == sorted(p.name for p in parts.glob("*.csv"))
+    for name in tables:
+        expected, got = pd.read_csv(fits / name), pd.read_csv(parts / name)
+        if name.startswith("indicator_correlation"):  # its shuffled control permutes within each forwarded part
+            expected = expected.drop(columns=[c for c in expected.columns if "shuffled" in c])
+            got = got.drop(columns=[c for c in got.columns if "shuffled" in c])
+        pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-5, atol=1e-6, obj=name)

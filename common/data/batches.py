@@ -39,6 +39,18 @@ class Batch:
         moved = {k: v.to(device, non_blocking=True) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
         return Batch(**moved, number=self.number)
 
+    def rows(self, start: int, stop: int) -> Batch:
+        """Rows start..stop-1 as a batch of their own, with the same stream number (same padding width)."""
+        part = {k: v[start:stop] for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        return Batch(**part, number=self.number)
+
+    def split(self, max_rows: int) -> list[Batch]:
+        """This batch cut into consecutive parts of at most `max_rows` rows (itself when it is small enough)."""
+        size = self.input_ids.shape[0]
+        if size <= max_rows:
+            return [self]
+        return [self.rows(start, min(start + max_rows, size)) for start in range(0, size, max_rows)]
+
     def token_domains(self) -> torch.Tensor:
         """[T] domain index of every flattened token (row-major over [B, S])."""
         return self.domain_ids.view(-1, 1).expand_as(self.input_ids).reshape(-1)
