@@ -164,27 +164,25 @@ def run(args: argparse.Namespace) -> None:
             if not skeleton.ffns:
                 raise InputError(f"--dense_model same: {args.model} has no dense FFN layers (every decoder layer is "
                                  "MoE); name a dense model with --dense_model, or none")
-            try:
-                plan["dense_layers"] = [f.layer for f in skeleton.select_ffns(args.dense_layers)]
-            except InputError as err:
-                raise InputError(f"--dense_layers: {err}") from None
+            baseline = skeleton
         elif choice is not None:
             spec = ModelSpec(model=choice, dtype=args.dtype, device=args.device, device_map=args.device_map,
                              trust_remote_code=args.trust_remote_code, seed=args.seed)
             try:
-                dense_skeleton = inspect_model(spec)
+                baseline = inspect_model(spec)
             except InputError as err:
                 raise InputError(f"--dense_model: {err}") from None
-            if isinstance(dense_skeleton, MoEModel):
+            if isinstance(baseline, MoEModel):
                 raise InputError(f"--dense_model {choice} is a MoE model; the baseline must be dense (use "
                                  "--dense_model same for the dense layers of --model)")
-            try:
-                plan["dense_layers"] = [f.layer for f in dense_skeleton.select_ffns(args.dense_layers)]
-            except InputError as err:
-                raise InputError(f"--dense_layers: {err}") from None
             plan["spec"] = spec
         elif args.dense_layers is not None:
             raise InputError("--dense_layers needs a dense baseline (--dense_model)")
+        if choice is not None:
+            try:
+                plan["dense_layers"] = [f.layer for f in baseline.select_ffns(args.dense_layers)]
+            except InputError as err:
+                raise InputError(f"--dense_layers: {err}") from None
         plan["choice"] = choice
 
     try:

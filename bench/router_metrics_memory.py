@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a file: make `common` importable
 
-from common.measure import peak_rss_mib  # noqa: E402
+from common.measure import peak_rss_ratio  # noqa: E402
 
 
 def main() -> None:
@@ -27,14 +26,11 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=200_000)
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more router_metrics.py flags")
     args = parser.parse_args()
-    results = {}
-    with tempfile.TemporaryDirectory() as out:
-        for tokens in (args.small, args.large):
-            argv = ["--model", args.model, "--num_tokens", str(tokens), "--out", out, "--no-progress", *args.extra]
-            results[tokens] = peak_rss_mib("router_metrics.py", argv)
-            print(f"--num_tokens {tokens:>8}: peak RSS {results[tokens][0]:8.1f} MiB, {results[tokens][1]:6.1f} s", flush=True)
-    ratio = results[args.large][0] / results[args.small][0]
-    print(f"ratio large/small: {ratio:.3f}  (goal ≤ 1.10: {'PASS' if ratio <= 1.10 else 'FAIL'})")
+
+    def argv(tokens: int, out: str) -> list[str]:
+        return ["--model", args.model, "--num_tokens", str(tokens), "--out", out, "--no-progress", *args.extra]
+
+    peak_rss_ratio("router_metrics.py", argv, args.small, args.large)
 
 
 if __name__ == "__main__":

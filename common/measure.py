@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,21 @@ def peak_rss_mib(script: str, argv: Sequence[str]) -> tuple[float, float]:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{script} failed: {child.stderr.read().decode()[-2000:]}")
     return usage.ru_maxrss / 1024, elapsed  # Linux reports KiB
+
+
+def peak_rss_ratio(script: str, argv_for: Callable[[int, str], Sequence[str]], small: int, large: int,
+                   goal: float = 1.10) -> float:
+    """Peak RSS of `script` at --num_tokens `large` over that at `small`, each in a fresh process writing under one
+    temporary folder (`argv_for(tokens, out)` gives the flags); prints both runs and the ratio against `goal`."""
+    results = {}
+    with tempfile.TemporaryDirectory() as out:
+        for tokens in (small, large):
+            results[tokens] = peak_rss_mib(script, argv_for(tokens, out))
+            print(f"--num_tokens {tokens:>8}: peak RSS {results[tokens][0]:8.1f} MiB, {results[tokens][1]:6.1f} s",
+                  flush=True)
+    ratio = results[large][0] / results[small][0]
+    print(f"ratio large/small: {ratio:.3f}  (goal ≤ {goal:.2f}: {'PASS' if ratio <= goal else 'FAIL'})")
+    return ratio
 
 
 class OpCounter(TorchDispatchMode):
