@@ -86,8 +86,14 @@ def _describe(relative: str):
     return outputs.lookup(relative)
 
 
+def _domain_tokens(info: dict) -> dict:
+    """run.json's per-domain token counts ({} for a run that reads no data)."""
+    tokens = info.get("tokens")
+    return tokens.get("domains", {}) if isinstance(tokens, dict) else {}
+
+
 def _metadata(info: dict) -> str:
-    tokens = info.get("tokens", {}).get("domains", {}) if isinstance(info.get("tokens"), dict) else {}
+    tokens = _domain_tokens(info)
     rows = [
         ("script", info.get("script")), ("model", info.get("model")), ("command", info.get("command")),
         ("started", info.get("started")), ("wall time", f"{info.get('wall_time_s', '?')} s"),
@@ -126,8 +132,7 @@ def _csv_section(path: Path, relative: str, rows: int) -> str:
             f"<div class=scroll><table class='sortable data'><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table></div>")
 
 
-def run_page(run: Path, rows: int) -> str:
-    info = _run_record(run)
+def run_page(run: Path, info: dict, rows: int) -> str:
     parts = [f"<h1>{_esc(info.get('script'))} — {_esc(info.get('model'))}</h1>", _metadata(info)]
     figures = sorted((run / "figures").glob("*.png"), key=_natural) if (run / "figures").is_dir() else []
     if figures:
@@ -144,13 +149,12 @@ def run_page(run: Path, rows: int) -> str:
         parts.extend(_csv_section(path, path.name, rows) for path in tables)
     others = sorted((p for p in run.iterdir() if p.suffix in (".npy", ".json") and p.name != "run.json"), key=_natural)
     if others:
-        groups: dict[str, list[Path]] = {}  # files of one registry entry (one per expert, say) share a line
+        groups: dict[str, tuple] = {}  # files of one registry entry (one per expert, say) share a line
         for path in others:
             entry = _describe(path.name)
-            groups.setdefault(entry.pattern if entry is not None else path.name, []).append(path)
+            groups.setdefault(entry.pattern if entry is not None else path.name, (entry, []))[1].append(path)
         items = []
-        for paths in groups.values():
-            entry = _describe(paths[0].name)
+        for entry, paths in groups.values():
             extra = f" — axes {entry.axes}" if entry is not None and entry.axes else ""
             links = ", ".join(f"<a href='{_esc(p.name)}'>{_esc(p.name)}</a>" for p in paths)
             count = f" ({len(paths)} files)" if len(paths) > 1 else ""
@@ -178,13 +182,13 @@ def _layers(arguments: dict) -> str:
 
 
 def _tokens(info: dict) -> str:
-    domains = info.get("tokens", {}).get("domains", {}) if isinstance(info.get("tokens"), dict) else {}
-    counted = [d.get("counted") for d in domains.values() if isinstance(d, dict)]
+    counted = [d.get("counted") for d in _domain_tokens(info).values() if isinstance(d, dict)]
     return f"{sum(c for c in counted if isinstance(c, int)):,}" if counted else "—"
 
 
 def index_page(root: Path, runs: Sequence[tuple[Path, dict]]) -> str:
     columns = ("script", "model", "data", "layers", "tokens", "started", "wall time (s)", "run")
+    numeric = {"tokens", "wall time (s)"}
     rows = []
     for run, info in runs:
         relative = run.relative_to(root).as_posix()
@@ -193,8 +197,8 @@ def index_page(root: Path, runs: Sequence[tuple[Path, dict]]) -> str:
         wall = info.get("wall_time_s")
         cells = [info.get("script"), info.get("model"), data, _layers(arguments), _tokens(info), info.get("started"),
                  f"{wall:.1f}" if isinstance(wall, (int, float)) else "—"]
-        rows.append("<tr>" + "".join(f"<td class={'n' if i in (4, 6) else 't'}>{_esc(c)}</td>"
-                                     for i, c in enumerate(cells))
+        rows.append("<tr>" + "".join(f"<td class={'n' if name in numeric else 't'}>{_esc(c)}</td>"
+                                     for name, c in zip(columns[:-1], cells, strict=True))
                     + f"<td class=t><a href='{_esc(relative)}/report.html' title='{_esc(info.get('command', ''))}'>"
                       f"{_esc(relative)}</a></td></tr>")
     header = "".join(f"<th class=t>{_esc(c)}</th>" for c in columns)
@@ -215,14 +219,15 @@ def run(args: argparse.Namespace) -> None:
     written = []
     for folder in runs:
         try:
-            page = run_page(folder, args.rows)
+            info = _run_record(folder)
         except InputError as error:
             if runs == [root]:
                 raise
             print(f"report: skipped {error}", file=sys.stderr)  # one broken run does not cost the others' pages
             continue
+        page = run_page(folder, info, args.rows)
         atomic_write(folder / "report.html", lambda p, text=page: p.write_text(text, encoding="utf-8"))
-        written.append((folder, _run_record(folder)))
+        written.append((folder, info))
     if runs != [root]:
         if not written:
             raise InputError(f"{args.results}: none of the {len(runs)} run folders could be read (see above)")
