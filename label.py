@@ -270,8 +270,9 @@ def run(args: argparse.Namespace) -> None:
             rows.append({"layer": layer.layer, "expert": e, "label": r["label"] or "", "f1": scores["f1"],
                          "accuracy": scores["accuracy"], "windows_explained": len(r["explained"]),
                          "windows_scored": answered, "malformed": r["malformed"], "failed": r["failed"]})
-        out.save_table(pd.DataFrame(rows), f"labels_layer{layer.layer}")
-        out.save_figure(plot_labels(pd.DataFrame(rows), layer.layer, control=args.shuffle_windows),
+        table = pd.DataFrame(rows)
+        out.save_table(table, f"labels_layer{layer.layer}")
+        out.save_figure(plot_labels(table, layer.layer, control=args.shuffle_windows),
                         f"labels_layer{layer.layer}")
         stats = client.stats.to_dict()
         out.record(llm={**identity, **stats, "cache": str(cache_dir),

@@ -215,8 +215,9 @@ def run(args: argparse.Namespace) -> None:
 
         out.record(blocks=plans)
         out.save_table(pd.concat(rows_out, ignore_index=True), "similarity")
-        out.save_table(pd.DataFrame(summaries), "similarity_summary")
-        out.save_figure(plot_similarity_by_layer(pd.DataFrame(summaries)), "similarity_by_layer")
+        summary = pd.DataFrame(summaries)
+        out.save_table(summary, "similarity_summary")
+        out.save_figure(plot_similarity_by_layer(summary), "similarity_by_layer")
         out.save_table(pd.DataFrame(orders), "cluster_order")
         if sigma_rows:
             out.save_table(pd.DataFrame(sigma_rows), "rbf_sigma")
