@@ -64,11 +64,11 @@ def run(args: argparse.Namespace) -> None:
     import torch
     from tqdm import tqdm
 
-    from common import pipeline
     from common.analysis import clusters as cl
     from common.analysis.memory import plan_routing_counts
     from common.analysis.specialization import RoutingCounts
-    from common.models import resolve_device
+    from common.cli import pipeline
+    from common.model import resolve_device
 
     ks = list(dict.fromkeys(args.clusters))
     config = cli.config(args, SCRIPT)

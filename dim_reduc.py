@@ -77,9 +77,9 @@ def run(args: argparse.Namespace) -> None:
     import torch
     from tqdm import tqdm
 
-    from common import pipeline
     from common.analysis.embedding import MIN_POINTS, embed_pca, embed_umap, expert_points, separation_rows
     from common.analysis.sample import TokenSample
+    from common.cli import pipeline
     from common.figures.embedding import plot_layer
 
     methods = list(METHODS) if args.method == "both" else [args.method]

@@ -219,10 +219,10 @@ def _value_text(mode: str, value: float | None) -> str:
 def run_prompts(args: argparse.Namespace, prompts: list[str]) -> None:
     import pandas as pd
 
-    from common import pipeline
     from common.analysis.importance import kl_divergence, next_token_summary, run_prompt
+    from common.cli import pipeline
     from common.hooks import RoutingEdit
-    from common.runs import Run
+    from common.run import Run
 
     s = pipeline.setup(cli.config(args, SCRIPT, layers=[args.layer]))
     moe, layer, tok = s.moe, s.layers[0], s.moe.tokenizer
@@ -407,8 +407,8 @@ def prompt_tail(prompt: str, limit: int = 50) -> str:
 def run_dataset(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from common import pipeline
     from common.analysis.importance import ImportanceAccumulator, accumulate_importance, importance_tables
+    from common.cli import pipeline
     from common.figures.interventions import plot_importance_heatmap, plot_importance_scatter
 
     s = pipeline.setup(cli.config(args, SCRIPT, layers=[args.layer]))

@@ -138,8 +138,9 @@ def run(args: argparse.Namespace) -> None:
     import numpy as np
     import pandas as pd
 
-    from common import distributed, pipeline
+    from common import distributed
     from common.analysis import labelling as lab
+    from common.cli import pipeline
     from common.figures.labels import plot_labels
     from common.llm import ChatClient, Reply, ResponseCache
 

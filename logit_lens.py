@@ -84,9 +84,8 @@ def _check_max_k(max_k: int | None, layers) -> int:
 def run_prompt(args: argparse.Namespace, text: str) -> None:
     from common.analysis.lens import grid_table, prompt_ids, prompt_lens, resolve_position
     from common.figures.lens import plot_lens_grid
-    from common.models import inspect_model, load_model
-    from common.moe import MoEModel
-    from common.runs import Run
+    from common.model import MoEModel, inspect_model, load_model
+    from common.run import Run
 
     config = cli.config(args, SCRIPT)
     if not config.run.progress:
@@ -123,11 +122,10 @@ def _dense_rows(view, spec: Sequence[str] | None) -> list[int]:
 
 
 def run_data(args: argparse.Namespace) -> None:
-    from common import pipeline
     from common.analysis.lens import TopkSweep
+    from common.cli import pipeline
     from common.figures.lens import plot_cosine, plot_perplexity
-    from common.models import inspect_model
-    from common.moe import MoEModel
+    from common.model import MoEModel, inspect_model
 
     config = cli.config(args, SCRIPT)
     try:

@@ -28,7 +28,8 @@ units × 2·max_examples·concepts tokens × neurons float32 (run.json → sampl
 lower --max_examples, --concepts or --layers for large models.
 
 Outputs: probing.csv (one row per probe: concept, layer, expert | dense, k, selection ranked | random, f1,
-precision, recall, num_positive, num_negative), probing_best_layer.csv, probing_examples.csv (examples per concept
+precision, recall, num_positive, num_negative, neurons: the k neuron ids the probe read, within the expert or dense
+FFN, best-ranked first), probing_best_layer.csv (with the best probe's neurons), probing_examples.csv (examples per concept
 and unit, and whether it was probed), figures probing_f1_vs_k and probing_concepts.
 """
 
@@ -131,7 +132,6 @@ def run(args: argparse.Namespace) -> None:
     import pandas as pd
     import torch
 
-    from common import pipeline
     from common.analysis.probing import (
         DENSE,
         ConceptSampler,
@@ -142,11 +142,11 @@ def run(args: argparse.Namespace) -> None:
         probe_units,
         random_seed,
     )
+    from common.cli import pipeline
     from common.config import ModelSpec
     from common.data import token_batches
     from common.figures.probing import plot_concepts, plot_f1_vs_k
-    from common.models import inspect_model, load_model
-    from common.moe import MoEModel
+    from common.model import MoEModel, inspect_model, load_model
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("probing.py runs in one process (its samples are not gathered across torchrun ranks)")
@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> None:
         timings["probes_s"] = round(time.perf_counter() - started, 2)
 
         columns = ["concept", "layer", "expert", "k", "selection", "f1", "precision", "recall", "num_positive",
-                   "num_negative"]
+                   "num_negative", "neurons"]
         table = pd.DataFrame(rows, columns=columns)
         order = {c.name: i for i, c in enumerate(concepts)}
         examples = pd.DataFrame(example_rows, columns=["concept", "layer", "expert", "seen_positive", "seen_negative",

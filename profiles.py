@@ -44,10 +44,10 @@ def run(args: argparse.Namespace) -> None:
     import pandas as pd
     import torch
 
-    from common import pipeline
     from common.analysis.expert_profile import ExpertActivity
     from common.analysis.profile_json import build_profile
     from common.analysis.specialization import RoutingCounts
+    from common.cli import pipeline
     from common.figures.profiles import save_profile_figure
     from common.stats import DEFAULT_QUANTILES
 

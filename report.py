@@ -6,7 +6,7 @@
 A page holds the run's metadata (script, model, data, command, date, git commit, packages, tokens per domain), every
 figure (PNG embedded, so the page needs no network and can be mailed), every CSV as a sortable table (the first
 `--rows` rows, a click on a column header sorts it, with a link to the full file and the description of each column
-from the registry of `common/outputs.py`), and the JSON and npy files with their descriptions. The index lists the
+from the registry of `common/run/outputs.py`), and the JSON and npy files with their descriptions. The index lists the
 runs by script, model, data and date. Nothing heavy is imported: pandas only.
 """
 
@@ -81,7 +81,7 @@ def _run_record(run: Path) -> dict:
 
 
 def _describe(relative: str):
-    from common import outputs
+    from common.run import outputs
 
     return outputs.lookup(relative)
 

@@ -32,8 +32,8 @@ def build_parser():
 
 
 def run(args: argparse.Namespace) -> None:
-    from common import pipeline
     from common.analysis.routing import DecisivenessStats
+    from common.cli import pipeline
     from common.figures.routing import plot_by_layer, plot_violins
 
     s = pipeline.setup(cli.config(args, SCRIPT))

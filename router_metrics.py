@@ -34,9 +34,9 @@ from common.errors import InputError
 if TYPE_CHECKING:
     import numpy as np
 
-    from common.moe import MoEModel
-    from common.pipeline import Setup
-    from common.runs import Run
+    from common.cli.pipeline import Setup
+    from common.model import MoEModel
+    from common.run import Run
 
 SCRIPT = "router_metrics"
 
@@ -92,12 +92,12 @@ def revision_specs(args: argparse.Namespace, base: ModelSpec) -> list[ModelSpec]
 
 
 def run(args: argparse.Namespace) -> None:
-    from common import pipeline
     from common.analysis.memory import plan_routing_counts
     from common.analysis.saturation import saturation
     from common.analysis.specialization import RoutingCounts
+    from common.cli import pipeline
     from common.figures.specialization import plot_saturation
-    from common.models import inspect_moe, resolve_device
+    from common.model import inspect_moe, resolve_device
 
     config = cli.config(args, SCRIPT)
     specs = revision_specs(args, config.model) if args.revisions else []
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> None:
         counts = counts_acc.arrays()
         write_outputs(out, counts, s, args)
         if specs:
-            table = saturation(specs, s)
+            table = saturation(specs, [m.layer for m in s.layers], lambda: pipeline.batches(s))
             out.save_table(table, "saturation")
             out.save_figure(plot_saturation(table), "saturation")
 

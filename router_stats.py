@@ -32,8 +32,8 @@ def build_parser():
 
 
 def run(args: argparse.Namespace) -> None:
-    from common import pipeline
     from common.analysis.routing import DistributionStats
+    from common.cli import pipeline
     from common.figures.routing import DISTRIBUTION_TITLES, plot_distributions
 
     s = pipeline.setup(cli.config(args, SCRIPT))

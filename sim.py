@@ -9,7 +9,7 @@ layer every expert is applied to every sampled token's MoE input, Y_e = E_e(X) [
 is compared (SPEC "Expert output similarity"): mean cosine (1/n) Σ cos(E_i(x), E_j(x)); linear CKA (Kornblith et
 al. 2019); debiased linear CKA (unbiased HSIC, Song et al. 2012); RBF CKA (σ: --sigma, or per expert the median
 pairwise distance of its outputs). Layers with shared experts get one more row/column, `shared`: the shared
-experts' (gated) output. All pairs are computed at once from kernel blocks of all experts (common/similarity.py);
+experts' (gated) output. All pairs are computed at once from kernel blocks of all experts (common/analysis/similarity.py);
 --block_mb bounds the memory of that computation. --routed-only compares each pair on the tokens routed to both
 (pairs with fewer than --min_pair_tokens such tokens are NaN).
 
@@ -33,7 +33,7 @@ from common.cli import at_least, base_parser, positive_float, run_main
 from common.errors import InputError
 
 SCRIPT = "sim"
-# common.similarity.METHODS, repeated so that --help and flag errors need no torch (a test keeps them equal).
+# common.analysis.similarity.METHODS, repeated so that --help and flag errors need no torch (a test keeps them equal).
 METHODS = ("cosine", "cka", "cka-debiased", "cka-rbf")
 
 
@@ -124,10 +124,8 @@ def run(args: argparse.Namespace) -> None:
     import pandas as pd
     import torch
 
-    from common import pipeline
     from common.analysis.sample import TokenSample
-    from common.figures.similarity import plot_similarity, plot_similarity_by_layer
-    from common.similarity import (
+    from common.analysis.similarity import (
         SHARED,
         ExpertOutputs,
         cluster_order,
@@ -135,6 +133,8 @@ def run(args: argparse.Namespace) -> None:
         pair_summary,
         plan_blocks,
     )
+    from common.cli import pipeline
+    from common.figures.similarity import plot_similarity, plot_similarity_by_layer
 
     s = pipeline.setup(cli.config(args, SCRIPT))
     domains = [d.name for d in s.domains]

@@ -46,10 +46,10 @@ def build_parser():
 
 
 def run(args: argparse.Namespace) -> None:
-    from common import pipeline
     from common.analysis import weights
+    from common.cli import pipeline
     from common.figures.weights import save_weight_figures
-    from common.models import inspect_moe
+    from common.model import inspect_moe
 
     config = cli.config(args, SCRIPT)
     experts = not args.routers_only

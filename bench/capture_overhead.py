@@ -42,12 +42,12 @@ from transformers import AutoModelForCausalLM, OlmoeConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: make `common` importable
 
-from common import pipeline
 from common.analysis.routing import DecisivenessStats, DistributionStats, metric_ranges
+from common.cli import pipeline
 from common.data import Batch
 from common.hooks import Capture, capture
 from common.measure import count_ops
-from common.moe import MoELayer, MoEModel
+from common.model import MoELayer, MoEModel
 from common.stats import Accumulator, BinCount
 
 GOAL = 1.10  # the speed goal: routing statistics cost at most 10% over a bare forward pass

@@ -4,7 +4,7 @@ random model (full size, bf16) on one GPU; and, everywhere, the aten ops each up
     uv run bench/gpu_throughput.py                  # on a GPU: full OLMoE-1B-7B shape, bf16
     uv run bench/gpu_throughput.py --small          # on a CPU: same layer/expert graph, small widths (op counts)
 
-The batch starts at --batch_size windows of --seq_len tokens and halves on an out-of-memory error (common/oom.py);
+The batch starts at --batch_size windows of --seq_len tokens and halves on an out-of-memory error (common/cli/oom.py);
 the largest that fits is reported. Each mode is timed over --repeats batches after a warm-up. Not a test.
 """
 
@@ -24,11 +24,11 @@ from transformers import OlmoeConfig, OlmoeForCausalLM
 
 from common.analysis.routing import DecisivenessStats
 from common.analysis.specialization import RoutingCounts
+from common.cli.oom import with_oom_backoff
 from common.data import Batch
 from common.hooks import capture
 from common.measure import OpCounter
-from common.moe import MoEModel
-from common.oom import with_oom_backoff
+from common.model import MoEModel
 
 # OLMoE-1B-7B (allenai/OLMoE-1B-7B-0924 config.json): 16 layers, hidden 2048, 64 experts of width 1024, top-8.
 FULL = {"vocab_size": 50_304, "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 16,

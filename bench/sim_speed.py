@@ -1,4 +1,4 @@
-"""All-pairs CKA (common/similarity.py) against the per-pair loop, and its peak memory against --block_mb.
+"""All-pairs CKA (common/analysis/similarity.py) against the per-pair loop, and its peak memory against --block_mb.
 
     uv run bench/sim_speed.py                                   # E = 64, n = 2048, H = 256, every pair timed
     uv run bench/sim_speed.py --baseline_pairs 200              # time 200 random pairs of the loop, extrapolate
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.similarity import TensorOutputs, expert_similarities, plan_blocks
+from common.analysis.similarity import TensorOutputs, expert_similarities, plan_blocks
 
 
 def pair_cka(yi: torch.Tensor, yj: torch.Tensor) -> tuple[float, float]:

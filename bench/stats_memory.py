@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: m
 
 from common.analysis.memory import DEFAULT_DEVICE_BUDGET_GIB, GiB, plan_routing_counts
 from common.analysis.specialization import RoutingCounts
-from common.moe import MoEModel
+from common.model import MoEModel
 
 # name: (vocab, routed experts, MoE layers), from the published configurations.
 CONFIGS = {

@@ -150,7 +150,7 @@ class LocalModel:
         import torch
 
         from common.config import ModelSpec
-        from common.models import load_model_and_tokenizer
+        from common.model import load_model_and_tokenizer
 
         self._torch = torch
         self.model, self.tokenizer, source = load_model_and_tokenizer(ModelSpec(model=name, device=device, dtype=dtype))

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import tiny
+from common.model import tiny
 
-# Every run any test makes must describe every file, CSV column and JSON key it writes (common/outputs.py): an
+# Every run any test makes must describe every file, CSV column and JSON key it writes (common/run/outputs.py): an
 # undocumented output fails the run (subprocesses inherit the variable).
 os.environ["MOESCOPE_STRICT_OUTPUTS"] = "1"
 

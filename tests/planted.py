@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import OlmoeConfig, OlmoeForCausalLM
 
-from common.tiny import tiny_tokenizer
+from common.model import tiny_tokenizer
 
 RANGES = ("abcdefgh", "ijklmnop", "qrstuvwx")
 GROUPS = [half for letters in RANGES for half in (letters[:4], letters[4:])]  # group g belongs to domain g // 2

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from common import tiny
+from common.model import tiny
 
 
 def save_rotated_twin(path: Path, layer: int = 1, source: int = 0, twin: int = 1, seed: int = 0) -> Path:

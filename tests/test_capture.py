@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.experts import all_expert_outputs, expert_output_chunks
 from common.hooks import (
     RoutingEdit,
     TopKRestriction,
@@ -19,8 +18,7 @@ from common.hooks import (
     registered_hook_count,
     restrict_topk,
 )
-from common.models import ModelSpec, load_moe
-from common.moe import MoEModel
+from common.model import ModelSpec, MoEModel, all_expert_outputs, expert_output_chunks, load_moe
 from tests.conftest import ALL_MOE_TYPES
 
 BATCH, SEQ = 2, 9

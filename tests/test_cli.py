@@ -67,8 +67,16 @@ def _data_file(tmp_path: Path, repeats: int = 400) -> Path:
     return path
 
 
+STOPS = {  # signal -> (exit code, the one line): Ctrl-C, and what timeout, Slurm and container stops send
+    "SIGINT": (130, "router_metrics.py: interrupted; nothing written"),
+    "SIGTERM": (143, "router_metrics.py: stopped by SIGTERM; nothing written"),
+    "SIGHUP": (129, "router_metrics.py: stopped by SIGHUP; nothing written"),
+}
+
+
+@pytest.mark.parametrize("stop", list(STOPS))
 @pytest.mark.parametrize("when", ["while importing", "mid-run"])
-def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing(tmp_path, when):
+def test_a_stop_prints_one_line_exits_128_plus_signal_and_leaves_nothing(tmp_path, when, stop):
     out = tmp_path / "results"
     # data for far longer than the test waits (900,000 tokens), so the run is mid-stream when interrupted on any
     # machine, never already past the end of its data (which would add the "ran out of data" warning)
@@ -84,12 +92,13 @@ def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing(tmp_path, when):
                 time.sleep(0.2)
             assert list(out.glob("**/.*.partial")), "the run never started"
             time.sleep(1.0)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(getattr(signal, stop))
         _, err = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "router_metrics.py: interrupted; nothing written"
+    code, line = STOPS[stop]
+    assert process.returncode == code, err
+    assert err.strip().splitlines()[-1] == line
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
 

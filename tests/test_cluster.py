@@ -15,10 +15,9 @@ from PIL import Image
 from scipy.spatial.distance import jensenshannon
 
 import cluster
-from common import tiny
 from common.analysis import clusters as cl
 from common.hooks import capture
-from common.moe import MoEModel
+from common.model import MoEModel, tiny
 from common.plots import MAX_PNG_WIDTH
 from tests.script_probe import run_script
 

@@ -1,6 +1,6 @@
-"""Native DeepSeekMoE v1 (common/deepseek_moe.py): the published layout, the forward semantics, the adapter, loading.
+"""Native DeepSeekMoE v1 (common/model/deepseek_moe.py): the published layout, the forward semantics, the adapter, loading.
 
-The reference below is written from the published description (the published config and the layout described in common/deepseek_moe.py's docstring):
+The reference below is written from the published description (the published config and the layout described in common/model/deepseek_moe.py's docstring):
 token by token and layer by layer, with its own RoPE attention, each selected expert applied one at a time and the
 shared experts added, so that it shares no code with the implementation it checks.
 """
@@ -20,11 +20,10 @@ import transformers
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from common import deepseek_moe, models, tiny
 from common.errors import InputError
 from common.hooks import RoutingEdit, capture, intervene
-from common.models import ModelSpec, inspect_moe, load_moe
-from common.moe import MoEModel
+from common.model import ModelSpec, MoEModel, deepseek_moe, inspect_moe, load_moe, tiny
+from common.model import load as models
 
 deepseek_moe.register()
 
@@ -167,7 +166,7 @@ def test_fixture_keys_are_the_published_layout():
 
 
 def test_save_and_load_back_natively(tiny_dir: Path, tiny_model):
-    deepseek_moe.register()  # a second call (common.models made the first) changes nothing
+    deepseek_moe.register()  # a second call (common.model.load made the first) changes nothing
     assert AutoConfig.for_model("deepseek").__class__ is deepseek_moe.DeepseekMoEConfig
     assert type(tiny_model) is deepseek_moe.DeepseekMoEForCausalLM
     assert type(tiny_model.config) is deepseek_moe.DeepseekMoEConfig

@@ -13,11 +13,9 @@ import pytest
 import torch
 
 import dim_reduc
-from common import tiny
 from common.analysis.embedding import expert_points, knn_accuracy, loo_neighbours, select_points
 from common.config import ModelSpec
-from common.models import load_moe
-from common.moe import MoEModel
+from common.model import MoEModel, load_moe, tiny
 from tests.script_probe import run_script
 
 ROOT = Path(__file__).resolve().parent.parent

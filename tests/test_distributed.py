@@ -17,8 +17,8 @@ import pytest
 import profiles
 import router_metrics
 import router_stats
-from common import tiny
 from common.data import resolve_domains, token_batches
+from common.model import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_TOKENS = 300  # per domain: 10 windows of 31 counted tokens, 3 batches of 4 per domain, 3 batches per rank

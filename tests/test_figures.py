@@ -17,8 +17,8 @@ import profiles
 import router_decisive
 import router_metrics
 import router_stats
-from common import tiny
 from common.analysis.routing import GrowingDistribution, GrowingHistogram
+from common.model import tiny
 from common.plots import MAX_PNG_WIDTH
 from tests.figure_checks import assert_every_table_has_a_figure
 

@@ -17,13 +17,12 @@ import pytest
 import torch
 
 import interv
-from common import tiny
 from common.analysis.importance import kl_divergence, log_probs, run_prompt
 from common.config import ModelSpec
 from common.data import resolve_domains, token_batches
 from common.hooks import RoutingEdit, capture, intervene
 from common.hooks.routing import experts_call_args
-from common.models import load_moe
+from common.model import load_moe, tiny
 from tests.planted import write_domains
 from tests.script_probe import run_script
 

@@ -185,10 +185,10 @@ def test_bad_input(case, planted, stub, tmp_path, capsys, monkeypatch):
 def test_window_state_matches_a_direct_computation():
     """Marks, routing and logit lens of every kept window equal a recomputation from the captured batches,
     also for windows kept from an earlier batch while the top list changed."""
+    from common.cli.pipeline import captured_batches
     from common.config import ModelSpec
     from common.data import Batch
-    from common.models import load_moe
-    from common.pipeline import captured_batches
+    from common.model import load_moe
 
     moe = load_moe(ModelSpec(model="random:olmoe", device="cpu", dtype="float32"))
     layer = moe.layers[1]

@@ -13,13 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import logit_lens
-from common import tiny
 from common.analysis.lens import TopkSweep, next_token_labels, prompt_lens
 from common.data import resolve_domains, token_batches
 from common.errors import InputError
 from common.hooks import TopKRestriction, capture, intervene
-from common.models import ModelSpec, load_moe
-from common.moe import MoEModel
+from common.model import ModelSpec, MoEModel, load_moe, tiny
 from tests.script_probe import run_script
 
 ROOT = Path(__file__).resolve().parent.parent

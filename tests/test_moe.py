@@ -1,6 +1,6 @@
 """The MoE adapter and hooks against independent references, on tiny models of every required architecture.
 
-Each model is saved with `save_pretrained` and loaded back through `common.models.load_moe` (the real
+Each model is saved with `save_pretrained` and loaded back through `common.model.load_moe` (the real
 `from_pretrained` path). References: transformers' own `output_router_logits`, a copy of the model with an
 expert's down-projection zeroed or scaled, and a SwiGLU computed by hand from the expert's parameters.
 """
@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 from common.errors import InputError
 from common.hooks import RoutingEdit, capture, intervene, registered_hook_count
-from common.models import ModelSpec, load_moe
-from common.moe import MoEModel
+from common.model import ModelSpec, MoEModel, load_moe
 from tests.conftest import ALL_MOE_TYPES, ARCHS, MIXED_ARCHS
 from tests.legacy_moe import build_legacy_model, register
 
@@ -74,7 +73,7 @@ def _manual_expert(moe_layer, expert: int, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def legacy_dir(tmp_path_factory):
-    from common.tiny import tiny_tokenizer
+    from common.model import tiny_tokenizer
 
     register()
     path = tmp_path_factory.mktemp("legacy-moe")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.oom import is_out_of_memory, with_oom_backoff
+from common.cli.oom import is_out_of_memory, with_oom_backoff
 
 
 def _fits_up_to(limit: int, calls: list[int]):
@@ -43,7 +43,7 @@ def test_a_script_that_runs_out_of_memory_says_which_flags_lower_it(tmp_path, ca
     import json
 
     import router_metrics
-    from common.moe import MoEModel
+    from common.model import MoEModel
 
     def forward(self, *args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -82,7 +82,7 @@ def test_a_batch_that_does_not_fit_is_forwarded_in_parts_with_the_same_results(s
 
     import pandas as pd
 
-    from common.moe import MoEModel
+    from common.model import MoEModel
 
     module = importlib.import_module(script)
     data = tmp_path / "a.txt"

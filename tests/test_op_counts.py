@@ -10,7 +10,7 @@ from common.analysis.specialization import RoutingCounts
 from common.data import Batch
 from common.hooks import capture
 from common.measure import OpCounter
-from common.moe import MoEModel
+from common.model import MoEModel
 
 
 def test_router_metrics_update_dispatches_fewer_ops_than_the_forward():

@@ -19,9 +19,9 @@ import router_decisive
 import router_metrics
 import router_stats
 import weights
-from common import outputs, tiny
 from common.config import RunSpec
-from common.runs import PROJECT_ROOT, Run, metrics_link, whole_number_columns
+from common.model import tiny
+from common.run import PROJECT_ROOT, Run, metrics_link, outputs, whole_number_columns
 
 # Two layers (transitions need a pair) keep the figures, where most of the time goes, few; --revisions is added below.
 SCRIPTS = {
@@ -88,7 +88,7 @@ def test_readme_describes_every_file_and_column(run_folder, name):
     sections = _sections(readme)
     for relative in _files(folder):
         entry = outputs.lookup(relative)
-        assert entry is not None, f"{relative} is not in common/outputs.py"
+        assert entry is not None, f"{relative} is not in common/run/outputs.py"
         assert [e for e in outputs.REGISTRY if e.matches(relative)] == [entry], f"{relative}: several entries"
         assert entry.pattern in sections, relative
         section = sections[entry.pattern]
@@ -194,10 +194,10 @@ def test_undocumented_outputs_are_loud(tmp_path, capsys, monkeypatch):
     undocumented = readme.split("## Undocumented", 1)[1]
     for item in ("`not_registered.csv`", "`unknown_array.npy`", "`frequency.csv: column mystery`"):
         assert item in undocumented
-    assert "not described in common/outputs.py" in capsys.readouterr().err
+    assert "not described in common/run/outputs.py" in capsys.readouterr().err
     assert (run.final_dir / "frequency.csv").read_text().splitlines()[1] == "0,1,2.0"  # integer set of the registry only
     monkeypatch.setenv("MOESCOPE_STRICT_OUTPUTS", "1")  # inside it: the run fails
-    with pytest.raises(RuntimeError, match=r"not described in common/outputs\.py"), \
+    with pytest.raises(RuntimeError, match=r"not described in common/run/outputs\.py"), \
             Run(RunSpec(script="router_metrics", out=tmp_path / "strict"), "random:olmoe") as strict:
         strict.save_table(pd.DataFrame({"x": [1.0]}), "not_registered")
 

@@ -172,8 +172,7 @@ def planted(tmp_path_factory):
     """
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
-    from common.moe import MoEModel
-    from common.tiny import tiny_tokenizer
+    from common.model import MoEModel, tiny_tokenizer
 
     config = OlmoeConfig(vocab_size=259, hidden_size=64, intermediate_size=16, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
@@ -217,7 +216,7 @@ def planted(tmp_path_factory):
 def no_figures(monkeypatch):
     """Skip rendering (seconds per figure on a shared CPU) in runs that test the numbers, not the figures."""
     from common.plots import plt
-    from common.runs import Run
+    from common.run import Run
 
     monkeypatch.setattr(Run, "save_figure", lambda self, fig, name: plt.close(fig) or [])
 
@@ -235,12 +234,16 @@ def test_planted_digit_neuron_is_found_at_k1_and_random_neurons_are_near_chance(
     run = _run_dir(tmp_path)
     table = pd.read_csv(run / "probing.csv")
     assert list(table.columns) == ["concept", "layer", "expert", "k", "selection", "f1", "precision", "recall",
-                                   "num_positive", "num_negative"]
+                                   "num_positive", "num_negative", "neurons"]
     assert set(table.concept) == {"digits"} and set(table.layer) == {0, 1}
     planted_rows = table[(table.expert.astype(str) == str(PLANTED_EXPERT)) & (table.k == 1)]
     ranked = planted_rows[planted_rows.selection == "ranked"]
     random = planted_rows[planted_rows.selection == "random"]
     assert len(ranked) == 2 and (ranked.f1 == 1.0).all()
+    assert (ranked.neurons.astype(str) == str(PLANTED_NEURON)).all()  # the CSV names the planted neuron
+    k2 = table[(table.expert.astype(str) == str(PLANTED_EXPERT)) & (table.k == 2) & (table.selection == "ranked")]
+    assert all(str(n).split()[0] == str(PLANTED_NEURON) and len(str(n).split()) == 2 for n in k2.neurons), k2
+    assert all(len(str(n).split()) == k for n, k in zip(table.neurons, table.k, strict=True))
     assert (ranked.num_positive == 300).all() and (ranked.num_negative == 300).all()
     assert (random.f1 < 0.8).all(), random  # a blind neuron: about the 0.67 of always answering "digit"
     others = table[(table.expert.astype(str) != str(PLANTED_EXPERT)) & (table.k == 1) & (table.selection == "ranked")]
@@ -248,6 +251,7 @@ def test_planted_digit_neuron_is_found_at_k1_and_random_neurons_are_near_chance(
     best = pd.read_csv(run / "probing_best_layer.csv")
     top = best[(best.k == 1) & (best.selection == "ranked")].iloc[0]
     assert top.f1 == 1.0 and str(top.expert) == str(PLANTED_EXPERT) and top.model == "moe"
+    assert str(top.neurons) == str(PLANTED_NEURON)
     info = json.loads((run / "run.json").read_text())
     assert info["dense_baseline"]["resolved"] is None and info["cells"]["skipped"] == 0
 
@@ -259,7 +263,7 @@ def test_planted_digit_neuron_is_found_at_k1_and_random_neurons_are_near_chance(
 def dense_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from common.tiny import tiny_tokenizer
+    from common.model import tiny_tokenizer
 
     path = tmp_path_factory.mktemp("dense-llama")
     torch.manual_seed(0)
@@ -304,7 +308,7 @@ def test_same_model_dense_layers_as_baseline(tmp_path, text_file, monkeypatch):
     readme = (run / "README.md").read_text()
     assert "Undocumented" not in readme
     from common.plots import plt
-    from common.runs import Run
+    from common.run import Run
 
     monkeypatch.setattr(Run, "save_figure", lambda self, fig, name: plt.close(fig) or [])
     assert probing.main(argv) == 0  # deterministic

@@ -20,7 +20,7 @@ import router_metrics
 from common.analysis.specialization import load_balance
 from common.data import resolve_domains, token_batches
 from common.hooks import capture
-from common.moe import MoEModel
+from common.model import MoEModel
 from tests.planted import (
     GROUPS,
     NUM_EXPERTS,
@@ -50,7 +50,7 @@ def planted_run(tmp_path_factory):
     assert router_metrics.main(argv) == 0
     run_dir = next(p for p in out.glob("router_metrics/*/*/*") if p.is_dir())
     # The counted tokens, from the data layer alone (same arguments as the script).
-    from common.tiny import tiny_tokenizer
+    from common.model import tiny_tokenizer
 
     batches = list(token_batches(resolve_domains(specs), tiny_tokenizer(), num_tokens=NUM_TOKENS, seq_len=SEQ_LEN,
                                  batch_size=4, progress=False))
@@ -239,10 +239,10 @@ def test_bad_input(case, tmp_path, capsys):
 
 def test_frequency_and_coactivation_equal_naive_loop_on_demo(tmp_path):
     """On the shipped demo model: streamed counts equal a per-token Python loop over transformers' router logits."""
-    from common import pipeline
     from common.analysis.specialization import RoutingCounts
+    from common.cli import pipeline
     from common.data import resolve_domains
-    from common.models import ModelSpec, load_moe
+    from common.model import ModelSpec, load_moe
 
     moe = load_moe(ModelSpec(model="demo", device="cpu", dtype="float32"))
     domains = resolve_domains(["demo"], num_domains=3)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from common import pipeline
 from common.analysis import ALL_DOMAINS
 from common.analysis.routing import DecisivenessStats, DistributionStats
+from common.cli import pipeline
 from common.data import resolve_domains, token_batches
-from common.models import ModelSpec, load_moe
+from common.model import ModelSpec, load_moe
 
 TEXTS = {
     "prose": "The quick brown fox jumps over the lazy dog. " * 12,

@@ -9,7 +9,7 @@ from common.analysis.sample import TokenSample
 from common.config import ModelSpec
 from common.data import Domain, token_batches
 from common.hooks import capture
-from common.models import load_moe
+from common.model import load_moe
 
 
 @pytest.fixture(scope="module")

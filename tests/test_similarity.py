@@ -1,4 +1,4 @@
-"""Expert-output similarity (common/similarity.py, sim.py): the all-pairs blocked computation against textbook
+"""Expert-output similarity (common/analysis/similarity.py, sim.py): the all-pairs blocked computation against textbook
 formulas written out pair by pair, its invariances, routed-only subsets, the memory plan, a planted model whose
 twin experts must come out with CKA 1, and sim.py's outputs and input errors."""
 
@@ -14,9 +14,7 @@ import torch
 from PIL import Image
 
 import sim
-from common.errors import InputError
-from common.plots import MAX_PNG_WIDTH
-from common.similarity import (
+from common.analysis.similarity import (
     METHODS,
     ExpertOutputs,
     KernelStats,
@@ -27,6 +25,8 @@ from common.similarity import (
     pair_summary,
     plan_blocks,
 )
+from common.errors import InputError
+from common.plots import MAX_PNG_WIDTH
 from tests.planted_similarity import save_rotated_twin
 from tests.script_probe import run_script
 
@@ -289,7 +289,7 @@ def test_planted_twin_experts_have_cka_one(tmp_path, data_files):
     for method in ("cka", "cka-debiased"):
         with Image.open(run / "figures" / f"similarity_{method}_layer1.png") as image:
             assert image.width <= MAX_PNG_WIDTH
-    assert "Undocumented" not in (run / "README.md").read_text()  # every file and column is in common/outputs.py
+    assert "Undocumented" not in (run / "README.md").read_text()  # every file and column is in common/run/outputs.py
 
 
 def test_shared_experts_and_routed_only(tmp_path, data_files):
@@ -350,8 +350,7 @@ def test_method_names_agree():
 def test_recomputed_outputs_equal_the_held_ones():
     """ExpertOutputs (experts applied per token block, shared row held) gives the cache's numbers."""
     from common.config import ModelSpec
-    from common.experts import all_expert_outputs
-    from common.models import load_moe
+    from common.model import all_expert_outputs, load_moe
 
     moe = load_moe(ModelSpec(model="random:olmoe", device="cpu", dtype="float32"))
     layer = moe.layers[1]

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import router_metrics
-from common import pipeline
 from common.analysis.memory import GiB, plan_routing_counts
 from common.analysis.specialization import TOKEN_TABLES, RoutingCounts, token_overlap, token_specialization
+from common.cli import pipeline
 from common.config import ModelSpec
 from common.data import Domain, token_batches
 from common.errors import InputError
 from common.hooks import capture
-from common.models import load_moe
+from common.model import load_moe
 from tests.conftest import ALL_MOE_TYPES
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import tiny
 from common.errors import InputError
+from common.model import tiny
 from tests.conftest import ARCHS, MIXED_ARCHS
 
 TEXT = "Grüße, 数学 — tiny MoE\n"

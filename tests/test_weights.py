@@ -18,11 +18,10 @@ import pytest
 import torch
 
 import weights as script
-from common import tiny
 from common.analysis.subspaces import effective_rank, principal_angles, row_cosine
 from common.analysis.weights import analyze, find_router_weight
 from common.errors import InputError
-from common.moe import find_moe_layers
+from common.model import find_moe_layers, tiny
 from tests.conftest import ALL_MOE_TYPES
 from tests.script_probe import run_script
 

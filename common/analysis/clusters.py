@@ -33,7 +33,7 @@ from tqdm import tqdm
 from common.analysis.specialization import jensen_shannon_bits
 from common.data import Batch
 from common.hooks import Capture
-from common.moe import MoELayer, MoEModel
+from common.model import MoELayer, MoEModel
 from common.stats import BinCount, StatSet
 
 # Cells of a [rows, k] similarity block or a [rows, vocab] logit block computed at once (2^24 fp32 = 64 MiB).

@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.experts import all_expert_outputs
-from common.moe import MoELayer
+from common.model import MoELayer, all_expert_outputs
 
 # Rows of the distance matrix computed at once: chunk × n distances in memory.
 _DISTANCE_ROWS = 1024

@@ -18,7 +18,7 @@ from common import distributed
 from common.analysis.routing import GrowingDistribution
 from common.data import Batch
 from common.hooks import LayerRecord
-from common.moe import MoELayer
+from common.model import MoELayer
 
 _NO_KEY = torch.iinfo(torch.long).max  # stream key of an empty top-context slot
 _ROW_STRIDE = 1 << 32  # stream key = batch number * _ROW_STRIDE + token index within the batch

@@ -32,7 +32,7 @@ from common import distributed
 from common.analysis import ALL_DOMAINS
 from common.data import Batch
 from common.hooks import RoutingEdit, capture, intervene
-from common.moe import MoELayer, MoEModel
+from common.model import MoELayer, MoEModel
 
 # -------------------------------------------------------------------------------------- next-token distributions
 

@@ -32,7 +32,7 @@ from common import distributed
 from common.analysis.expert_profile import _ROW_STRIDE, ExpertActivity
 from common.data import Batch
 from common.hooks import LayerRecord
-from common.moe import MoELayer, MoEModel
+from common.model import MoELayer, MoEModel
 
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
 LABEL_MAX_CHARS = 200

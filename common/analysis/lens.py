@@ -51,8 +51,7 @@ from common.analysis import ALL_DOMAINS
 from common.data import Batch
 from common.errors import InputError
 from common.hooks import RoutingEdit, TopKRestriction, capture, intervene
-from common.model_view import LanguageModel
-from common.moe import MoELayer, MoEModel
+from common.model import LanguageModel, MoELayer, MoEModel
 from common.stats import DEFAULT_QUANTILES, Distribution, Moments
 
 IGNORE_INDEX = -100  # transformers' label for "no loss here"

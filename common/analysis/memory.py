@@ -17,7 +17,7 @@ import torch
 
 from common.analysis.specialization import RoutingCounts
 from common.errors import InputError
-from common.moe import MoELayer
+from common.model import MoELayer
 
 GiB = 2**30
 DEFAULT_DEVICE_BUDGET_GIB = 4.0

@@ -35,8 +35,7 @@ from tqdm import tqdm
 from common.analysis.concepts import Concept, label_ids
 from common.data import Batch
 from common.hooks import capture
-from common.model_view import DenseFFN, LanguageModel
-from common.moe import MoELayer
+from common.model import DenseFFN, LanguageModel, MoELayer
 
 K_VALUES = (1, 2, 4, 8, 16, 32, 64)
 DENSE = "dense"  # the `expert` of a dense FFN unit
@@ -442,6 +441,7 @@ def probe_units(units: Sequence[tuple[tuple, Pool]], concepts: Sequence[Concept]
                     init = warm[selection][part] if selection in warm else None
                     decision, thetas[part] = fit_cells(acts, cells, C, dtype, init)
                     f1, precision, recall = binary_scores(cells.y, decision > 0, cells.valid & cells.test)
+                    probed_neurons = cells.features.tolist()  # [cells, k]: neuron ids within the unit, in rank order
                     for j, b in enumerate(range(part.start, part.stop)):
                         u, c = int(cell_u[b]), int(cell_c[b])
                         unit = units[u][0]
@@ -450,6 +450,7 @@ def probe_units(units: Sequence[tuple[tuple, Pool]], concepts: Sequence[Concept]
                             "selection": selection, "f1": float(f1[j]), "precision": float(precision[j]),
                             "recall": float(recall[j]), "num_positive": int(n_pos[u, c]),
                             "num_negative": int(n_neg[u, c]),
+                            "neurons": " ".join(map(str, probed_neurons[j])),
                         })
                     bar.update(part.stop - part.start)
                 warm[selection] = thetas  # the top-k sets are nested: the k solution starts the next k's
@@ -462,14 +463,15 @@ def random_seed(seed: int, tag: str, layer: int) -> int:
 
 
 def best_layer(table, concept_order: Sequence[str]):
-    """Best-layer F1 per (concept, model, selection, k): max over experts, then over layers; with the layer and
-    expert where it is reached (first in table order on ties). `table` needs a `model` column (moe | dense)."""
+    """Best-layer F1 per (concept, model, selection, k): max over experts, then over layers; with the layer,
+    expert and probed neurons where it is reached (first in table order on ties). `table` needs a `model` column (moe | dense)."""
     import pandas as pd
 
     if table.empty:
-        return pd.DataFrame(columns=["concept", "model", "selection", "k", "f1", "layer", "expert", "units_probed"])
+        return pd.DataFrame(columns=["concept", "model", "selection", "k", "f1", "layer", "expert", "neurons",
+                                     "units_probed"])
     idx = table.groupby(["concept", "model", "selection", "k"], sort=False)["f1"].idxmax()
-    best = table.loc[idx, ["concept", "model", "selection", "k", "f1", "layer", "expert"]].copy()
+    best = table.loc[idx, ["concept", "model", "selection", "k", "f1", "layer", "expert", "neurons"]].copy()
     counts = table.groupby(["concept", "model", "selection", "k"], sort=False).size().rename("units_probed")
     best = best.join(counts, on=["concept", "model", "selection", "k"])
     position = {name: i for i, name in enumerate(concept_order)}

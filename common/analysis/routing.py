@@ -18,7 +18,7 @@ import torch
 
 from common.analysis import ALL_DOMAINS
 from common.hooks import Capture, LayerRecord
-from common.moe import MoELayer
+from common.model import MoELayer
 from common.stats import DEFAULT_QUANTILES, Accumulator, Distribution, Histogram, Moments, StatSet
 from common.stats.base import _all_reduce_, _zeros
 

@@ -16,7 +16,7 @@ import torch
 from common import distributed
 from common.data import Batch
 from common.hooks import Capture
-from common.moe import MoELayer
+from common.model import MoELayer
 
 # Per-token facts kept beside the activations: where the token came from, so results can be traced back to text.
 META_COLUMNS = ("key", "token_id", "domain", "batch_number", "row", "position")

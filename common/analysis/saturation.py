@@ -3,34 +3,34 @@ earlier checkpoint is already the final checkpoint's top-k, on identical tokens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
 
 from common.analysis.specialization import top1_index
 from common.config import ModelSpec
+from common.data import Batch
 from common.hooks import capture
-from common.models import load_moe
-from common.pipeline import Setup, batches
+from common.model import load_moe
 from common.stats import Moments
 
 
 @torch.no_grad()
-def saturation(specs: Sequence[ModelSpec], setup: Setup) -> pd.DataFrame:
+def saturation(specs: Sequence[ModelSpec], layers: Sequence[int], stream: Callable[[], Iterable[Batch]]) -> pd.DataFrame:
     """Per revision and layer: mean |K_r ∩ K_final| / k and top-1 agreement on identical tokens (OLMoE Fig. 'router
-    saturation'). The final model stays loaded; the others are loaded one at a time."""
+    saturation'). The final model stays loaded; the others are loaded one at a time. `stream()` yields this rank's
+    share of the token batches afresh (every token is counted once across ranks)."""
     final = load_moe(specs[-1])
-    final_layers = final.select([m.layer for m in setup.layers])
+    final_layers = final.select(list(layers))
     rows = []
     for position, spec in enumerate(specs[:-1]):
         other = load_moe(spec)
-        other_layers = other.select([m.layer for m in setup.layers])
+        other_layers = other.select(list(layers))
         overlap = Moments({"layer": [m.layer for m in final_layers]}, device=final.device)
         agree = Moments({"layer": [m.layer for m in final_layers]}, device=final.device)
-        stream = batches(setup)  # this rank's share: every token is counted once across ranks
         with capture(final, final_layers, ("topk",)) as ref, capture(other, other_layers, ("topk",)) as cur:
-            for batch in stream:
+            for batch in stream():
                 batch = batch.to(final.device)
                 final.forward(batch.input_ids, batch.attention_mask)
                 other.forward(batch.input_ids.to(other.device), batch.attention_mask.to(other.device))

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from common.analysis import ALL_DOMAINS
 from common.data import Batch
 from common.hooks import Capture
-from common.moe import MoELayer
+from common.model import MoELayer
 from common.stats import BinCount, Gram, StatSet
 
 TOKEN_TABLES = ("current", "next", "predicted")
@@ -42,6 +42,20 @@ def slot_pairs(k: int, olmoe_compat: bool) -> list[tuple[int, int]]:
     if olmoe_compat:
         return [p for r in range(k - 1) for p in ((r, r + 1), (r + 1, r))]
     return [(a, b) for a, b in itertools.permutations(range(k), 2)]
+
+
+def expert_frequency(topk_index: torch.Tensor, num_experts: int, topk_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-k selection frequency f_e = n_e / N of every expert over captured tokens (docs/METRICS.md#selection-frequency).
+
+    `topk_index` [T, k] (and optionally `topk_weight` [T, k]) as a capture records them; a pick of weight 0 does not
+    count, as in `RoutingCounts`. Returns [E] float64 on the CPU; Σ_e f_e = k when every pick counts. For a stream of
+    batches and per-domain tables use `RoutingCounts` and `selection_frequency` (what router_metrics.py writes).
+    """
+    picks = topk_index.reshape(-1).long()
+    if topk_weight is not None:
+        picks = picks[topk_weight.reshape(-1) != 0]
+    counts = torch.bincount(picks, minlength=num_experts)[:num_experts]
+    return counts.double().cpu() / topk_index.shape[0]
 
 
 def shuffled_rows(x: torch.Tensor, counted: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

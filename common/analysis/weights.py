@@ -2,7 +2,7 @@
 
 Notation: a router's weight R ∈ ℝ^{C×H} with rows r_c (C routing choices, H hidden size; biases are recorded but
 not analysed: every quantity here is about directions in the hidden space); E routed experts with
-W_gate,e, W_up,e ∈ ℝ^{I×H} and W_down,e ∈ ℝ^{H×I} (textbook orientation, `common.model_view.FFNParams`).
+W_gate,e, W_up,e ∈ ℝ^{I×H} and W_down,e ∈ ℝ^{H×I} (textbook orientation, `common.model.view.FFNParams`).
 Everything is computed in float64 on the model's device (on CPU for MPS, which has no float64).
 
 - Router-row cosine: cos(r_a, r_b) for every pair of rows of a layer (C × C).
@@ -56,8 +56,8 @@ from common.analysis.subspaces import (
     variance_shares,
 )
 from common.errors import InputError
-from common.model_view import FFNParams, first_int
-from common.moe import MoELayer
+from common.model import MoELayer
+from common.model.view import FFNParams, first_int
 
 MATRICES = ("gate", "up", "down")  # axis 1 of expert_weight_cosine.npy
 ALIGNMENT_MATRICES = ("gate", "up")

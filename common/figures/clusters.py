@@ -4,6 +4,7 @@ k), the scores across layers, and the sizes of the unembedding clusters."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,9 @@ from matplotlib.ticker import LogFormatter
 from tqdm import tqdm
 
 from common.plots import a4_grid, integer_axis, label, legend_panel, plt
-from common.runs import Run
+
+if TYPE_CHECKING:  # the run folder is one floor up; figures only write into it
+    from common.run import Run
 
 SIDE_STYLE = {"input": ("C0", "input tokens (routed to the expert)"),
               "output": ("C1", "output tokens (logit lens of its weighted output)")}

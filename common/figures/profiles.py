@@ -3,10 +3,14 @@ lift, top next tokens, and the tokens its mean output promotes and suppresses â€
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from common.plots import a4_grid, bar_values, label, plt, text_label
-from common.runs import Run
+
+if TYPE_CHECKING:  # the run folder is one floor up; figures only write into it
+    from common.run import Run
 
 SHOWN = 12  # entries per token panel
 

@@ -9,8 +9,8 @@ import pandas as pd
 from matplotlib.patches import Rectangle
 from mpl_toolkits.axes_grid1 import make_axes_locatable
 
+from common.analysis.similarity import METHOD_LABELS, SHARED
 from common.plots import PAGE_WIDTH, a4_grid, heatmap, integer_axis, label, legend_panel, plt
-from common.similarity import METHOD_LABELS, SHARED
 
 
 def _colour_range(matrix: np.ndarray, method: str) -> tuple[float, float, str]:

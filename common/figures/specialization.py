@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,7 @@ from common.analysis.specialization import (
     load_balance,
     transition_probabilities,
 )
-from common.moe import MoELayer
+from common.model import MoELayer
 from common.plots import (
     PAGE_WIDTH,
     a4_grid,
@@ -31,7 +32,9 @@ from common.plots import (
     plt,
     symmetric_limit,
 )
-from common.runs import Run
+
+if TYPE_CHECKING:  # the run folder is one floor up; figures only write into it
+    from common.run import Run
 
 
 def _domain_title(domain: str) -> str:

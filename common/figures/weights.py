@@ -4,6 +4,7 @@ and effective rank, router-expert alignment."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,9 @@ from common.analysis.weights import (
     WeightResults,
 )
 from common.plots import PAGE_WIDTH, a4_grid, grid, plt
-from common.runs import Run
+
+if TYPE_CHECKING:  # the run folder is one floor up; figures only write into it
+    from common.run import Run
 
 ALIGNMENT_TITLES = {
     "gate_norm": "gate response ‖W_gate,e r̂_e‖",

@@ -15,7 +15,16 @@ from common.hooks.intervene import (
     restrict_topk,
 )
 
-__all__ = [
-    "Capturable", "Capture", "EditMode", "LayerRecord", "RoutingEdit", "TopKRestriction", "capture", "edit_routing",
-    "intervene", "registered_hook_count", "restrict_topk",
+__all__ = [  # noqa: RUF022 (grouped by use, not sorted)
+    "capture",  # with capture(model, layers, what) as records: records[layer] is the LayerRecord of the last forward
+    "Capture",  # the records of one capture block, keyed by decoder-layer index
+    "LayerRecord",  # one layer's tensors: logits, topk_index, topk_weight, expert_input, outputs, residual, neurons
+    "Capturable",  # the names `what` accepts: logits, topk, input, moe_output, routed_output, residual, ffn_neurons...
+    "intervene",  # with intervene(moe, edits): forwards inside the block run with the edits applied
+    "RoutingEdit",  # scale / set / force / logit one expert's routing at one layer, optionally at some positions
+    "EditMode",  # the modes of a RoutingEdit
+    "TopKRestriction",  # keep only each token's `keep` highest-weighted experts at one layer
+    "edit_routing",  # the RoutingEdit arithmetic on (index, weight) tensors, without hooks
+    "restrict_topk",  # the TopKRestriction arithmetic on (index, weight) tensors, without hooks
+    "registered_hook_count",  # hooks left on a module (0 after every block: tests use it)
 ]

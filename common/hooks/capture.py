@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from common.hooks.routing import Hooks, experts_call_args, special_router_routing
-from common.model_view import DenseFFN, LanguageModel
-from common.moe import MoELayer, in_adapter_call
+from common.model import DenseFFN, LanguageModel
+from common.model.adapter import MoELayer, in_adapter_call
 
 Capturable = Literal[
     "logits", "topk", "input", "moe_output", "routed_output", "shared_output", "residual", "ffn_input", "ffn_neurons"

@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from common.errors import InputError
 from common.hooks.routing import EDITED_LLAMA4_ROUTING, Hooks, register_routing_rewrite
-from common.moe import MoELayer, MoEModel
+from common.model import MoELayer, MoEModel
 
 EditMode = Literal["scale", "set", "force", "logit"]
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from common.errors import InputError
-from common.moe import MoELayer, in_adapter_call, router_logits_from_gate_input
+from common.model.adapter import MoELayer, in_adapter_call, router_logits_from_gate_input
 
 # Llama4 routing edited by an intervention, read back by a capture hook on the same router call: after an
 # ablation the dense scores alone cannot tell a zero-weighted selected expert from an unselected one.

@@ -41,8 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.errors import InputError
-from common.experts import expert_output_chunks
-from common.moe import MoELayer
+from common.model import MoELayer, expert_output_chunks
 
 METHODS = ("cosine", "cka", "cka-debiased", "cka-rbf")
 KERNELS = {"cka": "linear", "cka-debiased": "linear", "cka-rbf": "rbf"}

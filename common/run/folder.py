@@ -6,7 +6,7 @@ as `<run-id>.failed/` (with the error in run.json) so hours of work are not lost
 Every file is written atomically (`common.atomic`: temporary file + rename). Earlier runs are never overwritten.
 
 A finished run also gets a README.md describing every file it holds (description, docs/METRICS.md link, CSV
-columns, npy axes), generated from the registry in `common.outputs`; files or columns the registry does not
+columns, npy axes), generated from the registry in `common.run.outputs`; files or columns the registry does not
 describe are listed there as undocumented and reported on stderr. CSV columns the registry marks as whole
 numbers are written as integers (`10000`, never `10000.0`); other floats keep pandas' shortest round-trip form.
 """
@@ -32,13 +32,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from common import distributed, outputs
+from common import distributed
 from common.atomic import atomic_write
-from common.config import RunSpec
+from common.config import PROJECT_ROOT, RunSpec
 from common.errors import InputError
+from common.run import outputs
 
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "numpy", "pandas", "matplotlib", "scikit-learn")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def slug(text: str, limit: int = 60) -> str:
@@ -207,14 +207,15 @@ class Run:
 
     # -- README
     def write_readme(self) -> Path:
-        """README.md of the run folder, from the files it holds now and the registry of `common.outputs`."""
+        """README.md of the run folder, from the files it holds now and the registry of `common.run.outputs`."""
         try:
             text, undocumented = readme_text(self.dir, self.info, metrics_link(self.final_dir))
         except Exception as err:  # a README bug must not cost the run its results
             text, undocumented = f"# {self.script} run {self.run_id}\n\nREADME generation failed: {err!r}\n", []
             print(f"{self.script}: warning: README.md generation failed: {err!r}", file=sys.stderr)
         if undocumented:
-            message = (f"{len(undocumented)} output(s) not described in common/outputs.py (listed in README.md): "
+            message = (f"{len(undocumented)} output(s) not described in common/run/outputs.py (listed in README.md; "
+                       "each family declares its files in common/figures/outputs/): "
                        f"{', '.join(undocumented)}")
             if os.environ.get("MOESCOPE_STRICT_OUTPUTS"):  # the test suite: every output of every script is described
                 raise RuntimeError(message)
@@ -349,7 +350,7 @@ def readme_text(folder: Path, info: dict[str, Any], metrics: str) -> tuple[str, 
                 meaning = entry.column(column)
                 if meaning is None:
                     undocumented.append(f"{names[0]}: column {column}")
-                    meaning = "**undocumented** (add it to common/outputs.py)"
+                    meaning = "**undocumented** (add it to its family's module in common/figures/outputs/)"
                 rows.append(f"| `{column}` | {_markdown_cell(meaning)} |")
             lines += ["| column | meaning |", "|---|---|", *rows, ""]
         elif names[0].endswith(".npy"):
@@ -364,12 +365,13 @@ def readme_text(folder: Path, info: dict[str, Any], metrics: str) -> tuple[str, 
                 meaning = entry.keys.get(key)
                 if meaning is None:
                     undocumented.append(f"{names[0]}: key {key}")
-                    meaning = "**undocumented** (add it to common/outputs.py)"
+                    meaning = "**undocumented** (add it to its family's module in common/figures/outputs/)"
                 rows.append(f"| `{key}` | {_markdown_cell(meaning)} |")
             lines += ["| key | meaning |", "|---|---|", *rows, ""]
     if undocumented:
         lines += ["## Undocumented", "",
-                  "These outputs are not described in `common/outputs.py`. That is a bug: add them to its registry.", "",
+                  "These outputs are not described in the registry `common/run/outputs.py`. That is a bug: add them to "
+                  "their family's module in `common/figures/outputs/`.", "",
                   *(f"- `{item}`" for item in undocumented), ""]
     return "\n".join(lines), undocumented
 

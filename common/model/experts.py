@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from common.moe import MoELayer
+from common.model.adapter import MoELayer
 
 # Elements of the per-chunk working set (E · Tc · max(H, I)) that chunking keeps below: 2^26 floats = 256 MiB fp32.
 DEFAULT_MAX_ELEMENTS = 2**26

@@ -14,6 +14,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from common import distributed
+from common.cli.oom import is_out_of_memory
 from common.config import Config, DataSpec
 from common.data import (
     PRESET_NAMES,
@@ -26,10 +27,8 @@ from common.data import (
 )
 from common.errors import InputError
 from common.hooks import Capturable, Capture, capture
-from common.models import inspect_moe, load_moe
-from common.moe import MoELayer, MoEModel
-from common.oom import is_out_of_memory
-from common.runs import Run
+from common.model import MoELayer, MoEModel, inspect_moe, load_moe
+from common.run import Run
 
 DEFAULT_SEQ_LEN = 512
 

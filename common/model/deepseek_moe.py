@@ -12,7 +12,7 @@ softmax top-k gate (a bare [E, H] weight), a ModuleList of SwiGLU experts and un
 
 The gate returns `(router_logits, top_k_weights, top_k_index)` and the experts are called as
 `experts(hidden, top_k_index, top_k_weights)`, the calling convention of transformers' own MoE models, so
-`output_router_logits=True` and the project's MoE adapter (`common.moe`) treat it like any in-tree MoE.
+`output_router_logits=True` and the project's MoE adapter (`common.model.adapter`) treat it like any in-tree MoE.
 """
 
 from __future__ import annotations

@@ -11,13 +11,25 @@ exits with 130, leaving nothing behind either.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from common.config import DTYPES, SHIPPED_MODELS, Config, DataSpec, ModelSpec, RunSpec, default_model
+from common.config import (
+    DTYPES,
+    PROJECT_ROOT,
+    SHIPPED_MODELS,
+    Config,
+    DataSpec,
+    ModelSpec,
+    RunSpec,
+    default_model,
+)
 from common.errors import InputError
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -152,7 +164,7 @@ class _ListAction(argparse.Action):
 
 def listing() -> str:
     from common.data.presets import PRESETS  # imports the data package (torch): only when asked
-    from common.tiny import moe_model_types
+    from common.model import moe_model_types
 
     lines = ["data presets (--data NAME; --domains / --num_domains pick among their domains):"]
     lines.append("  demo: offline corpus shipped with the project (code, prose, legal, bible, french, math)")
@@ -174,7 +186,7 @@ def base_parser(description: str, *, layers: bool = True, data: bool = True) -> 
     interpreter (the tests), so errors and run.json name the script, not the host program.
     """
     caller = Path(sys._getframe(1).f_code.co_filename)
-    prog = caller.name if caller.suffix == ".py" and caller.parent == Path(__file__).resolve().parent.parent else None
+    prog = caller.name if caller.suffix == ".py" and caller.parent == PROJECT_ROOT else None
     parser = ArgumentParser(prog=prog, description=description, formatter_class=_Formatter)
     parser.add_argument("--list", action=_ListAction, help="list data presets, shipped models and architectures, then exit")
     parser.add_argument("--config", metavar="FILE", default=None,
@@ -278,7 +290,7 @@ def config(args: argparse.Namespace, script: str, *, layers: Sequence[int | str]
 def _out_of_memory(err: BaseException) -> bool:
     if "torch" not in sys.modules:  # nothing could have allocated device memory
         return False
-    from common.oom import is_out_of_memory
+    from common.cli.oom import is_out_of_memory
 
     return is_out_of_memory(err)
 
@@ -298,8 +310,41 @@ def _memory_hint(parser: argparse.ArgumentParser) -> str:
     return "try " + ", or ".join(options) if options else "free the device's memory or use a larger device"
 
 
+class Terminated(KeyboardInterrupt):
+    """A stop asked for by a signal (SIGTERM from `timeout`, Slurm or a container stop; SIGHUP from a closed
+    terminal): handled like Ctrl-C, so the run's staging folder is removed on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """While a script runs, SIGTERM and SIGHUP raise `Terminated` in the main thread (Python's default is to die
+    at once, leaving the hidden staging folder behind); the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
+        yield
+        return
+    wanted = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+    previous = {signum: signal.signal(signum, _raise_terminated) for signum in wanted}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def run_main(parser: ArgumentParser, body: Callable[[argparse.Namespace], None], argv: Sequence[str] | None) -> int:
-    """Parse, validate and run; `InputError` -> one line on stderr, exit 2; Ctrl-C -> one line, exit 130; the
+    """Parse, validate and run; `InputError` -> one line on stderr, exit 2; Ctrl-C -> one line, exit 130; SIGTERM
+    or SIGHUP -> one line, exit 128 + the signal's number (143, 129), the run's folders removed as for Ctrl-C; the
     device out of memory -> one line naming the flags that lower memory, exit 1 (the run's folder is kept as
     <run-id>.failed, see `Run`)."""
 
@@ -308,12 +353,16 @@ def run_main(parser: ArgumentParser, body: Callable[[argparse.Namespace], None],
 
     previous, warnings.showwarning = warnings.showwarning, one_line_warning
     try:
-        args = parser.parse_args(argv)
-        command = [parser.prog, *(sys.argv[1:] if argv is None else argv)]
-        body(argparse.Namespace(**vars(args), _command=tuple(command)))
+        with _stop_signals_raise():
+            args = parser.parse_args(argv)
+            command = [parser.prog, *(sys.argv[1:] if argv is None else argv)]
+            body(argparse.Namespace(**vars(args), _command=tuple(command)))
     except InputError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
+    except Terminated as stop:
+        print(f"{parser.prog}: stopped by {signal.Signals(stop.signum).name}; nothing written", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; nothing written", file=sys.stderr)
         return 130

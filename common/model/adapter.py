@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import InputError
-from common.model_view import (
+from common.model.view import (
     FFNParams,
     LanguageModel,
     decoder_layer_index,

@@ -2,7 +2,7 @@
 
 `LanguageModel` finds, in any transformers causal LM, the decoder's layer list (whose outputs are the residual
 stream), the dense feed-forward network of each layer that has one, the final norm and the unembedding. Dense
-baselines (probing, logit lens) use it directly; `common.moe.MoEModel` extends it with the MoE layers.
+baselines (probing, logit lens) use it directly; `common.model.adapter.MoEModel` extends it with the MoE layers.
 Callers ask the view for `vocab_size`, `dtype` and `context_length` instead of reading the model's config.
 """
 
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
+from transformers.pytorch_utils import Conv1D
 
 from common.errors import InputError
 
@@ -22,8 +24,12 @@ _LAYER_LIST_NAMES = ("layers", "blocks", "h")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)(?:\.|$)")
 # LFM2 names its final norm `embedding_norm` (applied after the last layer).
 _FINAL_NORM_NAMES = ("norm", "norm_f", "ln_f", "final_layernorm", "final_norm", "final_layer_norm", "embedding_norm")
-_FFN_NAMES = ("mlp", "feed_forward", "ffn")
-_ACTIVATION_NAMES = ("act_fn", "activation_fn", "act")
+# Where a decoder layer keeps its dense FFN. Nemotron-H's dense layers are a `mixer` (like its Mamba, attention and
+# MoE layers); a Granite(-MoE-Hybrid/-Shared) layer without experts is its `shared_mlp` alone.
+_FFN_NAMES = ("mlp", "feed_forward", "ffn", "mixer", "shared_mlp")
+_ACTIVATION_NAMES = ("act_fn", "activation_fn", "act", "activation")
+# Config fields naming the activation of FFNs that hard-code it in forward (see FFNSpelling.hardcoded_activation).
+_CONFIG_ACTIVATION_NAMES = ("hidden_act", "hidden_activation", "activation_function")
 _CONTEXT_NAMES = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length")
 
 
@@ -64,6 +70,89 @@ def _cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t.to(like.dtype)
 
 
+@dataclass(frozen=True)
+class FFNSpelling:
+    """How one dense-FFN layout names its projections (child modules of the FFN): gated (gate, up), fused [gate; up]
+    (one projection whose outputs stack gate then up), or ungated (up only); and its down projection."""
+
+    down: str
+    up: str | None = None
+    gate: str | None = None
+    fused: str | None = None
+    # The layout's reference code applies a fixed activation in forward with no attribute for it (LLaMA's original
+    # `w2(F.silu(w1(x)) * w3(x))`, kept by LFM2-MoE): without an attribute, the config's `hidden_act` (or
+    # `hidden_activation` / `activation_function`) is used, and SiLU when the config names none. Other spellings
+    # need an activation attribute: an FFN without one computes a custom gate (MiniMax-M3's clamped `(up + 1) *
+    # gate * sigmoid(alpha * gate)`) that act(gate) * up cannot express, so it is not taken for a dense FFN.
+    hardcoded_activation: bool = False
+
+
+# Checked in order, first match wins (a fused `gate_up_proj` before separate projections, as before).
+# fmt: off
+FFN_SPELLINGS: tuple[FFNSpelling, ...] = (
+    FFNSpelling(down="down_proj", fused="gate_up_proj"),                    # Phi-3, MiniMax-M3
+    FFNSpelling(down="down_proj", up="up_proj", gate="gate_proj"),          # Llama and most others
+    FFNSpelling(down="down_proj", up="up_proj"),                            # ungated: Nemotron-H relu2(up x)
+    FFNSpelling(down="w2", up="w3", gate="w1", hardcoded_activation=True),  # LLaMA reference, Mixtral, LFM2-MoE
+    FFNSpelling(down="output_linear", fused="input_linear"),                # Granite `shared_mlp`
+    FFNSpelling(down="fc2", up="fc1"),                                      # Phi-1/2 and other ungated fc1/fc2
+    FFNSpelling(down="fc_out", up="fc_in"),                                 # GPT-J
+    FFNSpelling(down="c_proj", up="c_fc"),                                  # GPT-2 (Conv1D: weights stored [in, out])
+    FFNSpelling(down="dense_4h_to_h", up="dense_h_to_4h"),                  # GPT-NeoX, Falcon
+)
+# fmt: on
+
+
+def _projection(module: nn.Module, name: str | None) -> nn.Module | None:
+    """The child `name` if it is a linear projection (nn.Linear, or GPT-2's transposed Conv1D)."""
+    child = getattr(module, name, None) if name else None
+    return child if isinstance(child, (nn.Linear, Conv1D)) else None
+
+
+def _features(projection: nn.Module) -> tuple[int, int]:
+    """(in, out) features; from the layer's attributes, not its weight (quantized weights are packed)."""
+    if isinstance(projection, Conv1D):
+        return projection.weight.shape[0], projection.nf
+    return projection.in_features, projection.out_features
+
+
+def _weight(projection: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [out, in], bias): a view of a Conv1D's [in, out] weight in nn.Linear's orientation."""
+    weight = projection.weight.T if isinstance(projection, Conv1D) else projection.weight
+    return weight, projection.bias
+
+
+def ffn_spelling(module: nn.Module) -> FFNSpelling | None:
+    """The first spelling in FFN_SPELLINGS whose projections `module` has, with consistent shapes; None if none."""
+    for spelling in FFN_SPELLINGS:
+        down = _projection(module, spelling.down)
+        if down is None:
+            continue
+        width, hidden = _features(down)  # down: I -> H
+        if spelling.fused is not None:
+            fused = _projection(module, spelling.fused)
+            if fused is not None and _features(fused) == (hidden, 2 * width):
+                return spelling
+            continue
+        up = _projection(module, spelling.up)
+        gate = _projection(module, spelling.gate)
+        if up is None or _features(up) != (hidden, width):
+            continue
+        if spelling.gate is not None and (gate is None or _features(gate) != (hidden, width)):
+            continue
+        return spelling
+    return None
+
+
+def config_activation(config: object) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The activation a config names (hidden_act and kin), or None."""
+    for name in _CONFIG_ACTIVATION_NAMES:
+        value = getattr(config, name, None)
+        if isinstance(value, str) and value in ACT2FN:
+            return ACT2FN[value]
+    return None
+
+
 def module_activation(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     for name in _ACTIVATION_NAMES:
         fn = getattr(module, name, None)
@@ -80,22 +169,22 @@ class DenseFFN:
     path: str
     module: nn.Module
     activation: Callable[[torch.Tensor], torch.Tensor]
+    spelling: FFNSpelling | None = None  # how the module names its projections; None: found from the module
 
     def params(self) -> FFNParams:
         m = self.module
-        if hasattr(m, "gate_up_proj") and isinstance(m.gate_up_proj, nn.Linear):  # Phi-3 style fused [gate; up]
-            gate, up = m.gate_up_proj.weight.chunk(2, dim=0)
-            biases = m.gate_up_proj.bias.chunk(2) if m.gate_up_proj.bias is not None else (None, None)
-            return FFNParams(gate, up, m.down_proj.weight, biases[0], biases[1], m.down_proj.bias)
-        gate = getattr(m, "gate_proj", None)
-        return FFNParams(
-            gate=gate.weight if gate is not None else None,
-            up=m.up_proj.weight,
-            down=m.down_proj.weight,
-            gate_bias=gate.bias if gate is not None else None,
-            up_bias=m.up_proj.bias,
-            down_bias=m.down_proj.bias,
-        )
+        spelling = self.spelling or ffn_spelling(m)
+        if spelling is None:
+            raise InputError(f"'{self.path}' ({type(m).__name__}) has no dense-FFN projections")
+        down, down_bias = _weight(getattr(m, spelling.down))
+        if spelling.fused is not None:  # one projection holding [gate; up]
+            fused, fused_bias = _weight(getattr(m, spelling.fused))
+            gate, up = fused.chunk(2, dim=0)
+            gate_bias, up_bias = fused_bias.chunk(2) if fused_bias is not None else (None, None)
+            return FFNParams(gate, up, down, gate_bias, up_bias, down_bias)
+        up, up_bias = _weight(getattr(m, spelling.up))
+        gate, gate_bias = _weight(getattr(m, spelling.gate)) if spelling.gate is not None else (None, None)
+        return FFNParams(gate=gate, up=up, down=down, gate_bias=gate_bias, up_bias=up_bias, down_bias=down_bias)
 
     @property
     def width(self) -> int:
@@ -109,12 +198,21 @@ class DenseFFN:
         return {"layer": self.layer, "path": self.path, "width": self.width}
 
 
-def _is_dense_ffn(module: nn.Module) -> bool:
-    has_down = isinstance(getattr(module, "down_proj", None), nn.Linear)
-    has_up = isinstance(getattr(module, "up_proj", None), nn.Linear) or isinstance(
-        getattr(module, "gate_up_proj", None), nn.Linear
-    )
-    return has_down and has_up and module_activation(module) is not None
+def _dense_ffn(
+    module: nn.Module, config: object = None
+) -> tuple[FFNSpelling, Callable[[torch.Tensor], torch.Tensor]] | None:
+    """(spelling, activation) if `module` is a dense FFN (see FFN_SPELLINGS), else None."""
+    spelling = ffn_spelling(module)
+    if spelling is None:
+        return None
+    activation = module_activation(module)
+    if activation is None and spelling.hardcoded_activation:
+        activation = config_activation(config) or F.silu
+    return None if activation is None else (spelling, activation)
+
+
+def _is_dense_ffn(module: nn.Module, config: object = None) -> bool:
+    return _dense_ffn(module, config) is not None
 
 
 def first_int(objects: Sequence[object], names: Sequence[str]) -> int | None:
@@ -204,11 +302,14 @@ class LanguageModel:
 
     def _find_dense_ffns(self) -> dict[int, DenseFFN]:
         found = {}
+        config = text_config(self.model)
         for index, layer in enumerate(self.decoder_layers()):
             for name in _FFN_NAMES:
                 module = getattr(layer, name, None)
-                if isinstance(module, nn.Module) and _is_dense_ffn(module):
-                    found[index] = DenseFFN(index, f"{self._layers_path}.{index}.{name}", module, module_activation(module))
+                match = _dense_ffn(module, config) if isinstance(module, nn.Module) else None
+                if match is not None:
+                    spelling, activation = match
+                    found[index] = DenseFFN(index, f"{self._layers_path}.{index}.{name}", module, activation, spelling)
                     break
         return found
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from common import deepseek_moe, distributed, hub
+from common import distributed, hub
 from common.config import RANDOM_PREFIX, SHIPPED_MODELS, ModelSpec
 from common.errors import InputError
-from common.model_view import LanguageModel
-from common.moe import MoEModel, find_moe_layers
+from common.model import deepseek_moe
+from common.model.adapter import MoEModel, find_moe_layers
+from common.model.view import LanguageModel
 
 deepseek_moe.register()  # native DeepSeekMoE v1 (model_type "deepseek"): every load path below sees it
 
@@ -141,7 +142,7 @@ def _skeleton(spec: ModelSpec):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if spec.model.startswith(RANDOM_PREFIX):
-        from common.tiny import tiny_config, tiny_tokenizer
+        from common.model.tiny import tiny_config, tiny_tokenizer
 
         config = tiny_config(spec.model[len(RANDOM_PREFIX):], vocab_size=len(tiny_tokenizer()))
     else:
@@ -206,7 +207,7 @@ def load_model_and_tokenizer(spec: ModelSpec):
     dtype = resolve_dtype(spec.dtype, device)
     name = spec.model
     if name.startswith(RANDOM_PREFIX):
-        from common.tiny import build_random_model
+        from common.model.tiny import build_random_model
 
         model, tokenizer = build_random_model(name[len(RANDOM_PREFIX):], seed=spec.seed, dtype=dtype)
         return model.to(device).eval(), tokenizer, name
