@@ -9,20 +9,24 @@ tokens in bounded chunks. Capturing and intervening live one floor up, in `commo
 Public surface (the names below are stable; everything else in this package is an implementation detail):
 """
 
-from common.config import ModelSpec
-from common.model.adapter import MoELayer, MoEModel, find_moe_layers
-from common.model.experts import all_expert_outputs, expert_neuron_chunks, expert_output_chunks
-from common.model.load import (
-    inspect_model,
-    inspect_moe,
-    load_model,
-    load_model_and_tokenizer,
-    load_moe,
-    resolve_device,
-    resolve_dtype,
-)
-from common.model.tiny import build_random_model, moe_model_types, tiny_config, tiny_tokenizer
-from common.model.view import DenseFFN, FFNParams, LanguageModel
+from __future__ import annotations
+
+import importlib
+
+# name -> module that defines it; a name is imported on first use, so `from common.model import MoELayer` does not
+# pull in the loader (and through it the native DeepSeekMoE and transformers' modelling internals)
+_HOME = {
+    "ModelSpec": "common.config",
+    "load_moe": "common.model.load", "load_model": "common.model.load", "inspect_moe": "common.model.load",
+    "inspect_model": "common.model.load", "load_model_and_tokenizer": "common.model.load",
+    "resolve_device": "common.model.load", "resolve_dtype": "common.model.load",
+    "MoEModel": "common.model.adapter", "MoELayer": "common.model.adapter", "find_moe_layers": "common.model.adapter",
+    "LanguageModel": "common.model.view", "DenseFFN": "common.model.view", "FFNParams": "common.model.view",
+    "all_expert_outputs": "common.model.experts", "expert_output_chunks": "common.model.experts",
+    "expert_neuron_chunks": "common.model.experts",
+    "moe_model_types": "common.model.tiny", "tiny_config": "common.model.tiny", "tiny_tokenizer": "common.model.tiny",
+    "build_random_model": "common.model.tiny",
+}
 
 __all__ = [  # noqa: RUF022 (grouped by module, not sorted)
     # loading (load.py)
@@ -51,3 +55,11 @@ __all__ = [  # noqa: RUF022 (grouped by module, not sorted)
     "tiny_tokenizer",  # the byte-level tokenizer the random models use
     "build_random_model",  # model_type -> tiny random transformers model
 ]
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'common.model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value
+    return value
