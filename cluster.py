@@ -59,19 +59,12 @@ def build_parser():
 
 
 def run(args: argparse.Namespace) -> None:
-    import numpy as np
-    import pandas as pd
-    import torch
-    from tqdm import tqdm
-
-    from common.analysis import clusters as cl
+    config = cli.config(args, SCRIPT)  # the flags and data specs, checked before torch is imported
     from common.analysis.memory import plan_routing_counts
-    from common.analysis.specialization import RoutingCounts
     from common.cli import pipeline
     from common.model import resolve_device
 
     ks = list(dict.fromkeys(args.clusters))
-    config = cli.config(args, SCRIPT)
     plans = []
 
     def preflight(skeleton, layers, domains) -> None:  # from the config alone, before any weight is read
@@ -88,6 +81,15 @@ def run(args: argparse.Namespace) -> None:
                                          host_budget_gib=args.host_stats_memory))
 
     s = pipeline.setup(config, preflight)
+    # imported once the input is known to be good: a refused run does not pay for them
+    import numpy as np
+    import pandas as pd
+    import torch
+    from tqdm import tqdm
+
+    from common.analysis import clusters as cl
+    from common.analysis.specialization import RoutingCounts
+
     moe, layers = s.moe, s.layers
     domains = [d.name for d in s.domains]
     stream = pipeline.batches(s)

@@ -73,17 +73,20 @@ def build_parser():
 
 
 def run(args: argparse.Namespace) -> None:
+    config = cli.config(args, SCRIPT)  # the flags and data specs, checked before torch is imported
+    from common.cli import pipeline
+
+    methods = list(METHODS) if args.method == "both" else [args.method]
+    s = pipeline.setup(config)
+    # imported once the input is known to be good: a refused run does not pay for them
     import pandas as pd
     import torch
     from tqdm import tqdm
 
     from common.analysis.embedding import MIN_POINTS, embed_pca, embed_umap, expert_points, separation_rows
     from common.analysis.sample import TokenSample
-    from common.cli import pipeline
     from common.figures.embedding import plot_layer
 
-    methods = list(METHODS) if args.method == "both" else [args.method]
-    s = pipeline.setup(cli.config(args, SCRIPT))
     domains = [d.name for d in s.domains]
     stream = pipeline.batches(s)
     progress = s.config.run.progress

@@ -42,13 +42,20 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common import cli
 from common.cli import at_least, base_parser, positive_float, run_main
 from common.errors import InputError
 
+if TYPE_CHECKING:
+    import torch
+
+    from common.model import MoELayer, MoEModel
+
 SCRIPT = "interv"
 MODES = ("scale", "set", "force", "logit")
+INERT_WHEN_NOT_ROUTED = ("scale", "set")  # modes that edit w_e, which is 0 where the expert is not routed
 DEFAULT_VALUES = {"scale": [0, 0.5, 1, 2, 4, 8], "set": [0, 0.1, 0.25, 0.5, 1, 2], "logit": [-8, -4, -2, 0, 2, 4, 8]}
 MAX_PROMPT_FIGURES = 20
 TRACKED_TOKENS = 8  # next tokens followed across the values in a prompt's figure
@@ -216,31 +223,56 @@ def _value_text(mode: str, value: float | None) -> str:
     return f"{mode} (weight of the replaced expert)" if value is None else f"{mode} {value:g}"
 
 
-def run_prompts(args: argparse.Namespace, prompts: list[str]) -> None:
-    import pandas as pd
+@dataclasses.dataclass
+class PromptPlan:
+    """The prompts tokenised and their target positions resolved, with the --target_token id."""
 
-    from common.analysis.importance import kl_divergence, next_token_summary, run_prompt
-    from common.cli import pipeline
-    from common.hooks import RoutingEdit
-    from common.run import Run
+    encoded: list[torch.Tensor]  # [1, n] token ids, one per prompt
+    targets: list[list[int] | None]
+    target_id: int | None
 
-    s = pipeline.setup(cli.config(args, SCRIPT, layers=[args.layer]))
-    moe, layer, tok = s.moe, s.layers[0], s.moe.tokenizer
+
+def plan_prompts(args: argparse.Namespace, prompts: list[str], skeleton: MoEModel, layer: MoELayer) -> PromptPlan:
+    """--expert_id, --target_token, the prompts' lengths and --target_idx, from the config and tokenizer alone (the
+    weightless model): refused before any weight is read."""
     if args.expert_id >= layer.num_experts:
         raise InputError(f"--expert_id {args.expert_id} out of range: layer {layer.layer} has experts "
                          f"0..{layer.num_experts - 1}")
+    tok = skeleton.tokenizer
     target_id = _target_token(tok, args.target_token)
     encoded, targets = [], []
     for number, prompt in enumerate(prompts):
         ids = tok(prompt, add_special_tokens=True, return_tensors="pt")["input_ids"]
         if ids.shape[1] == 0:
             raise InputError(f"prompt {number} encodes to no tokens")
-        context = moe.context_length
+        context = skeleton.context_length
         if context is not None and ids.shape[1] + args.max_new_tokens > context:
             raise InputError(f"prompt {number} ({ids.shape[1]} tokens) + --max_new_tokens {args.max_new_tokens} "
                              f"exceeds the model's context length {context}")
         encoded.append(ids)
         targets.append(_resolve_targets(args.targets, ids.shape[1], number, prompt))
+    return PromptPlan(encoded, targets, target_id)
+
+
+def run_prompts(args: argparse.Namespace, prompts: list[str]) -> None:
+    config = cli.config(args, SCRIPT, layers=[args.layer])  # the flags and data specs, checked before torch is imported
+    from common.cli import pipeline
+
+    plans: list[PromptPlan] = []
+
+    def preflight(skeleton, layers, domains) -> None:
+        plans.append(plan_prompts(args, prompts, skeleton, layers[0]))
+
+    s = pipeline.setup(config, preflight)
+    # imported once the input is known to be good: a refused run does not pay for them
+    import pandas as pd
+
+    from common.analysis.importance import kl_divergence, next_token_summary, run_prompt
+    from common.hooks import RoutingEdit
+    from common.run import Run
+
+    moe, layer, tok = s.moe, s.layers[0], s.moe.tokenizer
+    encoded, targets, target_id = plans[0].encoded, plans[0].targets, plans[0].target_id
 
     e, mode = args.expert_id, args.mode
     generation = {"sample": args.sample, "temperature": args.temperature, "seed": args.seed, "eos_id": tok.eos_token_id}
@@ -260,10 +292,15 @@ def run_prompts(args: argparse.Namespace, prompts: list[str]) -> None:
         ]
         tables["tokens"] += tokens
         hits = int(base_selected[chosen].sum())
+        # scale / set edit w_e, and w_e is 0 wherever the unedited forward did not route the token to e: with no
+        # target routed there is nothing to edit, and every value gives the unedited output.
+        routed = int((base_weight[chosen] != 0).sum())
+        cannot_act = mode in INERT_WHEN_NOT_ROUTED and routed == 0
         _print_targets(number, prompt, tokens, positions, e, hits)
-        if mode in ("scale", "set") and hits == 0:
-            warnings.warn(f"prompt {number}: expert {e} is not selected at any target position, so --mode {mode} "
-                          "changes nothing there (try --mode force or logit)", stacklevel=1)
+        if cannot_act:
+            warnings.warn(f"prompt {number}: expert {e} is not routed at any target position (w_e = 0 there without "
+                          f"the edit), so --mode {mode} cannot act and every value leaves the output unchanged; use "
+                          "--mode force (or logit) to route the token to it", stacklevel=1)
         continuation_before = tok.decode(base.continuation)
         print(f"  {'before':<16} picked at {hits}/{len(chosen)} targets; next {_top_text(before['top'])}")
         print(f"  {'':<16} continuation {continuation_before!r}")
@@ -310,6 +347,7 @@ def run_prompts(args: argparse.Namespace, prompts: list[str]) -> None:
                 for value, logp in zip(args.sweep, after_logps, strict=True)
             ]
         report.append({"prompt": prompt, "token_ids": ids[0].tolist(), "targets": positions, "tokens": tokens,
+                       "routed_at_targets": routed, "edit_cannot_act": cannot_act,
                        "before": {"next_token": before, "continuation": continuation_before,
                                   "continuation_ids": base.continuation},
                        "after": results})
@@ -370,7 +408,7 @@ def _where_text(positions: list[int] | None, tokens: list[str], shown: int = 4) 
 
 def _prompt_figures(out, sweep, probs, prompts: list[str], targets: list, tokens: list[list[str]], layer: int,
                     expert: int, mode: str, renormalize: bool) -> None:
-    from common.figures.interventions import plot_before_after, plot_kl_by_value, plot_sweep
+    from common.figures.interventions import not_routed_note, plot_before_after, plot_kl_by_value, plot_sweep
 
     for number, prompt in enumerate(prompts[:MAX_PROMPT_FIGURES]):
         where = _where_text(targets[number], tokens[number])
@@ -382,7 +420,7 @@ def _prompt_figures(out, sweep, probs, prompts: list[str], targets: list, tokens
         else:
             value = part["value"].iloc[0]
             fig = plot_before_after(rows, value_label=_value_text(mode, None if pd_missing(value) else float(value)),
-                                    kl=float(part["kl_nats"].iloc[0]), title=title)
+                                    kl=float(part["kl_nats"].iloc[0]), title=title, note=not_routed_note(part, mode))
         out.save_figure(fig, f"sweep_prompt{number}")
     if len(prompts) > MAX_PROMPT_FIGURES:
         print(f"figures drawn for the first {MAX_PROMPT_FIGURES} of {len(prompts)} prompts; the tables hold all",
@@ -404,19 +442,31 @@ def prompt_tail(prompt: str, limit: int = 50) -> str:
 # ----------------------------------------------------------------------------------------------- dataset mode
 
 
-def run_dataset(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
-    from common.analysis.importance import ImportanceAccumulator, accumulate_importance, importance_tables
-    from common.cli import pipeline
-    from common.figures.interventions import plot_importance_heatmap, plot_importance_scatter
-
-    s = pipeline.setup(cli.config(args, SCRIPT, layers=[args.layer]))
-    layer = s.layers[0]
+def ablated_experts(args: argparse.Namespace, layer: MoELayer) -> list[int]:
+    """--experts (default: every expert of the layer), checked against the layer."""
     experts = list(range(layer.num_experts)) if args.experts is None else list(dict.fromkeys(args.experts))
     for e in experts:
         if e >= layer.num_experts:
             raise InputError(f"--experts {e} out of range: layer {layer.layer} has experts 0..{layer.num_experts - 1}")
+    return experts
+
+
+def run_dataset(args: argparse.Namespace) -> None:
+    config = cli.config(args, SCRIPT, layers=[args.layer])  # the flags and data specs, checked before torch is imported
+    from common.cli import pipeline
+
+    def preflight(skeleton, layers, domains) -> None:  # on the weightless model: refused before any weight is read
+        ablated_experts(args, layers[0])
+
+    s = pipeline.setup(config, preflight)
+    # imported once the input is known to be good: a refused run does not pay for them
+    from tqdm import tqdm
+
+    from common.analysis.importance import ImportanceAccumulator, accumulate_importance, importance_tables
+    from common.figures.interventions import plot_importance_heatmap, plot_importance_scatter
+
+    layer = s.layers[0]
+    experts = ablated_experts(args, layer)
     domains = [d.name for d in s.domains]
     quiet = dataclasses.replace(s, config=dataclasses.replace(s.config, run=dataclasses.replace(s.config.run, progress=False)))
     stream = pipeline.batches(quiet)

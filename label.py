@@ -1,7 +1,7 @@
 """Automatic expert labels: an LLM labels each expert from its top windows; a second call scores the label.
 
     uv run label.py --layer 1 --experts 0 1 --local-llm demo        # offline; the demo LM's labels are nonsense
-    uv run label.py --layer 1 --api-base http://127.0.0.1:8000/v1 --llm Qwen/Qwen2.5-7B-Instruct --api-key-env none
+    uv run label.py --layer 1 --api-base http://127.0.0.1:8000/v1 --llm Qwen/Qwen2.5-7B-Instruct   # local server
     OPENAI_API_KEY=... uv run label.py --model allenai/OLMoE-1B-7B-0924 --data olmoe --layer 7 \\
         --api-base https://api.openai.com/v1 --llm gpt-4o-mini
 
@@ -14,11 +14,12 @@ Detection F1 and accuracy per expert (the detection scoring of EleutherAI's auto
 --shuffle-windows deals the windows to random experts first: the chance control.
 
 LLM backends: an OpenAI-compatible chat endpoint (--api-base URL --llm MODEL; key from the environment variable
-named by --api-key-env; vLLM, llama.cpp server, Ollama, hosted APIs) or a local transformers model (--local-llm
-PATH or demo). Nothing leaves the machine unless --api-base is given; the endpoint is probed before any model work,
-and the number of windows and requests is printed before anything is sent. Answers are cached in --cache by prompt
-hash (a re-run sends nothing), requests run --concurrency at a time and are retried (--retries, exponential
-backoff from --backoff seconds) on 429, 5xx and timeouts; a failed or malformed answer is recorded, not fatal.
+named by --api-key-env, which a server on this machine does not need; vLLM, llama.cpp server, Ollama, hosted APIs)
+or a local transformers model (--local-llm PATH or demo). Nothing leaves the machine unless --api-base is given;
+the endpoint is probed before any model work, and the number of windows and requests is printed before anything is
+sent. Answers are cached in --cache by prompt hash (a re-run sends nothing), requests run --concurrency at a time
+and are retried (--retries, exponential backoff from --backoff seconds) on 429, 5xx and timeouts; a failed or
+malformed answer is recorded, not fatal.
 
 Outputs: label_layer<L>_expert<E>.json per expert (label, scores, the windows, every prompt and response) and
 labels_layer<L>.csv (one row per expert).
@@ -27,17 +28,22 @@ labels_layer<L>.csv (one row per expert).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import sys
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common import cli
 from common.cli import at_least, base_parser, positive_float, run_main
 from common.config import SHIPPED_MODELS
 from common.errors import InputError
+
+if TYPE_CHECKING:
+    from common.model import MoELayer
 
 SCRIPT = "label"
 NO_KEY = "none"
@@ -65,7 +71,8 @@ def build_parser():
                        help="a local transformers causal LM folder, or 'demo' (the shipped demo model: nonsense labels)")
     llm.add_argument("--llm", metavar="MODEL", default=None, help="model name at --api-base (required with it)")
     llm.add_argument("--api-key-env", dest="api_key_env", metavar="VAR", default="OPENAI_API_KEY",
-                     help=f"environment variable holding the API key; '{NO_KEY}' for endpoints without a key")
+                     help=f"environment variable holding the API key; '{NO_KEY}' for endpoints without a key. A "
+                     "loopback --api-base (localhost, 127.0.0.1, ::1) needs none: no key is sent when VAR is unset")
     llm.add_argument("--cache", metavar="DIR", default=None, help="answer cache (default: <--out>/.label-cache)")
     llm.add_argument("--concurrency", type=at_least(1), default=4, help="requests in flight at once")
     llm.add_argument("--retries", type=at_least(0), default=4, help="retries per request on 429, 5xx and timeouts")
@@ -73,6 +80,17 @@ def build_parser():
                      help="seconds before the first retry; doubled for each further one")
     llm.add_argument("--timeout", type=positive_float, default=120.0, help="seconds per request")
     return parser
+
+
+def is_loopback(url: urllib.parse.ParseResult) -> bool:
+    """Whether the URL names this machine: localhost, 127.0.0.0/8 or ::1 (a name is not resolved: only these)."""
+    host = (url.hostname or "").lower()  # hostname drops the port and the brackets of [::1], and lower-cases
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost
+        return False
 
 
 def _backend(args: argparse.Namespace):
@@ -94,8 +112,10 @@ def _backend(args: argparse.Namespace):
         raise InputError("--api-base needs --llm MODEL (the model name the endpoint serves)")
     key = None
     if args.api_key_env.lower() != NO_KEY:
-        key = os.environ.get(args.api_key_env)
-        if not key:
+        key = os.environ.get(args.api_key_env) or None
+        # A server on this machine usually runs without a key, and nothing sent there leaves the machine: an unset
+        # variable sends no key (a server that wants one answers the probe with 401, which names the variable).
+        if key is None and not is_loopback(url):
             raise InputError(f"--api-key-env: environment variable {args.api_key_env} is not set or empty; set it, "
                              f"or pass --api-key-env {NO_KEY} for an endpoint that needs no key")
     backend = OpenAICompatible(args.api_base, args.llm, key, timeout=args.timeout)
@@ -132,24 +152,36 @@ def _number(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
+def labelled_experts(args: argparse.Namespace, layer: MoELayer) -> list[int]:
+    """--experts (default: every expert of the layer), checked against the layer."""
+    experts = list(dict.fromkeys(args.experts)) if args.experts else list(range(layer.num_experts))
+    for e in experts:
+        if not 0 <= e < layer.num_experts:
+            raise InputError(f"--experts {e} out of range: layer {layer.layer} has experts 0..{layer.num_experts - 1}")
+    return experts
+
+
 def run(args: argparse.Namespace) -> None:
     make_backend = _backend(args)  # before any model work
 
+    config = cli.config(args, SCRIPT, layers=[args.layer])  # the flags and data specs, checked before torch is imported
+    from common.cli import pipeline
+
+    def preflight(skeleton, layers, domains) -> None:  # on the weightless model: refused before any weight is read
+        labelled_experts(args, layers[0])
+
+    s = pipeline.setup(config, preflight)
+    # imported once the input is known to be good: a refused run does not pay for them
     import numpy as np
     import pandas as pd
 
     from common import distributed
     from common.analysis import labelling as lab
-    from common.cli import pipeline
     from common.figures.labels import plot_labels
     from common.llm import ChatClient, Reply, ResponseCache
 
-    s = pipeline.setup(cli.config(args, SCRIPT, layers=[args.layer]))
     layer = s.layers[0]
-    experts = list(dict.fromkeys(args.experts)) if args.experts else list(range(layer.num_experts))
-    for e in experts:
-        if not 0 <= e < layer.num_experts:
-            raise InputError(f"--experts {e} out of range: layer {layer.layer} has experts 0..{layer.num_experts - 1}")
+    experts = labelled_experts(args, layer)
     tracked = list(range(layer.num_experts))  # negatives (and the shuffled control) draw on every expert's windows
     domains = [d.name for d in s.domains]
     backend = make_backend() if distributed.rank() == 0 else None  # under torchrun rank 0 talks to the LLM

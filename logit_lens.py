@@ -31,10 +31,14 @@ import argparse
 import re
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from common import cli
 from common.cli import at_least, base_parser, run_main
 from common.errors import InputError
+
+if TYPE_CHECKING:
+    from common.model import MoELayer
 
 SCRIPT = "logit_lens"
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
@@ -81,30 +85,44 @@ def _check_max_k(max_k: int | None, layers) -> int:
     return k
 
 
-def run_prompt(args: argparse.Namespace, text: str) -> None:
-    from common.analysis.lens import grid_table, prompt_ids, prompt_lens, resolve_position
-    from common.figures.lens import plot_lens_grid
-    from common.model import MoEModel, inspect_model, load_model
-    from common.run import Run
+def _restrictable(max_k: int | None, layers: Sequence[MoELayer]) -> int:
+    """k of the layers, which must route each token to more than one expert for top-k restriction to mean anything."""
+    k = _check_max_k(max_k, layers)
+    if k < 2:
+        raise InputError(f"layers {', '.join(str(m.layer) for m in layers)} send each token to 1 expert: "
+                         "there is nothing to restrict")
+    return k
 
+
+def run_prompt(args: argparse.Namespace, text: str) -> None:
     config = cli.config(args, SCRIPT)
+    from common.analysis.lens import prompt_ids, resolve_position
+    from common.model import MoEModel, inspect_model, load_model
+    from common.model.load import load_tokenizer
+
     if not config.run.progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    skeleton = inspect_model(config.model)  # a wrong --layers is refused before any weights are read
+    # Everything below up to load_model needs the config and the tokenizer only: refused before any weight is read.
+    skeleton = inspect_model(config.model)
     is_moe = isinstance(skeleton, MoEModel)
     if is_moe:
         _check_max_k(args.max_k, skeleton.select(config.layers))
     elif args.max_k is not None:
         raise InputError(f"--max_k: {config.model.model} is dense (no experts); its lens has the layer-output column only")
     dense_rows = _dense_rows(skeleton, config.layers) if not is_moe else []
-    model = load_model(config.model)
-    moe_layers = model.select(config.layers) if is_moe else []
-    ids = prompt_ids(model.tokenizer, text)
+    ids = prompt_ids(load_tokenizer(config.model), text)
     if not ids:
         raise InputError("--prompt is empty after tokenisation")
     position = resolve_position(args.position, len(ids))
+    model = load_model(config.model)
+    # imported once the input is known to be good: a refused run does not pay for them
+    from common.analysis.lens import grid_table, prompt_lens
+    from common.figures.lens import plot_lens_grid
+    from common.run import Run
+
+    moe_layers = model.select(config.layers) if is_moe else []
     lens = prompt_lens(model, ids, position, moe_layers, dense_rows, top=args.top, max_k=args.max_k)
     with Run(config.run, model.name, "prompt") as out:
         out.record(
@@ -122,22 +140,25 @@ def _dense_rows(view, spec: Sequence[str] | None) -> list[int]:
 
 
 def run_data(args: argparse.Namespace) -> None:
-    from common.analysis.lens import TopkSweep
+    config = cli.config(args, SCRIPT)  # the flags and data specs, checked before torch is imported
     from common.cli import pipeline
-    from common.figures.lens import plot_cosine, plot_perplexity
     from common.model import MoEModel, inspect_model
 
-    config = cli.config(args, SCRIPT)
+
+    def preflight(skeleton, layers, domains) -> None:  # on the weightless model: refused before any weight is read
+        _restrictable(args.max_k, layers)
+
     try:
-        s = pipeline.setup(config)
+        s = pipeline.setup(config, preflight)
     except InputError as err:
         if not isinstance(inspect_model(config.model), MoEModel):
             raise InputError(f"{err}; top-k restriction needs experts (--prompt lenses a dense model's layer outputs)") from None
         raise
-    k = _check_max_k(args.max_k, s.layers)
-    if k < 2:
-        raise InputError(f"layers {', '.join(str(m.layer) for m in s.layers)} send each token to 1 expert: "
-                         "there is nothing to restrict")
+    # imported once the input is known to be good: a refused run does not pay for them
+    from common.analysis.lens import TopkSweep
+    from common.figures.lens import plot_cosine, plot_perplexity
+
+    k = _restrictable(args.max_k, s.layers)
     ks = list(range(1, min(args.max_k or k - 1, k - 1) + 1))
     domains = [d.name for d in s.domains]
     stream = pipeline.batches(s)

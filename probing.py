@@ -127,26 +127,10 @@ def run(args: argparse.Namespace) -> None:
                          "every cell would be skipped")
     k_values = sorted(set(args.k))
 
-    import time
-
-    import pandas as pd
-    import torch
-
-    from common.analysis.probing import (
-        DENSE,
-        ConceptSampler,
-        WindowLabeller,
-        best_layer,
-        gather,
-        pool_bytes,
-        probe_units,
-        random_seed,
-    )
+    config = cli.config(args, SCRIPT)  # the flags and data specs, checked before torch is imported
     from common.cli import pipeline
     from common.config import ModelSpec
-    from common.data import token_batches
-    from common.figures.probing import plot_concepts, plot_f1_vs_k
-    from common.model import MoEModel, inspect_model, load_model
+    from common.model import MoEModel, inspect_model
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("probing.py runs in one process (its samples are not gathered across torchrun ranks)")
@@ -186,12 +170,32 @@ def run(args: argparse.Namespace) -> None:
         plan["choice"] = choice
 
     try:
-        s = pipeline.setup(cli.config(args, SCRIPT), preflight)
+        s = pipeline.setup(config, preflight)
     except InputError as err:
         if "no MoE layers" in str(err):
             raise InputError(f"{err}; probing.py probes the experts of a MoE --model (a dense model is the "
                              "baseline: --dense_model)") from None
         raise
+    # imported once the input is known to be good: a refused run does not pay for them
+    import time
+
+    import pandas as pd
+    import torch
+
+    from common.analysis.probing import (
+        DENSE,
+        ConceptSampler,
+        WindowLabeller,
+        best_layer,
+        gather,
+        pool_bytes,
+        probe_units,
+        random_seed,
+    )
+    from common.data import token_batches
+    from common.figures.probing import plot_concepts, plot_f1_vs_k
+    from common.model import load_model
+
     choice = plan["choice"]
     dense = s.moe if choice == "same" else load_model(plan["spec"]) if choice is not None else None
     dense_ffns = dense.select_ffns(plan["dense_layers"]) if dense is not None else []

@@ -19,10 +19,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from common import cli
 from common.cli import at_least, base_parser, run_main
 from common.errors import InputError
+
+if TYPE_CHECKING:
+    from common.model import MoELayer
 
 SCRIPT = "profiles"
 
@@ -40,23 +44,35 @@ def build_parser():
     return parser
 
 
-def run(args: argparse.Namespace) -> None:
-    import pandas as pd
-    import torch
-
-    from common.analysis.expert_profile import ExpertActivity
-    from common.analysis.profile_json import build_profile
-    from common.analysis.specialization import RoutingCounts
-    from common.cli import pipeline
-    from common.figures.profiles import save_profile_figure
-    from common.stats import DEFAULT_QUANTILES
-
-    s = pipeline.setup(cli.config(args, SCRIPT, layers=[args.layer]))
-    layer = s.layers[0]
+def chosen_experts(args: argparse.Namespace, layer: MoELayer) -> list[int]:
+    """The experts to profile, checked against the layer (the weightless one: refused before any weight is read)."""
     experts = list(range(layer.num_experts)) if args.all else args.expert_id
     for e in experts:
         if not 0 <= e < layer.num_experts:
             raise InputError(f"--expert_id {e} out of range: layer {layer.layer} has experts 0..{layer.num_experts - 1}")
+    return experts
+
+
+def run(args: argparse.Namespace) -> None:
+    config = cli.config(args, SCRIPT, layers=[args.layer])  # the flags and data specs, checked before torch is imported
+    from common.cli import pipeline
+
+    def preflight(skeleton, layers, domains) -> None:  # on the weightless model: refused before any weight is read
+        chosen_experts(args, layers[0])
+
+    s = pipeline.setup(config, preflight)
+    # imported once the input is known to be good: a refused run does not pay for them
+    import pandas as pd
+    import torch
+
+    from common.analysis.expert_profile import ExpertActivity
+    from common.analysis.profile_json import build_profile, token_display
+    from common.analysis.specialization import RoutingCounts
+    from common.figures.profiles import save_profile_figure
+    from common.stats import DEFAULT_QUANTILES
+
+    layer = s.layers[0]
+    experts = chosen_experts(args, layer)
     position = s.moe.layers.index(layer)
     previous = s.moe.layers[position - 1] if position > 0 else None
     following = s.moe.layers[position + 1] if position + 1 < len(s.moe.layers) else None
@@ -99,8 +115,8 @@ def run(args: argparse.Namespace) -> None:
                 "layer": layer.layer, "expert": e, "frequency_topk": profile["frequency_topk"],
                 "frequency_top1": profile["frequency_top1"], "mean_weight": profile["weight_when_selected"]["mean"],
                 "top_domain": top_domain["domain"], "top_domain_share": top_domain["share_of_expert"],
-                "top_tokens": " ".join(repr(t["token"]) for t in profile["top_tokens_by_count"][:5]),
-                "promoted": " ".join(repr(t["token"]) for t in profile["promoted_tokens"][:5]),
+                "top_tokens": " ".join(token_display(t) for t in profile["top_tokens_by_count"][:5]),
+                "promoted": " ".join(token_display(t) for t in profile["promoted_tokens"][:5]),
             })
         out.save_table(pd.DataFrame(rows), f"profiles_layer{layer.layer}")
 

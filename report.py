@@ -7,7 +7,7 @@ A page holds the run's metadata (script, model, data, command, date, git commit,
 figure (PNG embedded, so the page needs no network and can be mailed), every CSV as a sortable table (the first
 `--rows` rows, a click on a column header sorts it, with a link to the full file and the description of each column
 from the registry of `common/run/outputs.py`), and the JSON and npy files with their descriptions. The index lists the
-runs by script, model, data and date. Nothing heavy is imported: pandas only.
+runs by script, model, data, tokens and date. Nothing heavy is imported: pandas only.
 """
 
 from __future__ import annotations
@@ -92,6 +92,30 @@ def _domain_tokens(info: dict) -> dict:
     return tokens.get("domains", {}) if isinstance(tokens, dict) else {}
 
 
+def _counted_total(info: dict) -> int | None:
+    """Counted tokens read from the data, summed over the domains (None for a run that reads no data)."""
+    counted = [d.get("counted") for d in _domain_tokens(info).values() if isinstance(d, dict)]
+    return sum(c for c in counted if isinstance(c, int)) if counted else None
+
+
+def _sample(info: dict) -> dict | None:
+    """run.json's `sample` of a script that analyses a token sample drawn from what it read (sim.py), else None."""
+    sample = info.get("sample")
+    return sample if isinstance(sample, dict) and isinstance(sample.get("num_tokens"), int) else None
+
+
+def _sample_text(info: dict) -> str | None:
+    """'10,000 of the 10,002 tokens read (code: 1667, …)': a sample is drawn per domain from a read rounded up to
+    the largest domain quota, so more tokens are read than sampled."""
+    sample = _sample(info)
+    if sample is None:
+        return None
+    read = _counted_total(info)
+    per_domain = sample.get("per_domain") if isinstance(sample.get("per_domain"), dict) else {}
+    text = f"{sample['num_tokens']:,}" + (f" of the {read:,} tokens read" if read is not None else " tokens")
+    return text + (" (" + ", ".join(f"{d}: {n}" for d, n in per_domain.items()) + ")" if per_domain else "")
+
+
 def _metadata(info: dict) -> str:
     tokens = _domain_tokens(info)
     rows = [
@@ -99,6 +123,7 @@ def _metadata(info: dict) -> str:
         ("started", info.get("started")), ("wall time", f"{info.get('wall_time_s', '?')} s"),
         ("git commit", info.get("git_commit")), ("seed", info.get("seed")), ("world size", info.get("world_size")),
         ("tokens per domain", ", ".join(f"{d}: {c.get('counted')}" for d, c in tokens.items()) or "—"),
+        ("token sample", _sample_text(info)),
         ("packages", ", ".join(f"{k} {v}" for k, v in info.get("packages", {}).items())),
     ]
     body = "".join(f"<tr><td class=t><b>{_esc(k)}</b></td><td class=t>{_esc(v)}</td></tr>" for k, v in rows if v is not None)
@@ -182,8 +207,12 @@ def _layers(arguments: dict) -> str:
 
 
 def _tokens(info: dict) -> str:
-    counted = [d.get("counted") for d in _domain_tokens(info).values() if isinstance(d, dict)]
-    return f"{sum(c for c in counted if isinstance(c, int)):,}" if counted else "—"
+    """The index's token cell: counted tokens summed over the domains; for a run that analyses a token sample, the
+    sample's size first (what --num_tokens asked for), then what was read to draw it."""
+    read, sample = _counted_total(info), _sample(info)
+    if sample is not None:
+        return f"{sample['num_tokens']:,} sampled" + (f" ({read:,} read)" if read is not None else "")
+    return f"{read:,}" if read is not None else "—"
 
 
 def index_page(root: Path, runs: Sequence[tuple[Path, dict]]) -> str:
@@ -204,7 +233,10 @@ def index_page(root: Path, runs: Sequence[tuple[Path, dict]]) -> str:
     header = "".join(f"<th class=t>{_esc(c)}</th>" for c in columns)
     table = f"<table class='sortable data'><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
     return _page(f"moescope results: {root}", f"<h1>Runs in {_esc(root)}</h1><p class=desc>{len(runs)} runs; a "
-                 "click on a column header sorts by it; hover a run for its command.</p>" + table)
+                 "click on a column header sorts by it; hover a run for its command. <i>tokens</i>: the counted "
+                 "tokens read, summed over the domains; a run that analyses a token sample (sim.py) shows the "
+                 "sample's size and, in brackets, the tokens read to draw it (each domain is read up to the largest "
+                 "domain's share, so a little more than the sample).</p>" + table)
 
 
 def run(args: argparse.Namespace) -> None:

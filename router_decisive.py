@@ -32,11 +32,14 @@ def build_parser():
 
 
 def run(args: argparse.Namespace) -> None:
-    from common.analysis.routing import DecisivenessStats
+    config = cli.config(args, SCRIPT)  # the flags and data specs, checked before torch is imported
     from common.cli import pipeline
+
+    s = pipeline.setup(config)
+    # imported once the input is known to be good: a refused run does not pay for them
+    from common.analysis.routing import DecisivenessStats
     from common.figures.routing import plot_by_layer, plot_violins
 
-    s = pipeline.setup(cli.config(args, SCRIPT))
     stream = pipeline.batches(s)
     with pipeline.start_run(s) as out:
         acc = DecisivenessStats(s.layers, [d.name for d in s.domains], s.moe.device, bins=args.bins)

@@ -92,14 +92,11 @@ def revision_specs(args: argparse.Namespace, base: ModelSpec) -> list[ModelSpec]
 
 
 def run(args: argparse.Namespace) -> None:
+    config = cli.config(args, SCRIPT)  # the flags and data specs, checked before torch is imported
     from common.analysis.memory import plan_routing_counts
-    from common.analysis.saturation import saturation
-    from common.analysis.specialization import RoutingCounts
     from common.cli import pipeline
-    from common.figures.specialization import plot_saturation
     from common.model import inspect_moe, resolve_device
 
-    config = cli.config(args, SCRIPT)
     specs = revision_specs(args, config.model) if args.revisions else []
     for item, spec in zip(args.revisions or [], specs, strict=False):  # refused before any work
         try:
@@ -115,6 +112,11 @@ def run(args: argparse.Namespace) -> None:
                                          device_budget_gib=args.stats_memory, host_budget_gib=args.host_stats_memory))
 
     s = pipeline.setup(config, preflight)
+    # imported once the input is known to be good: a refused run does not pay for them
+    from common.analysis.saturation import saturation
+    from common.analysis.specialization import RoutingCounts
+    from common.figures.specialization import plot_saturation
+
     plan = plans[0]
     domains = [d.name for d in s.domains]
     stream = pipeline.batches(s)

@@ -32,11 +32,14 @@ def build_parser():
 
 
 def run(args: argparse.Namespace) -> None:
-    from common.analysis.routing import DistributionStats
+    config = cli.config(args, SCRIPT)  # the flags and data specs, checked before torch is imported
     from common.cli import pipeline
+
+    s = pipeline.setup(config)
+    # imported once the input is known to be good: a refused run does not pay for them
+    from common.analysis.routing import DistributionStats
     from common.figures.routing import DISTRIBUTION_TITLES, plot_distributions
 
-    s = pipeline.setup(cli.config(args, SCRIPT))
     stream = pipeline.batches(s)
     with pipeline.start_run(s) as out:
         acc = DistributionStats(s.layers, [d.name for d in s.domains], s.moe.device, bins=args.bins)

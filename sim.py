@@ -118,6 +118,11 @@ def run(args: argparse.Namespace) -> None:
     if args.sigma is not None and "cka-rbf" not in methods:
         warnings.warn("--sigma is only used by cka-rbf", stacklevel=1)
 
+    config = cli.config(args, SCRIPT)  # the flags and data specs, checked before torch is imported
+    from common.cli import pipeline
+
+    s = pipeline.setup(config)
+    # imported once the input is known to be good: a refused run does not pay for them
     import dataclasses
 
     import numpy as np
@@ -133,10 +138,8 @@ def run(args: argparse.Namespace) -> None:
         pair_summary,
         plan_blocks,
     )
-    from common.cli import pipeline
     from common.figures.similarity import plot_similarity, plot_similarity_by_layer
 
-    s = pipeline.setup(cli.config(args, SCRIPT))
     domains = [d.name for d in s.domains]
     quotas = domain_quotas(args.num_tokens, len(domains))
     per_domain = max(quotas)

@@ -46,16 +46,18 @@ def build_parser():
 
 
 def run(args: argparse.Namespace) -> None:
+    config = cli.config(args, SCRIPT)
     from common.analysis import weights
     from common.cli import pipeline
-    from common.figures.weights import save_weight_figures
-    from common.model import inspect_moe
 
-    config = cli.config(args, SCRIPT)
     experts = not args.routers_only
-    skeleton = inspect_moe(config.model)  # router and expert layouts are checked before any weight is read
-    weights.validate(skeleton.select(config.layers), skeleton.hidden_size, experts=experts)
-    s = pipeline.setup(config)
+
+    def preflight(skeleton, layers, domains) -> None:  # router and expert layouts, before any weight is read
+        weights.validate(layers, skeleton.hidden_size, experts=experts)
+
+    s = pipeline.setup(config, preflight)
+    from common.figures.weights import save_weight_figures  # once the input is known to be good
+
     routers = weights.validate(s.layers, s.moe.hidden_size, experts=experts)
     with pipeline.start_run(s) as out:
         res = weights.analyze(s.layers, s.moe.hidden_size, s.moe.device, experts=experts,

@@ -98,6 +98,9 @@ class OpenAICompatible:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 body = response.read()
         except urllib.error.HTTPError as err:
+            if err.code in (401, 403) and self.api_key is None:  # e.g. a local vLLM started with --api-key
+                raise InputError(f"--api-base {self.api_base} asks for an API key (HTTP {err.code}) and none was "
+                                 "sent; put it in the variable --api-key-env names (default OPENAI_API_KEY)") from None
             if err.code in (401, 403):
                 raise InputError(f"--api-base {self.api_base} rejected the API key (HTTP {err.code}); check "
                                  "--api-key-env") from None

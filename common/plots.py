@@ -7,7 +7,9 @@ glance), and the layout and labelling rules every figure follows:
 * layers and experts are integers, so their axes only get integer ticks (`integer_axis`);
 * heatmaps carry a labelled colour bar (`heatmap`); correlation matrices mask their ±1 diagonal, scale colours
   symmetrically from the off-diagonal values and draw the layer boundaries (`correlation_heatmap`);
-* histograms are drawn over the range their data occupy (`occupied_range`), not the whole binning range.
+* histograms are drawn over the range their data occupy (`occupied_range`), not the whole binning range;
+* every expert of an axis gets a tick mark, labelled where the labels fit (`index_ticks`);
+* labels written on points never overlap (`place_labels`); class colours stay far apart (`distinct_colours`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ matplotlib.use("Agg")  # scripts run headless on GPU boxes and in CI
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import FixedLocator, MaxNLocator
+from matplotlib.colors import to_rgb, to_rgba
+from matplotlib.lines import Line2D
+from matplotlib.text import Text
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullFormatter
 
 from common.atomic import atomic_write
 
@@ -251,3 +256,184 @@ def correlation_heatmap(ax: plt.Axes, matrix: np.ndarray, block: int, labels: Se
     ax.set_yticks(centres[::step], [str(x) for x in labels][::step])
     ax.tick_params(length=0)
     return image, vmax
+
+
+# ------------------------------------------------------------------------------------------------ index ticks
+
+
+def index_ticks(axes: plt.Axes | Sequence[plt.Axes], values: Sequence[int], axis: str = "x",
+                fontsize: float = 6.5) -> int:
+    """A tick mark at every index in `values` (experts) on each of `axes`, each labelled when the labels fit the
+    axis' length, else every 2nd, 5th, 10th, … labelled and the others marked by short unlabelled ticks; the axis
+    spans the values ± 0.6. Measured on the figure as laid out, so call it last. Returns the largest label step."""
+    axes = [axes] if isinstance(axes, plt.Axes) else list(axes)
+    values = sorted({int(v) for v in values})
+    if not values or not axes:
+        return 1
+    fig = axes[0].figure
+    fig.draw_without_rendering()  # constrained layout: the axes' final size decides how many labels fit
+    renderer = fig.canvas.get_renderer()
+    probe = Text(0, 0, str(max(values, key=lambda v: len(str(v)))), fontsize=fontsize, figure=fig)
+    extent = probe.get_window_extent(renderer)
+    needed = 1.4 * (extent.width if axis == "x" else extent.height)  # a label and a gap of 40% of one
+    largest = 1
+    for ax in axes:
+        frame = ax.get_window_extent(renderer)
+        pitch = (frame.width if axis == "x" else frame.height) / (values[-1] - values[0] + 1.2)  # px per index
+        step = next(s for s in _steps() if s * pitch >= needed or s >= len(values))
+        labelled = [v for v in values if v % step == 0] or values[:1]
+        target = ax.xaxis if axis == "x" else ax.yaxis
+        target.set_major_locator(FixedLocator(labelled))
+        target.set_minor_locator(FixedLocator([v for v in values if v not in labelled]))
+        target.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis=axis, which="major", labelsize=fontsize)
+        ax.tick_params(axis=axis, which="minor", length=2)
+        (ax.set_xlim if axis == "x" else ax.set_ylim)(values[0] - 0.6, values[-1] + 0.6)
+        largest = max(largest, step)
+    return largest
+
+
+def _steps():
+    """1, 2, 5, 10, 20, 50, …"""
+    scale = 1
+    while True:
+        yield from (scale, 2 * scale, 5 * scale)
+        scale *= 10
+
+
+# ------------------------------------------------------------------------------------------------ point labels
+
+
+def place_labels(ax: plt.Axes, anchors: np.ndarray, texts: Sequence[str], colours: Sequence, *,
+                 fontsize: float = 8.0, obstacles: Sequence[plt.Artist] = (), gid: str = "point-label",
+                 **text_kw) -> list[Text]:
+    """Write `texts[i]` at `anchors[i]` (data coordinates) so that no two labels overlap: each label takes the free
+    spot nearest its anchor (on rings of growing radius), inside the axes and clear of the labels placed before it
+    and of `obstacles` (e.g. a note in a corner); a label moved off its anchor gets a thin leader line to it.
+    Anchors that are NaN or outside the view get no label. Call it once the axes' limits are final: it freezes
+    them, and measures in display pixels after settling the layout."""
+    fig = ax.figure
+    fig.draw_without_rendering()
+    ax.set_xlim(ax.get_xlim())  # leader lines must not widen the view the labels were placed in
+    ax.set_ylim(ax.get_ylim())
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    taken = [_box(o.get_window_extent(renderer)) for o in obstacles if o.get_visible()]
+    to_data = ax.transData.inverted()
+    pad = 2.0  # pixels around each label: its white outline
+    written = []
+    for (x, y), text, colour in zip(np.asarray(anchors, dtype=np.float64), texts, colours, strict=True):
+        if not (np.isfinite(x) and np.isfinite(y)):
+            continue
+        ax_x, ax_y = ax.transData.transform((x, y))
+        if not (frame.x0 <= ax_x <= frame.x1 and frame.y0 <= ax_y <= frame.y1):
+            continue
+        artist = ax.text(x, y, text, ha="center", va="center", fontsize=fontsize, color=colour, gid=gid, **text_kw)
+        artist.set_in_layout(False)
+        extent = artist.get_window_extent(renderer)
+        half_w, half_h = extent.width / 2 + pad, extent.height / 2 + pad
+        centres = _ring_candidates(ax_x, ax_y, step=max(half_h, 2.0), reach=np.hypot(frame.width, frame.height))
+        boxes = np.column_stack([centres[:, 0] - half_w, centres[:, 1] - half_h,
+                                 centres[:, 0] + half_w, centres[:, 1] + half_h])
+        free = ((boxes[:, 0] >= frame.x0) & (boxes[:, 1] >= frame.y0)
+                & (boxes[:, 2] <= frame.x1) & (boxes[:, 3] <= frame.y1))
+        for other in taken:
+            free &= ~((boxes[:, 0] < other[2]) & (boxes[:, 2] > other[0])
+                      & (boxes[:, 1] < other[3]) & (boxes[:, 3] > other[1]))
+        index = int(np.argmax(free)) if free.any() else 0  # no room left anywhere: keep it on its anchor
+        centre = centres[index]
+        artist.set_position(to_data.transform(centre))
+        taken.append(boxes[index])
+        offset = centre - (ax_x, ax_y)
+        if np.hypot(*offset) > half_h:
+            # from the anchor to the label's edge, so that the line does not cross the text
+            scale = min(half_w / abs(offset[0]) if offset[0] else np.inf,
+                        half_h / abs(offset[1]) if offset[1] else np.inf)
+            end = to_data.transform(centre - offset * min(scale, 1.0))
+            ax.add_line(Line2D([x, end[0]], [y, end[1]], color=colour, linewidth=0.6, alpha=0.8, zorder=2.5))
+        written.append(artist)
+    return written
+
+
+def _box(extent) -> np.ndarray:
+    return np.array([extent.x0, extent.y0, extent.x1, extent.y1])
+
+
+def _ring_candidates(x: float, y: float, step: float, reach: float) -> np.ndarray:
+    """Points on rings of radius 0, step, 2·step, … up to `reach` around (x, y), nearest first."""
+    points = [np.array([[x, y]])]
+    for radius in np.arange(step, reach + step, step):
+        count = int(np.clip(2 * np.pi * radius / step, 8, 96))
+        angles = np.linspace(0, 2 * np.pi, count, endpoint=False) + np.pi / 2  # above the anchor first
+        points.append(np.column_stack([x + radius * np.cos(angles), y + radius * np.sin(angles)]))
+    return np.concatenate(points)
+
+
+# ------------------------------------------------------------------------------------------------ colours
+
+
+def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) of sRGB colours in [0, 1], shape [..., 3]."""
+    rgb = np.asarray(rgb, dtype=np.float64)
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    to_xyz = np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
+                       [0.0193339, 0.1191920, 0.9503041]])
+    xyz = linear @ to_xyz.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+def colour_difference(lab1: np.ndarray, lab2: np.ndarray) -> np.ndarray:
+    """CIEDE2000 colour difference ΔE00 of CIELAB colours (broadcast over leading axes): about 1 is just
+    noticeable side by side, 10 or more reads as a different colour at a glance."""
+    L1, a1, b1 = np.moveaxis(np.asarray(lab1, dtype=np.float64), -1, 0)
+    L2, a2, b2 = np.moveaxis(np.asarray(lab2, dtype=np.float64), -1, 0)
+    c_mean = (np.hypot(a1, b1) + np.hypot(a2, b2)) / 2
+    g = 0.5 * (1 - np.sqrt(c_mean**7 / (c_mean**7 + 25.0**7)))
+    a1, a2 = (1 + g) * a1, (1 + g) * a2
+    c1, c2 = np.hypot(a1, b1), np.hypot(a2, b2)
+    h1, h2 = np.degrees(np.arctan2(b1, a1)) % 360, np.degrees(np.arctan2(b2, a2)) % 360
+    chromatic = c1 * c2 != 0
+    dh = h2 - h1
+    dh = np.where(dh > 180, dh - 360, np.where(dh < -180, dh + 360, dh))
+    dh = np.where(chromatic, dh, 0.0)
+    d_hue = 2 * np.sqrt(c1 * c2) * np.sin(np.radians(dh / 2))
+    l_mean, c_mean = (L1 + L2) / 2, (c1 + c2) / 2
+    h_sum = h1 + h2
+    h_mean = np.where(np.abs(h1 - h2) > 180, np.where(h_sum < 360, h_sum + 360, h_sum - 360), h_sum) / 2
+    h_mean = np.where(chromatic, h_mean, h_sum)
+    t = (1 - 0.17 * np.cos(np.radians(h_mean - 30)) + 0.24 * np.cos(np.radians(2 * h_mean))
+         + 0.32 * np.cos(np.radians(3 * h_mean + 6)) - 0.20 * np.cos(np.radians(4 * h_mean - 63)))
+    rotation = -np.sin(np.radians(60 * np.exp(-(((h_mean - 275) / 25) ** 2)))) * 2 * np.sqrt(
+        c_mean**7 / (c_mean**7 + 25.0**7))
+    s_l = 1 + 0.015 * (l_mean - 50) ** 2 / np.sqrt(20 + (l_mean - 50) ** 2)
+    s_c = 1 + 0.045 * c_mean
+    s_h = 1 + 0.015 * c_mean * t
+    dl, dc, dh_term = (L2 - L1) / s_l, (c2 - c1) / s_c, d_hue / s_h
+    return np.sqrt(dl**2 + dc**2 + dh_term**2 + rotation * dc * dh_term)
+
+
+@functools.cache
+def _distinct_sequence(n: int) -> tuple[tuple[float, float, float, float], ...]:
+    """tab10, then greedily the sRGB colour farthest (ΔE00) from all chosen so far, among colours of lightness
+    25–85 (visible on white, not black)."""
+    chosen = [to_rgb(c) for c in plt.get_cmap("tab10").colors]
+    levels = np.linspace(0.0, 1.0, 18)
+    candidates = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(-1, 3)
+    lab = srgb_to_lab(candidates)
+    keep = (lab[:, 0] >= 25) & (lab[:, 0] <= 85)
+    candidates, lab = candidates[keep], lab[keep]
+    nearest = colour_difference(lab[:, None], srgb_to_lab(np.array(chosen))[None]).min(axis=1)
+    while len(chosen) < min(n, len(candidates)):
+        pick = int(np.argmax(nearest))
+        chosen.append(tuple(candidates[pick]))
+        nearest = np.minimum(nearest, colour_difference(lab, lab[pick]))
+    return tuple(to_rgba(c) for c in chosen)
+
+
+def distinct_colours(n: int) -> list[tuple[float, float, float, float]]:
+    """n qualitative colours as far apart as possible: tab10 up to 10 (so the first ten never change), then each
+    added colour the farthest (CIEDE2000) from those before it. Any two of 64 differ by ΔE00 > 12 (tab10's own
+    closest pair: 16)."""
+    sequence = _distinct_sequence(max(n, 64))
+    return [sequence[i % len(sequence)] for i in range(n)]

@@ -178,3 +178,188 @@ def test_wandb_logging_is_optional_and_logs_tables_and_figures(tmp_path, monkeyp
     logged = calls["log"]
     assert logged["table/entropy_summary"][0] == "table" and logged["table/entropy_summary"][1] > 0
     assert logged["figure/entropy_violin"] == ("image", "entropy_violin.png")
+
+
+# --- flag conventions: both spellings of every flag, typo suggestions, --out checked early, --threads
+
+# (script, argv spelled the other way round from the script's own declaration, {dest: the value it must give})
+ALIASED = [
+    ("router_decisive", ["--num-tokens", "300", "--batch-size", "4", "--seq-len=32", "--no_progress", "--keep_special",
+                         "--num-domains", "2", "--device-map", "auto", "--trust-remote-code"],
+     {"num_tokens": 300, "batch_size": 4, "seq_len": 32, "progress": False, "keep_special": True, "num_domains": 2,
+      "device_map": "auto", "trust_remote_code": True}),
+    ("router_metrics", ["--olmoe_compat", "--no_token_tables", "--stats-memory", "2.5", "--num-experts", "16",
+                        "--min-count", "3"],
+     {"olmoe_compat": True, "token_tables": False, "stats_memory": 2.5, "num_experts": 16, "min_count": 3}),
+    ("sim", ["--routed_only", "--min-pair-tokens", "7", "--block-mb", "64", "--sigma-tokens", "100"],
+     {"routed_only": True, "min_pair_tokens": 7, "block_mb": 64, "sigma_tokens": 100}),
+    ("profiles", ["--layer", "1", "--expert-id", "3", "5", "--min-count", "2"],
+     {"layer": 1, "expert_id": [3, 5], "min_count": 2}),
+    ("weights", ["--routers_only", "--no_figures", "--num-random", "10"],
+     {"routers_only": True, "figures": False, "num_random": 10}),
+    ("label", ["--layer", "1", "--api_base", "http://127.0.0.1:9/v1", "--llm", "m", "--score_batch", "3",
+               "--shuffle_windows", "--api_key_env", "NONE_SET"],
+     {"api_base": "http://127.0.0.1:9/v1", "score_batch": 3, "shuffle_windows": True, "api_key_env": "NONE_SET"}),
+]
+
+
+@pytest.mark.parametrize(("script", "argv", "expected"), ALIASED, ids=[item[0] for item in ALIASED])
+def test_every_flag_takes_both_spellings(script, argv, expected):
+    import importlib
+
+    parser = importlib.import_module(script).build_parser()
+    args = parser.parse_args(argv)
+    assert {dest: getattr(args, dest) for dest in expected} == expected
+
+
+def test_help_and_errors_show_the_declared_spelling_only():
+    import router_decisive
+    from common.errors import InputError
+
+    parser = router_decisive.build_parser()
+    text = parser.format_help()
+    for declared, alias in [("--num_tokens", "--num-tokens"), ("--no-progress", "--no_progress"),
+                            ("--keep-special", "--keep_special"), ("--batch_size", "--batch-size")]:
+        assert declared in text and alias not in text, declared
+        assert parser.format_usage().count(declared) == 1, declared
+    assert "'-' or '_'" in text  # the convention is stated once, at the end of --help
+    with pytest.raises(InputError, match=r"^argument --num_tokens: must be at least 1 \(got 0\)$"):
+        parser.parse_args(["--num-tokens", "0"])  # the alias's error names the declared flag
+    # Unambiguous prefixes still work: an alias never makes '--batch' ambiguous with its own flag.
+    assert parser.parse_args(["--batch", "4"]).batch_size == 4
+    assert parser.parse_args(["--batch-s", "5"]).batch_size == 5
+    with pytest.raises(InputError, match=r"^ambiguous option: --num could match --num_domains, --num_tokens$"):
+        parser.parse_args(["--num", "4"])
+
+
+def test_config_keys_take_both_spellings(tmp_path):
+    import router_decisive
+    import router_metrics
+
+    config = tmp_path / "run.toml"
+    config.write_text("no_progress = true\nkeep-special = true\nnum-tokens = 300\nbatch_size = 4\nseq-len = 32\n")
+    args = router_decisive.build_parser().parse_args(["--config", str(config)])
+    assert (args.progress, args.keep_special, args.num_tokens, args.batch_size, args.seq_len) == (False, True, 300, 4, 32)
+    config.write_text("no_token_tables = true\nolmoe-compat = true\nstats-memory = 1.5\nno-progress = false\n")
+    args = router_metrics.build_parser().parse_args(["--config", str(config)])
+    assert (args.token_tables, args.olmoe_compat, args.stats_memory, args.progress) == (False, True, 1.5, True)
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    (["--num_tokns", "300"], "unrecognized arguments: --num_tokns 300; did you mean --num_tokens?"),
+    (["--no-progess"], "unrecognized arguments: --no-progess; did you mean --no-progress?"),  # a prefix would be taken
+    (["--seq-lenght=32"], "unrecognized arguments: --seq-lenght=32; did you mean --seq_len?"),
+    (["--keepspecial", "--binz", "5"],
+     "unrecognized arguments: --keepspecial --binz 5; did you mean --keep-special (for --keepspecial), --bins (for --binz)?"),
+    (["--nonsense"], "unrecognized arguments: --nonsense"),
+])
+def test_a_typo_gets_the_closest_flag_in_one_line(capsys, tmp_path, argv, line):
+    import router_decisive
+
+    assert router_decisive.main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"router_decisive.py: error: {line}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_typo_is_named_when_it_leaves_a_required_flag_missing(capsys):
+    import label
+    import profiles
+
+    assert profiles.main(["--layr", "1", "--all"]) == 2
+    assert capsys.readouterr().err == ("profiles.py: error: the following arguments are required: --layer/--layers; "
+                                       "unrecognized arguments: --layr; did you mean --layer?\n")
+    assert label.main(["--layer", "1", "--api_bse", "http://127.0.0.1:9/v1"]) == 2
+    assert capsys.readouterr().err == ("label.py: error: one of the arguments --api-base --local-llm is required; "
+                                       "unrecognized arguments: --api_bse; did you mean --api-base?\n")
+
+
+def test_a_config_key_typo_gets_the_closest_key(tmp_path):
+    import router_decisive
+    from common.errors import InputError
+
+    config = tmp_path / "run.toml"
+    for text, message in [("num_tokns = 3", "unknown key 'num_tokns'; did you mean num_tokens?"),
+                          ("no_progres = true", "unknown key 'no_progres'; did you mean no-progress?"),
+                          ("zzz = 1", "unknown key 'zzz' (keys are the flags' names, e.g. num_tokens)")]:
+        config.write_text(text + "\n")
+        with pytest.raises(InputError) as caught:
+            router_decisive.build_parser().parse_args(["--config", str(config)])
+        assert str(caught.value) == f"--config {config}: {message}"
+
+
+def test_out_that_is_a_file_is_refused_in_one_line_before_torch(tmp_path):
+    existing = tmp_path / "results.txt"
+    existing.write_text("not a folder\n")
+    config = tmp_path / "run.toml"
+    config.write_text(f'out = "{existing}"\n')
+    cases = [(["--out", str(existing)], f"argument --out: {existing} is a file, not a folder"),
+             (["--out", str(existing / "sub")], f"argument --out: {existing} is a file, not a folder"),
+             (["--config", str(config)], f"--config {config}: out: {existing} is a file, not a folder")]
+    for flags, message in cases:
+        result, heavy = run_script("router_decisive.py", "--model", "random:olmoe", "--num_tokens", "300",
+                                   "--no-progress", *flags)
+        assert result.returncode == 2, (flags, result.stderr)
+        assert result.stderr == f"router_decisive.py: error: {message}\n", flags
+        assert heavy == [] and result.stdout == ""
+    assert existing.read_text() == "not a folder\n" and sorted(p.name for p in tmp_path.iterdir()) == ["results.txt", "run.toml"]
+
+
+def test_out_that_cannot_be_written_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    import router_decisive
+    from common.cli import flags
+
+    target = tmp_path / "new" / "results"
+
+    def denied(folder: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    # As root nothing is unwritable: simulate the OS refusing (raising=False: on code without the probe the run
+    # goes ahead and the test fails on its exit code, not on a missing name).
+    monkeypatch.setattr(flags, "_try_writing_in", denied, raising=False)
+    argv = ["--model", "random:olmoe", "--num_tokens", "300", "--out", str(target), "--no-progress"]
+    assert router_decisive.main(argv) == 2
+    assert capsys.readouterr().err == (f"router_decisive.py: error: argument --out: cannot create {target}: "
+                                       f"{tmp_path} is not writable (Permission denied)\n")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    # The real probe leaves nothing behind: no temporary file, no folder created at parse time.
+    args = router_decisive.build_parser().parse_args(["--out", str(target)])
+    assert args.out == str(target) and list(tmp_path.iterdir()) == []
+
+
+def test_threads_are_applied_before_the_model_loads_recorded_and_restored(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    import router_decisive
+    from common.cli import pipeline
+    from common.errors import InputError
+
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2
+    at_load: list[int] = []
+    real_load = pipeline.load_moe
+
+    def load_and_count(spec):
+        at_load.append(torch.get_num_threads())
+        return real_load(spec)
+
+    monkeypatch.setattr(pipeline, "load_moe", load_and_count)
+    base = ["--model", "random:olmoe", "--data", f"a={_data_file(tmp_path)}", "--num_tokens", "200", "--seq_len", "32",
+            "--layers", "0", "--no-progress"]
+    try:
+        assert router_decisive.main([*base, "--out", str(tmp_path / "set"), "--threads", str(wanted)]) == 0
+        assert at_load == [wanted]
+        assert torch.get_num_threads() == before  # an in-process caller gets its own setting back
+        assert router_decisive.main([*base, "--out", str(tmp_path / "default")]) == 0
+        assert at_load == [wanted, before]
+    finally:
+        torch.set_num_threads(before)
+    recorded = json.loads(next((tmp_path / "set").rglob("run.json")).read_text())
+    assert (recorded["arguments"]["threads"], recorded["torch_threads"]) == (wanted, wanted)
+    recorded = json.loads(next((tmp_path / "default").rglob("run.json")).read_text())
+    assert (recorded["arguments"]["threads"], recorded["torch_threads"]) == (None, before)
+    with pytest.raises(InputError, match="argument --threads: must be at least 1"):
+        router_decisive.build_parser().parse_args(["--threads", "0"])

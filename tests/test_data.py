@@ -237,6 +237,31 @@ def test_runs_out_with_a_warning_and_a_record(tmp_path, tok):
     assert stream.report.incomplete == ["small"]
 
 
+@pytest.mark.parametrize(("text", "pack"), [
+    ("\n\n   \n\t\n", False),  # blank lines only: every document is skipped as empty
+    ("<|eos|><|bos|><|pad|><|eos|>", False),  # special tokens only: nothing counts
+    ("<|eos|><|bos|><|pad|><|eos|>", True),
+])
+def test_a_domain_with_no_token_to_count_is_refused_naming_it(tmp_path, tok, text, pack):
+    (tmp_path / "blank.txt").write_text(text, encoding="utf-8")
+    good = Domain("good", write_jsonl(tmp_path / "g.jsonl", [{"text": "abcdef"}]))
+    blank = Domain("blank", str(tmp_path / "blank.txt"))
+    stream = token_batches([good, blank], tok, num_tokens=4, seq_len=8, pack=pack, progress=False)
+    first = next(stream)  # the good domain comes first and is delivered in full
+    assert first.num_counted == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)  # refused, not warned about as "0 of 4 tokens"
+        with pytest.raises(InputError) as err:
+            next(stream)
+    assert str(err.value) == (f"--data: domain 'blank' ({tmp_path / 'blank.txt'}) has no token to count: its documents "
+                              "are empty or hold only whitespace and special tokens; give it text or leave it out")
+    # Counting the special tokens, the same text has something to count: a short domain, warned about as before.
+    if "<|" in text:
+        kept = token_batches([blank], tok, num_tokens=100, seq_len=8, pack=pack, keep_special=True, progress=False)
+        with pytest.warns(DataWarning, match="'blank' ran out of data"):
+            assert sum(b.num_counted for b in kept) > 0
+
+
 def test_padding_and_specials_do_not_count_unless_kept(tmp_path, tok):
     domain = Domain("s", write_jsonl(tmp_path / "s.jsonl", [{"text": "abcdef"}, {"text": "xy"}]))
     [batch] = collect(token_batches([domain], tok, num_tokens=8, seq_len=16, progress=False, shuffle_buffer=0))

@@ -255,6 +255,103 @@ def test_target_all_and_force_default_weight(model_dir, tmp_path):
     assert (run / "figures/sweep_prompt1.png").is_file() and not (run / "figures/kl_by_value.png").exists()
 
 
+# ------------------------------------------------------------------------- an edit that cannot act, said so
+
+
+def _record_figures(monkeypatch) -> dict[str, dict]:
+    """Every figure a run saves, as it is saved: all its text joined, and each axes' y limits."""
+    from matplotlib.text import Text
+
+    from common.run import Run
+
+    figures: dict[str, dict] = {}
+    save = Run.save_figure
+
+    def recording(self, fig, name):
+        figures[name] = {"text": "\n".join(t.get_text() for t in fig.findobj(Text)),
+                         "ylims": [ax.get_ylim() for ax in fig.axes]}
+        return save(self, fig, name)
+
+    monkeypatch.setattr(Run, "save_figure", recording)
+    return figures
+
+
+def _png_width(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # IHDR width
+
+
+PROMPTS = ["The quick brown fox", "Some other words here", "Once upon a time", "A B C D E F"]
+POSITION = 3
+
+
+def _routed_at(moe, prompt: str, position: int) -> set[int]:
+    ids = moe.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    _, _, index, weight = _routing(moe, ids)
+    return {int(e) for e, w in zip(index[position], weight[position], strict=True) if w != 0}
+
+
+@pytest.fixture(scope="module")
+def unrouted_case(moe) -> tuple[int, str, str]:
+    """An expert, a prompt where it is not routed at POSITION and one where it is."""
+    routed = {prompt: _routed_at(moe, prompt, POSITION) for prompt in PROMPTS}
+    for expert in range(moe.layer(LAYER).num_experts):
+        absent = [p for p in PROMPTS if expert not in routed[p]]
+        present = [p for p in PROMPTS if expert in routed[p]]
+        if absent and present:
+            return expert, absent[0], present[0]
+    raise AssertionError(f"no expert routed in one prompt and not in another: {routed}")
+
+
+@pytest.mark.parametrize("values", [["0", "2", "8"], ["0"]], ids=["sweep", "one value"])
+def test_scale_where_the_expert_is_not_routed_is_said_on_stderr_json_and_figure(
+        values, unrouted_case, model_dir, tmp_path, monkeypatch, capsys):
+    """The issue's case (Reproduce.md on the demo: expert 9 is not routed at position 4): scale multiplies w_e = 0,
+    so every value gives KL 0. The run says so once on stderr, in interventions.json and on the figure, whose KL
+    axis is not scaled to 1e-12."""
+    expert, prompt, _ = unrouted_case
+    figures = _record_figures(monkeypatch)
+    argv = ["--model", str(model_dir), "--prompt", prompt, "--layer", str(LAYER), "--expert_id", str(expert),
+            "--target_idx", str(POSITION), "--values", *values, "--max_new_tokens", "2", "--out", str(tmp_path),
+            "--no-progress"]
+    assert interv.main(argv) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "not routed" in line]
+    assert len(warned) == 1 and "warning:" in warned[0] and "--mode force" in warned[0], warned
+    (run,) = tmp_path.glob("interv/*/prompts/*")
+    sweep = pd.read_csv(run / "intervention_sweep.csv")
+    assert sweep.kl_nats.tolist() == [0.0] * len(values) and (sweep.selected_before == 0).all()
+    report = json.loads((run / "interventions.json").read_text())["prompts"][0]
+    assert report["routed_at_targets"] == 0 and report["edit_cannot_act"] is True
+    figure = figures["sweep_prompt0"]
+    assert f"Expert {expert} was not routed at the target" in figure["text"]
+    assert "--mode scale cannot act" in figure["text"] and "--mode force" in figure["text"]
+    if len(values) > 1:
+        assert "KL = 0 at every value" in figure["text"]
+        assert figure["ylims"][1][1] == 1.0  # a unit KL axis, not 1.15e-12
+    assert _png_width(run / "figures/sweep_prompt0.png") <= 1200
+
+
+def test_scale_where_the_expert_is_routed_carries_no_note(unrouted_case, model_dir, tmp_path, monkeypatch, capsys):
+    """Two prompts, the expert routed at the target of the second only: only the first is flagged, in the JSON
+    and in the several-prompt figure's title; the second prompt's figure has no note and a real KL."""
+    expert, absent, present = unrouted_case
+    figures = _record_figures(monkeypatch)
+    argv = ["--model", str(model_dir), "--prompt", absent, "--prompt", present, "--layer", str(LAYER),
+            "--expert_id", str(expert), "--target_idx", str(POSITION), "--values", "0", "4", "--max_new_tokens", "2",
+            "--out", str(tmp_path), "--no-progress"]
+    assert interv.main(argv) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "not routed" in line]
+    assert len(warned) == 1 and warned[0].count("prompt 0:") == 1, warned
+    (run,) = tmp_path.glob("interv/*/prompts/*")
+    report = json.loads((run / "interventions.json").read_text())["prompts"]
+    assert [(p["routed_at_targets"], p["edit_cannot_act"]) for p in report] == [(0, True), (1, False)]
+    sweep = pd.read_csv(run / "intervention_sweep.csv")
+    assert (sweep[sweep.prompt == 1].kl_nats > 0).any()
+    assert "not routed" not in figures["sweep_prompt1"]["text"]
+    assert "expert routed at 1/1 targets before the edit" in figures["sweep_prompt1"]["text"]
+    assert "not routed at any target of 1 of 2 prompts (0)" in figures["kl_by_value"]["text"]
+    assert figures["kl_by_value"]["ylims"][0][1] < 1  # a real KL sets the axis
+
+
 # ---------------------------------------------------------------------------------------------- dataset mode
 
 
@@ -337,6 +434,46 @@ def test_base_nll_equals_transformers_loss_on_the_counted_tokens(dataset_run):
     np.testing.assert_allclose(other.nll_base, table.nll_base, rtol=1e-5)
     np.testing.assert_allclose(other.delta_nll, table.delta_nll, rtol=1e-3, atol=1e-6)
     assert (other.tokens == table.tokens).all() and (other.selected == table.selected).all()
+
+
+def _crowded_importance(experts: int = 16) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One domain whose labelled experts (the 3 most selected and the 5 costliest ablations) all sit near (0, 0)
+    except one far outlier that sets the axes: the case where the labels overprinted."""
+    rng = np.random.default_rng(0)
+    freq = np.concatenate([[0.60], 0.004 + 0.002 * rng.random(experts - 1)])
+    delta = np.concatenate([[0.50], 0.0005 + 0.0005 * rng.random(experts - 1)])
+    # the labelled crowd: experts 1..7 have the next largest frequency (7 the most) and ΔNLL (1 the most), still
+    # within 2% of the axes
+    freq[1:8] = 0.0065 + 0.001 * np.arange(7)
+    delta[1:8] = 0.004 - 0.0004 * np.arange(7)
+    freq_rank = np.argsort(np.argsort(-freq)) + 1
+    delta_rank = np.argsort(np.argsort(-delta)) + 1
+    table = pd.DataFrame({"domain": "d0", "expert": range(experts), "freq_topk": freq, "delta_nll": delta,
+                          "freq_rank": freq_rank, "delta_rank": delta_rank})
+    summary = pd.DataFrame({"domain": ["d0"], "spearman_delta_vs_freq": [0.9]})
+    return table, summary
+
+
+def test_importance_scatter_labels_near_the_origin_do_not_overprint():
+    from matplotlib.text import Annotation, Text
+
+    from common.figures.interventions import plot_importance_scatter
+    from common.plots import plt
+
+    table, summary = _crowded_importance()
+    labelled = set(table[(table.freq_rank <= 3) | (table.delta_rank <= 5)].expert)
+    assert len(labelled) >= 6  # the crowd is really there
+    fig = plot_importance_scatter(table, ["d0"], LAYER, 2 / 16, summary)
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    labels = [a for a in fig.findobj(Annotation) if a.get_text().strip()]
+    boxes = [Text.get_window_extent(a, renderer) for a in labels]  # the text only, not a leader line
+    named = [int(part) for a in labels for part in a.get_text().split(",")]
+    assert sorted(named) == sorted(labelled)  # every notable expert named, once
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert not boxes[i].overlaps(boxes[j]), (labels[i].get_text(), labels[j].get_text())
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

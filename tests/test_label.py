@@ -18,6 +18,7 @@ import torch
 
 import label
 from common.analysis import labelling as lab
+from common.errors import InputError
 from common.llm import ChatClient, RequestError, ResponseCache, TransientError
 from tests.llm_stub import Stub
 from tests.planted import GROUPS, planted_experts, save_planted, write_domains
@@ -140,9 +141,12 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+REMOTE = "https://llm.example.com/v1"  # a remote endpoint: refused for its missing key before it is contacted
+
 BAD = {
-    "missing key": ([], "environment variable OPENAI_API_KEY is not set"),
-    "empty key": (["--api-key-env", "MOESCOPE_TEST_EMPTY_KEY"], "MOESCOPE_TEST_EMPTY_KEY is not set or empty"),
+    "missing key": (["--remote"], "environment variable OPENAI_API_KEY is not set"),
+    "empty key": (["--remote", "--api-key-env", "MOESCOPE_TEST_EMPTY_KEY"],
+                  "MOESCOPE_TEST_EMPTY_KEY is not set or empty"),
     "no --llm": (["--api-key-env", "none", "--llm", ""], "--api-base needs --llm"),
     "unreachable": (["--api-key-env", "none", "--unreachable"], "cannot be reached"),
     "dense model": (["--api-key-env", "none", "--model", "demo-dense"], "has no MoE layers"),
@@ -162,6 +166,9 @@ def test_bad_input(case, planted, stub, tmp_path, capsys, monkeypatch):
         if flag in extra or flag == "--api-key-env":
             i = argv.index(flag)
             del argv[i : i + 2]
+    if "--remote" in extra:
+        extra = [x for x in extra if x != "--remote"]
+        argv[argv.index("--api-base") + 1] = REMOTE
     if "--unreachable" in extra:
         extra = [x for x in extra if x != "--unreachable"]
         argv[argv.index("--api-base") + 1] = f"http://127.0.0.1:{_closed_port()}/v1"
@@ -177,6 +184,67 @@ def test_bad_input(case, planted, stub, tmp_path, capsys, monkeypatch):
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
     assert stub.requests == before
+
+
+def _backend_args(api_base: str, *extra: str):
+    return label.build_parser().parse_args(["--layer", "1", "--api-base", api_base, "--llm", "stub", *extra])
+
+
+def test_a_loopback_endpoint_needs_no_key_and_gets_none_when_the_variable_is_unset(stub, monkeypatch):
+    """A local server (vLLM, llama.cpp, Ollama on this machine) usually has no key: no --api-key-env none needed."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    backend = label._backend(_backend_args(stub.url))()  # probed: the stub answered without a key
+    assert backend.api_key is None and "Authorization" not in backend._headers()
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-local")  # a key that is set is still sent to a loopback server
+    backend = label._backend(_backend_args(stub.url))()
+    assert backend._headers()["Authorization"] == "Bearer sk-local"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "LocalHost", "[::1]"])
+def test_every_loopback_spelling_skips_the_key_check(host, monkeypatch):
+    """A closed port: past the key check, the probe is what refuses (so no key was asked for)."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(InputError, match="cannot be reached"):
+        label._backend(_backend_args(f"http://{host}:{_closed_port()}/v1"))
+
+
+@pytest.mark.parametrize("url", [REMOTE, "http://localhost.example.com/v1", "http://127.0.0.1.nip.io:8000/v1",
+                                 "http://10.0.0.5:8000/v1"])
+def test_a_remote_endpoint_still_needs_a_key(url, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(InputError, match="OPENAI_API_KEY is not set"):
+        label._backend(_backend_args(url))
+
+
+def test_a_server_that_asks_for_a_key_when_none_was_sent_says_so():
+    """A loopback server started with a key (vLLM --api-key) answers 401: the message names the missing key."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    from common.llm import OpenAICompatible
+
+    class Locked(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def do_GET(self):
+            self.send_response(401 if self.headers.get("Authorization") != "Bearer right" else 200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Locked)
+    Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        with pytest.raises(InputError, match=r"asks for an API key \(HTTP 401\) and none was sent"):
+            OpenAICompatible(url, "m", None).probe()
+        with pytest.raises(InputError, match=r"rejected the API key \(HTTP 401\)"):
+            OpenAICompatible(url, "m", "wrong").probe()
+        assert OpenAICompatible(url, "m", "right").probe() is None  # accepted; "{}" lists no models
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # ------------------------------------------------------------------------------------------ pieces

@@ -205,3 +205,24 @@ def test_undocumented_outputs_are_loud(tmp_path, capsys, monkeypatch):
 def test_metrics_link_is_relative_inside_the_repository(tmp_path):
     assert metrics_link(PROJECT_ROOT / "results" / "s" / "m" / "d" / "r") == "../../../../../docs/METRICS.md"
     assert metrics_link(tmp_path) == outputs.METRICS_DOC.as_posix()
+
+
+def test_run_readme_spells_similarity_methods_as_the_figures_do(tmp_path):
+    """A sim.py run's README capitalises each file's description: 'cka similarity …' came out as 'Cka similarity …'.
+    The registry names the methods as the figures label them (linear CKA, RBF CKA, …)."""
+    from common.analysis.similarity import METHOD_LABELS
+    from common.figures.outputs.representations import SIM_METHOD_NAMES, SIM_METHODS
+    from common.run.folder import readme_text
+
+    assert SIM_METHOD_NAMES == METHOD_LABELS and set(SIM_METHODS) == set(METHOD_LABELS)
+    (tmp_path / "figures").mkdir()
+    for method in SIM_METHODS:
+        np.save(tmp_path / f"similarity_{method}.npy", np.zeros((1, 2, 2)))
+        (tmp_path / "figures" / f"similarity_{method}_layer1.png").write_bytes(b"")
+    text, undocumented = readme_text(tmp_path, {"script": "sim", "run_id": "r"}, "METRICS.md")
+    assert undocumented == []
+    assert not re.search(r"Cka|Rbf|cka similarity|cka-\w+ similarity", text), text
+    for spelled in ("Mean cosine similarity matrices", "Linear CKA similarity matrices",
+                    "Debiased linear CKA similarity matrices", "RBF CKA similarity matrices",
+                    "Linear CKA similarity of one layer"):
+        assert spelled in text, spelled

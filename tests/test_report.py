@@ -120,6 +120,33 @@ def test_a_broken_run_is_skipped_with_one_line_and_costs_nothing_else(tmp_path, 
     assert "not a readable run record" in capsys.readouterr().err
 
 
+def test_a_sampled_run_shows_its_sample_size_not_the_tokens_read_to_draw_it(tmp_path, capsys):
+    """sim.py --num_tokens 10000 over 6 domains reads max(quota) = 1667 tokens of each (6 × 1667 = 10,002) and keeps
+    a 10,000-token sample (quotas 1667 ×4, 1666 ×2): the index showed 10,002 for a 10,000-token request."""
+    domains = ["code", "prose", "legal", "bible", "french", "math"]
+    sampled = tmp_path / "sim" / "demo" / "demo" / "r1"
+    streamed = tmp_path / "router_decisive" / "demo" / "demo" / "r2"
+    for folder in (sampled, streamed):
+        folder.mkdir(parents=True)
+    (sampled / "run.json").write_text(json.dumps({
+        "script": "sim", "model": "demo", "run_id": "r1",
+        "tokens": {"num_tokens_requested": 1667, "domains": {d: {"counted": 1667} for d in domains}},
+        "sample": {"num_tokens_requested": 10000, "num_tokens": 10000,
+                   "per_domain": {d: 1667 if i < 4 else 1666 for i, d in enumerate(domains)}}}))
+    (streamed / "run.json").write_text(json.dumps({
+        "script": "router_decisive", "model": "demo", "run_id": "r2",
+        "tokens": {"num_tokens_requested": 10000, "domains": {d: {"counted": 10000} for d in domains[:2]}}}))
+    assert report.main([str(tmp_path)]) == 0
+    capsys.readouterr()
+    index = (tmp_path / "index.html").read_text()
+    sim_row = next(row for row in index.split("<tr>") if "sim/demo" in row)
+    assert "<td class=n>10,000 sampled (10,002 read)</td>" in sim_row, sim_row
+    assert "<td class=n>20,000</td>" in next(row for row in index.split("<tr>") if "router_decisive/demo" in row)
+    assert "summed over the domains" in index  # the column says what it counts
+    page = (sampled / "report.html").read_text()
+    assert "token sample" in page and "10,000 of the 10,002 tokens read (code: 1667, " in page and "math: 1666" in page
+
+
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("MOESCOPE_REQUIRE_CHROMIUM"),
                     reason="Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
 def test_every_figure_loads_and_every_table_has_rows_in_chromium(results, tmp_path):

@@ -42,3 +42,61 @@ def test_every_command_parses(argv, tmp_path, monkeypatch):
     module = importlib.import_module(Path(script).stem)
     parsed = module.build_parser().parse_args(args)
     assert parsed is not None
+
+
+def test_wandb_is_an_optional_dependency_group_that_the_flag_error_names(monkeypatch):
+    """`--wandb` needs a package the default environment leaves out: a declared, locked dependency group, and the
+    refusal (and the Reproduce.md row) give the exact command that installs it."""
+    import tomllib
+
+    import router_metrics
+    from common.errors import InputError
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert any(spec.startswith("wandb") for spec in project["dependency-groups"]["wandb"])
+    assert "wandb" not in project["tool"]["uv"]["default-groups"]  # not part of the default `uv sync`
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    assert "wandb" in {package["name"] for package in lock["package"]}  # `uv lock` was run: the group resolves
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(InputError, match=r"the wandb package is not installed.*uv sync --group wandb"):
+        router_metrics.build_parser().parse_args(["--wandb", "moe-routing-study"])
+    row = next(line for line in (ROOT / "Reproduce.md").read_text().splitlines() if "--wandb" in line)
+    assert "uv sync --group wandb" in row
+
+
+def _rows_with(flag: str) -> list[str]:
+    """The table rows (or lines) of Reproduce.md whose command uses `flag`."""
+    return [line for line in (ROOT / "Reproduce.md").read_text().splitlines()
+            if re.search(rf"uv run [^`]*{re.escape(flag)}\b", line)]
+
+
+def test_router_saturation_compares_every_checkpoint_with_the_final_model():
+    """As the OLMoE study did: router_metrics compares each --revisions item with the last one, so the final model
+    (the hub's main branch of allenai/OLMoE-1B-7B-0924) must come last, after the intermediate checkpoints."""
+    (row,) = _rows_with("--revisions")
+    argv = next(argv for argv in commands() if "--revisions" in argv)
+    revisions = argv[argv.index("--revisions") + 1:]
+    assert revisions[-1] == "main" and len(revisions) >= 2, revisions
+    steps = [int(re.match(r"step(\d+)-tokens\d+B$", r).group(1)) for r in revisions[:-1]]
+    assert steps == sorted(steps)  # intermediate checkpoints in training order
+    assert "final" in row and "main" in row
+
+
+def test_commands_with_token_positions_say_they_depend_on_the_tokenizer():
+    rows = _rows_with("--target_idx") + _rows_with("--position")
+    assert rows  # the interv steering row at least
+    for row in rows:
+        assert "tokenizer" in row and "prompt_tokens.csv" in row, row
+
+
+def test_the_label_command_reaches_a_local_server_without_an_api_key(monkeypatch):
+    """The page's label command points at a server on this machine: it must run with no key in the environment."""
+    import urllib.parse
+
+    import label
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    argv = next(argv for argv in commands() if argv[0] == "label.py")
+    args = label.build_parser().parse_args(argv[1:])
+    assert "--api-key-env" not in argv and label.is_loopback(urllib.parse.urlparse(args.api_base))

@@ -27,6 +27,8 @@ def data_files(tmp_path_factory):
     (folder / "a.txt").write_text("Alpha beta gamma delta. " * 40)
     (folder / "b.jsonl").write_text("\n".join(json.dumps({"text": f"print({i} + {i})"}) for i in range(60)))
     (folder / "empty.txt").write_text("")
+    (folder / "blank.txt").write_text("\n\n   \n\t\n")  # not empty, but blank lines only: no token to count
+    (folder / "short.txt").write_text("Only a few words here.")
     return folder
 
 
@@ -77,6 +79,8 @@ BAD_INPUT = {
     "non-MoE model": (["--model", "{dense}"], "has no MoE layers"),
     "unknown random type": (["--model", "random:nonesuch"], "unknown random model type 'nonesuch'"),
     "empty data file": (["--data", "{data}/empty.txt"], "empty"),
+    "blank data file": (["--data", "prose={data}/a.txt", "{data}/blank.txt"],
+                        "--data: domain 'blank' ({data}/blank.txt) has no token to count"),
     "missing data file": (["--data", "{data}/missing.txt"], "missing.txt"),
     "malformed data spec": (["--data", "hf:"], "hf:"),
     "zero tokens": (["--num_tokens", "0"], "argument --num_tokens: must be at least 1 (got 0)"),
@@ -95,5 +99,18 @@ def test_bad_input_one_line_exit_2_no_output(name, case, tmp_path, data_files, s
     assert code == 2
     assert len(lines) == 1, err
     assert lines[0].startswith(f"{name}.py: error: ")
-    assert "Traceback" not in err and message in lines[0]
+    assert "Traceback" not in err and message.format(data=data_files) in lines[0]
     assert not (tmp_path / "results").exists()  # not even an empty root
+
+
+def test_a_short_domain_still_runs_warned_and_recorded(tmp_path, data_files, capsys):
+    """Fewer tokens than asked is not an error: the run goes on, says so once and records the shortfall."""
+    argv = _argv(tmp_path, data_files, "--layers", "0")
+    argv[argv.index("--data") + 2] = f"short={data_files / 'short.txt'}"
+    assert router_decisive.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning: domain 'short' ran out of data: 22 of 200 tokens (1 documents)" in err
+    [run] = _run_dirs(tmp_path)
+    tokens = json.loads((run / "run.json").read_text())["tokens"]["domains"]
+    assert (tokens["short"]["counted"], tokens["short"]["complete"]) == (22, False)
+    assert (tokens["prose"]["counted"], tokens["prose"]["complete"]) == (200, True)

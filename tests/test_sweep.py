@@ -64,3 +64,47 @@ def test_one_job_per_gpu(tmp_path, monkeypatch):
     assert len(calls) == 4 and {c["gpu"] for c in calls} <= {"0", "1"}
     assert sweep.main([str(script), "--models", "a", "b", "c", "d", "--dry-run", "--out", str(tmp_path / "o")]) == 0
     assert len(_calls(log)) == 4
+
+
+def test_dry_run_checks_every_jobs_inputs_and_reads_no_weight(tmp_path, monkeypatch, capsys, saved_tiny_model):
+    from common.model import load
+
+    def refuse(spec):
+        raise AssertionError(f"the dry run read the weights of {spec.model}")
+
+    monkeypatch.setattr(load, "load_model_and_tokenizer", refuse)
+    model, missing = saved_tiny_model("olmoe"), tmp_path / "no-such-model"
+    text, gone = tmp_path / "a.txt", tmp_path / "gone.jsonl"
+    text.write_text("the quick brown fox. " * 20)
+    out = tmp_path / "out"
+    argv = ["router_decisive.py", "--models", str(missing), str(model), "--layers", "1", "7", "--data", str(text),
+            str(gone), "--out", str(out), "--dry-run", "--", "--num_tokens", "100"]
+    capsys.readouterr()  # the fixture's saving progress bar
+    assert sweep.main(argv) == 2
+    captured = capsys.readouterr()
+    no_model = f"--model {missing}: no such directory"
+    no_data = f"--data '{gone}': no such file or folder, and not a preset (demo, olmoe, pile, moe-lens, router-study)"
+    no_layer = "layer 7 does not exist: the model has 4 decoder layers (0..3); MoE layers: 0, 1, 2, 3"
+    expected = []
+    for name, model_problem in ((missing, no_model), (model, None)):
+        for layer in ("1", "7"):
+            for data in (text, gone):
+                job = (f"router_decisive.py --model {name} --out {out} --no-progress --layers {layer} --data {data} "
+                       "--num_tokens 100")
+                problem = no_data if data == gone else model_problem or (no_layer if layer == "7" else None)
+                expected.append(f"invalid: {job} -> {problem}" if problem else f"todo: {job}")
+    assert captured.out.splitlines() == expected
+    assert captured.err == "sweep: 7 of 8 job(s) would be refused; fix their inputs before running\n"
+    assert not out.exists()  # a dry run writes nothing
+
+
+def test_a_job_whose_data_has_no_token_fails_and_is_not_recorded(tmp_path, capsys):
+    blank, out = tmp_path / "blank.txt", tmp_path / "out"
+    blank.write_text("\n\n   \n")
+    argv = ["router_decisive.py", "--models", "random:olmoe", "--data", str(blank), "--out", str(out), "--",
+            "--num_tokens", "50", "--layers", "0"]
+    assert sweep.main(argv) == 1
+    report = capsys.readouterr().out
+    assert (f"FAILED: router_decisive.py --model random:olmoe --out {out} --no-progress --data {blank} --num_tokens 50 "
+            f"--layers 0 -> router_decisive.py: error: --data: domain 'blank' ({blank}) has no token to count") in report
+    assert not (out / ".sweep").exists() and not list(out.rglob("run.json"))

@@ -303,3 +303,45 @@ def test_every_architecture_or_a_clear_error(arch):
     if not any(bool((r == 0).all(dim=1).any()) for r in routers):  # afmoe initialises its routers to zero: cosines are undefined (NaN) there
         assert np.isfinite(res.arrays["router_cosine"]).all()
     assert set(res.tables["router_expert_alignment"].layer) == {m.layer for m in layers}
+
+
+def _alignment_figure(monkeypatch, argv: list[str]) -> dict:
+    """Run the script and keep, of its router_expert_alignment figure, the titles of the panels drawn and all text."""
+    from matplotlib.text import Text
+
+    from common.run import Run
+
+    kept: dict = {}
+    save = Run.save_figure
+
+    def recording(self, fig, name):
+        if name == "router_expert_alignment":
+            kept["panels"] = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+            kept["text"] = "\n".join(t.get_text() for t in fig.findobj(Text))
+        return save(self, fig, name)
+
+    monkeypatch.setattr(Run, "save_figure", recording)
+    assert script.main(argv) == 0
+    return kept
+
+
+def test_alignment_figure_leaves_out_row_space_panels_of_full_column_rank(monkeypatch, tmp_path):
+    """The demo's experts have I = 128 ≥ H = 64: W's row space is all of ℝ^H, the share is 1 for every direction.
+    Those two panels are left out (they were half the figure, empty) and the caption says why."""
+    argv = ["--model", "demo", "--layers", "1", "--num_random", "64", "--out", str(tmp_path), "--no-progress"]
+    figure = _alignment_figure(monkeypatch, argv)
+    (run,) = [p for p in tmp_path.glob("weights/*/*/*") if p.is_dir()]
+    table = _table(run, "router_expert_alignment")
+    shares = table[table.metric.str.endswith("rowspace_share")]
+    assert (shares.value.round(9) == 1).all() and shares.control_z.isna().all()  # the data: uninformative
+    assert (table[table.metric.str.endswith("norm")].control_z > 2).all()  # the norms are informative
+    assert figure["panels"] == ["gate response ‖W_gate,e r̂_e‖", "up response ‖W_up,e r̂_e‖"]
+    assert "not shown: the share of ‖r_e‖² in rowspace(W_gate,e) and rowspace(W_up,e)" in figure["text"]
+    assert "full column rank (I ≥ H)" in figure["text"]
+
+
+def test_alignment_figure_leaves_out_gate_panels_of_ungated_experts(monkeypatch, tmp_path):
+    argv = ["--model", "random:nemotron_h", "--num_random", "64", "--out", str(tmp_path), "--no-progress"]
+    figure = _alignment_figure(monkeypatch, argv)
+    assert figure["panels"] == ["up response ‖W_up,e r̂_e‖", "share of ‖r_e‖² in rowspace(W_up,e)"]
+    assert "ungated experts" in figure["text"]

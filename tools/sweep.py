@@ -8,12 +8,19 @@ Every job is the script's own command line (its flags after `--` are passed to e
 recorded in `<out>/.sweep/<job key>.json` with the run folder it wrote; running the same sweep again skips every job
 whose record and run folder exist, so a sweep killed halfway resumes without recomputing. A failed job is reported
 and left unrecorded (the next sweep runs it again); the sweep's exit code is 1 if any job failed.
+
+`--dry-run` lists every job as done, todo or invalid, and checks each job's inputs without running it or reading a
+weight: its flags and data specs (the script's own parser), its model (a folder that exists, a config that loads;
+hub ids through the hub probe), its layers and `--seq_len` against the model's config. It exits with 2 if any job
+is invalid. A script's own checks beyond those (an expert id, a prompt position) still run when the job starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import queue
@@ -21,11 +28,21 @@ import re
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.config import Config, ModelSpec
+    from common.errors import InputError
+    from common.model import LanguageModel
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a file (uv run tools/sweep.py): the dry run imports `common`
+    sys.path.insert(0, str(ROOT))
 _RESULTS_LINE = re.compile(r"^results: (.+)$", re.MULTILINE)
 
 
@@ -88,6 +105,92 @@ def run_job(job: Job, out: Path, gpu: str | None) -> tuple[bool, str]:
     return True, match.group(1).strip()
 
 
+@functools.cache
+def _script_module(script: str) -> ModuleType | None:
+    """The script imported without running it (its `main` is guarded); None for a script that does not follow the
+    project's layout (no `build_parser`): such a job's inputs are the script's own business."""
+    path = Path(script)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if "def build_parser" not in text or 'if __name__ == "__main__"' not in text:
+        return None
+    spec = importlib.util.spec_from_file_location(f"_sweep_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class InputChecks:
+    """The dry run's checks of each job's inputs, with each model's structure read once (config only)."""
+
+    def __init__(self) -> None:
+        self._models: dict[ModelSpec, LanguageModel | InputError] = {}  # the weightless model, or why there is none
+
+    def problem(self, job: Job) -> str | None:
+        """Why the job would be refused at once (the one line the script would print), or None."""
+        from common import cli
+        from common.errors import InputError
+
+        module = _script_module(job.script)
+        if module is None:
+            return None
+        parser = module.build_parser()  # a fresh one per job: `--config FILE` sets a parser's defaults
+        try:
+            args = parser.parse_args(list(job.argv))  # the flags, as the script reads them
+            layers = getattr(args, "layers", None)
+            if layers is None and getattr(args, "layer", None) is not None:  # scripts that take one --layer
+                layers = [args.layer]
+            config = cli.config(args, Path(job.script).stem, layers=layers)  # data specs checked here
+            self._check_model(config)
+        except InputError as err:
+            return str(err)
+        return None
+
+    def _check_model(self, config: Config) -> None:
+        """The model, its layers and --seq_len from its config and the data's hub sources; no weight is read."""
+        from common.cli.pipeline import window_length
+        from common.data import check_hub_sources, resolve_domains
+        from common.errors import InputError
+        from common.model import MoEModel, inspect_model
+
+        if config.data is not None:
+            data = config.data
+            check_hub_sources(resolve_domains(list(data.sources), num_domains=data.num_domains, domains=data.domains))
+        if config.model not in self._models:
+            try:
+                self._models[config.model] = inspect_model(config.model)
+            except InputError as err:
+                self._models[config.model] = err
+        skeleton = self._models[config.model]
+        if isinstance(skeleton, InputError):
+            raise skeleton
+        if isinstance(skeleton, MoEModel):
+            skeleton.select(config.layers)  # also refuses a dense layer, naming the MoE ones
+        else:  # a dense model: which scripts take one is theirs to say when the job starts
+            for item in config.layers or ():
+                if str(item).lower() != "all":
+                    skeleton.resolve_layer(item)
+        window_length(config.data, skeleton.context_length)
+
+
+def dry_run(all_jobs: Sequence[Job], out: Path) -> int:
+    """List every job as done, todo or invalid (with the reason); 2 if any is invalid."""
+    checks = InputChecks()
+    invalid = 0
+    for job in all_jobs:
+        if completed(out, job):
+            print(f"done: {job.describe()}", flush=True)
+            continue
+        with warnings.catch_warnings():  # skipped demo domains and the like are the job's to say when it runs
+            warnings.simplefilter("ignore")
+            problem = checks.problem(job)
+        print(f"invalid: {job.describe()} -> {problem}" if problem else f"todo: {job.describe()}", flush=True)
+        invalid += problem is not None
+    if invalid:
+        print(f"sweep: {invalid} of {len(all_jobs)} job(s) would be refused; fix their inputs before running",
+              file=sys.stderr)
+    return 2 if invalid else 0
+
+
 def sweep(all_jobs: Sequence[Job], out: Path, gpus: Sequence[str] | None) -> int:
     pending = [job for job in all_jobs if not completed(out, job)]
     print(f"sweep: {len(all_jobs)} jobs, {len(all_jobs) - len(pending)} already done, {len(pending)} to run", flush=True)
@@ -133,7 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", nargs="+", default=None, help="--data of each job (a preset, or sources in one string)")
     parser.add_argument("--out", default="results", help="results root of every job (and of the sweep's records)")
     parser.add_argument("--gpus", nargs="+", default=None, help="run one job per listed GPU at a time")
-    parser.add_argument("--dry-run", action="store_true", help="list the jobs and whether each is done, run nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the jobs as done, todo or invalid (each job's flags, data, model, layers and "
+                        "--seq_len checked, no weight read), run nothing; exit code 2 if any is invalid")
     args = parser.parse_args(argv)
     script = str(ROOT / args.script) if not Path(args.script).is_absolute() else args.script
     if not Path(script).is_file():
@@ -141,9 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     found = jobs(script, args.models, args.layers or [None], args.data or [None], str(out), extra)
     if args.dry_run:
-        for job in found:
-            print(f"{'done' if completed(out, job) else 'todo'}: {job.describe()}")
-        return 0
+        return dry_run(found, out)
     return sweep(found, out, args.gpus)
 
 

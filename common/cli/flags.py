@@ -3,6 +3,10 @@
 Light on purpose: nothing here imports torch or transformers, so `--help` and every flag-level error answer in
 well under a second; scripts import their heavy modules inside `run`, after the flags are validated.
 
+Flags of several words take '-' or '_' between their words (the declared spelling is shown, the other is an
+alias; see `ArgumentParser`); `--out` is checked (a folder, writable) with the flags; `--threads N` sets torch's CPU
+threads for the run.
+
 Bad input anywhere (a flag, a layer, a model path, a data file) raises `InputError`; `run_main` turns it into one
 line on stderr and exit code 2, with no traceback and no results folder left behind. Ctrl-C prints one line and
 exits with 130, leaving nothing behind either.
@@ -12,9 +16,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
+import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
+import textwrap
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -37,17 +46,88 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports errors as `InputError` (one line, exit 2) instead of usage + message, and reads
-    `--config FILE` (TOML, the flags' own names as keys) as defaults that command-line flags override."""
+    `--config FILE` (TOML, the flags' own names as keys) as defaults that command-line flags override.
+
+    Every long flag of several words is accepted with '-' and with '_' between its words (`--num_tokens` and
+    `--num-tokens`, `--no-progress` and `--no_progress`), on the command line and as a TOML key: the spelling the
+    script declares is the one --help, usage and error messages show; the other is registered as an alias at parse
+    time, so flags added through argument groups get one too. An unknown flag or key is answered with the closest
+    declared one."""
 
     def error(self, message: str):  # type: ignore[override]
         raise InputError(message)
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         argv = list(sys.argv[1:] if args is None else args)
+        self._add_spelling_aliases()
         config_file = _config_option(argv)
         if config_file is not None:
             self._apply_config(config_file)
-        return super().parse_args(argv, namespace)
+        try:
+            parsed, unknown = self.parse_known_args(argv, namespace)
+        except InputError as err:
+            # argparse reports a missing required flag before unknown ones, yet a typo is often why it is missing
+            # ('--api_bse URL'): name the typo too
+            typos = self._unknown_options(argv)
+            if typos and str(err).startswith(("the following arguments are required", "one of the arguments")):
+                raise InputError(f"{err}; {self._unrecognized(typos)}") from None
+            raise
+        if unknown:
+            self.error(self._unrecognized(unknown))
+        return parsed
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._add_spelling_aliases()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        if any(_other_spellings(option) for option in self._declared_long_options()):
+            text += "\n" + textwrap.fill(SPELLING_NOTE, width=max(shutil.get_terminal_size().columns - 2, 40)) + "\n"
+        return text
+
+    def _add_spelling_aliases(self) -> None:
+        """Map each long flag's other spelling to its action. Only the parser's option table learns the alias, not
+        the action's `option_strings`, so help, usage and errors keep the declared spelling; a spelling that is
+        itself declared (by any flag) is left alone."""
+        for action in self._actions:
+            for option in action.option_strings:
+                for alias in _other_spellings(option):
+                    self._option_string_actions.setdefault(alias, action)
+
+    def _get_option_tuples(self, option_string: str) -> list[tuple]:
+        # A prefix ('--batch') matches a flag and its alias ('--batch_size', '--batch-size'): one action, so not
+        # ambiguous. The declared spelling comes first in the option table, so it is the one kept.
+        by_action: dict[int, tuple] = {}
+        for match in super()._get_option_tuples(option_string):
+            by_action.setdefault(id(match[0]), match)
+        return list(by_action.values())
+
+    def _declared_long_options(self) -> list[str]:
+        return [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+
+    def _unknown_options(self, argv: Sequence[str]) -> list[str]:
+        """The long flags of `argv` no declared flag, alias or unambiguous prefix of one accounts for."""
+        words = argv[: argv.index("--")] if "--" in argv else argv
+        return [item for item in words if item.startswith("--")
+                and item.split("=", 1)[0] not in self._option_string_actions
+                and len(self._get_option_tuples(item)) != 1]
+
+    def _unrecognized(self, unknown: Sequence[str]) -> str:
+        """argparse's message, plus the closest declared flag of each unknown one."""
+        guesses = []
+        for item in unknown:
+            name = item.split("=", 1)[0]
+            if name.startswith("--") and name != "--":
+                closest = _closest(name, self._declared_long_options())
+                if closest is not None:
+                    guesses.append((name, closest))
+        message = f"unrecognized arguments: {' '.join(unknown)}"
+        if len(guesses) == 1:
+            return f"{message}; did you mean {guesses[0][1]}?"
+        if guesses:
+            return f"{message}; did you mean {', '.join(f'{closest} (for {name})' for name, closest in guesses)}?"
+        return message
 
     def _apply_config(self, path: str) -> None:
         import tomllib
@@ -59,13 +139,19 @@ class ArgumentParser(argparse.ArgumentParser):
             raise InputError(f"--config {path}: {err.strerror or err}") from None
         except tomllib.TOMLDecodeError as err:
             raise InputError(f"--config {path}: not valid TOML ({err})") from None
-        actions = {a.dest: a for a in self._actions if a.dest not in ("help", "config", "list")}
+        actions = {a.dest: a for a in self._actions
+                   if a.dest not in ("help", "config", "list") and a.default is not argparse.SUPPRESS}
         for key, value in values.items():
             dest = key.replace("-", "_")
-            by_flag = next((a for a in actions.values() if f"--{key}" in a.option_strings), None)
+            by_flag = self._option_string_actions.get(f"--{key}")  # declared spellings and their aliases
+            if by_flag not in actions.values():
+                by_flag = None
             action = actions.get(dest) or by_flag
             if action is None:
-                raise InputError(f"--config {path}: unknown key '{key}' (keys are the flags' names, e.g. num_tokens)")
+                keys = [option[2:] for a in actions.values() for option in a.option_strings if option.startswith("--")]
+                closest = _closest(key, keys)
+                hint = f"; did you mean {closest}?" if closest else " (keys are the flags' names, e.g. num_tokens)"
+                raise InputError(f"--config {path}: unknown key '{key}'{hint}")
             converted = _config_value(action, value, f"--config {path}: {key}")
             if action.nargs == 0 and action is by_flag and dest != action.dest:  # `no-progress = true` = progress off
                 converted = not converted if action.const is False else converted
@@ -74,6 +160,30 @@ class ArgumentParser(argparse.ArgumentParser):
             for group in self._mutually_exclusive_groups:
                 if action in group._group_actions:
                     group.required = False
+
+
+SPELLING_NOTE = ("A flag of several words takes '-' or '_' between them, whichever is shown above, on the command line "
+                 "and as a --config key.")
+
+
+def _other_spellings(option: str) -> list[str]:
+    """'--num_tokens' -> ['--num-tokens']; '--no-progress' -> ['--no_progress']; short and one-word flags: none."""
+    if not option.startswith("--"):
+        return []
+    words = option[2:]
+    return sorted({f"--{words.replace('-', '_')}", f"--{words.replace('_', '-')}"} - {option})
+
+
+def _closest(name: str, candidates: Sequence[str]) -> str | None:
+    """The candidate most like `name`, compared without leading dashes, in lower case and with '-' read as '_' (so a
+    typo is matched whichever spelling it used); None when nothing is close."""
+
+    def plain(text: str) -> str:
+        return text.lstrip("-").lower().replace("-", "_")
+
+    by_plain = {plain(candidate): candidate for candidate in reversed(candidates)}  # first declared wins a tie
+    found = difflib.get_close_matches(plain(name), list(by_plain), n=1)
+    return by_plain[found[0]] if found else None
 
 
 def _config_option(argv: Sequence[str]) -> str | None:
@@ -151,6 +261,34 @@ def _device(text: str) -> str:
     return text
 
 
+def output_root(text: str) -> str:
+    """An argparse type for `--out`: a folder that exists or can be created, and can be written in. Checked with the
+    flags, before torch is imported and the model and data are set up, instead of failing when the run first writes."""
+    path = Path(text)
+    existing = path  # the nearest part of the path that exists: --out itself, or the folder it would be created in
+    while not (existing.exists() or existing.is_symlink()) and existing.parent != existing:
+        existing = existing.parent
+    shown = str(existing) if str(existing) != "." else f"the current folder ({Path.cwd()})"
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{shown} is a file, not a folder")
+    try:
+        _try_writing_in(existing)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        if existing == path:
+            raise argparse.ArgumentTypeError(f"{shown} is not writable ({reason})") from None
+        raise argparse.ArgumentTypeError(f"cannot create {text}: {shown} is not writable ({reason})") from None
+    return text
+
+
+def _try_writing_in(folder: Path) -> None:
+    """Create and remove a file in `folder` (OSError if refused). Not `os.access`: it says yes to root, while root's
+    writes can still fail (a read-only mount, NFS root squashing, a full disk)."""
+    descriptor, name = tempfile.mkstemp(prefix=".moescope-write-check-", dir=folder)
+    os.close(descriptor)
+    os.unlink(name)
+
+
 class _ListAction(argparse.Action):
     """`--list`: data presets with their sources, shipped models and supported architectures, then exit."""
 
@@ -226,7 +364,11 @@ def base_parser(description: str, *, layers: bool = True, data: bool = True) -> 
         group.add_argument("--keep-special", dest="keep_special", action="store_true", help="count BOS/special tokens too")
         group.add_argument("--pack", action="store_true", help="let windows cross document boundaries")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order, sampling and random models")
-    parser.add_argument("--out", default="results", help="root folder of run outputs")
+    parser.add_argument("--out", default="results", type=output_root,
+                        help="root folder of run outputs (created if missing; refused at once if a file or not writable)")
+    parser.add_argument("--threads", type=at_least(1), default=None, metavar="N",
+                        help="CPU threads torch may use (torch.set_num_threads); default: torch's own, one per core. "
+                        "On a shared box give your share of the cores: threads beyond the free cores wait on each other")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     parser.add_argument("--wandb", metavar="PROJECT", type=_wandb_project, default=None,
                         help="also log the finished run (metadata, tables, figures) to this Weights & Biases project; "
@@ -238,7 +380,8 @@ def _wandb_project(text: str) -> str:
     import importlib.util
 
     if importlib.util.find_spec("wandb") is None:  # asked for, but absent: refuse before any work
-        raise argparse.ArgumentTypeError("the wandb package is not installed (uv pip install wandb)")
+        raise argparse.ArgumentTypeError("the wandb package is not installed; it is the optional dependency "
+                                         "group 'wandb': install it with `uv sync --group wandb`")
     return text
 
 
@@ -255,9 +398,13 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
 
 
 def data_spec(args: argparse.Namespace) -> DataSpec | None:
+    """The data part of the run, checked at once (files, presets, domain names, --num_domains): a typo costs no
+    torch import and no model load. Hub datasets are left to the run's hub probe."""
+    from common.data.domains import check_data  # torch-free; imported here so that --help does not pay for it
+
     if getattr(args, "data", None) is None:
         return None
-    return DataSpec(
+    spec = DataSpec(
         sources=tuple(args.data),
         domains=tuple(args.domains) if args.domains else None,
         num_domains=args.num_domains,
@@ -268,6 +415,8 @@ def data_spec(args: argparse.Namespace) -> DataSpec | None:
         pack=args.pack,
         seed=args.seed,
     )
+    check_data(list(spec.sources), num_domains=spec.num_domains, domains=spec.domains)
+    return spec
 
 
 def config(args: argparse.Namespace, script: str, *, layers: Sequence[int | str] | None = None) -> Config:
@@ -342,6 +491,24 @@ def _stop_signals_raise() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """`--threads N`: torch's CPU threads while the script runs, set before its model loads (here, not in the model
+    loader, so every script and mode gets it); the caller's setting comes back afterwards, for in-process callers.
+    None leaves torch's default and does not import torch."""
+    if count is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run_main(parser: ArgumentParser, body: Callable[[argparse.Namespace], None], argv: Sequence[str] | None) -> int:
     """Parse, validate and run; `InputError` -> one line on stderr, exit 2; Ctrl-C -> one line, exit 130; SIGTERM
     or SIGHUP -> one line, exit 128 + the signal's number (143, 129), the run's folders removed as for Ctrl-C; the
@@ -356,7 +523,8 @@ def run_main(parser: ArgumentParser, body: Callable[[argparse.Namespace], None],
         with _stop_signals_raise():
             args = parser.parse_args(argv)
             command = [parser.prog, *(sys.argv[1:] if argv is None else argv)]
-            body(argparse.Namespace(**vars(args), _command=tuple(command)))
+            with _torch_threads(getattr(args, "threads", None)):
+                body(argparse.Namespace(**vars(args), _command=tuple(command)))
     except InputError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2

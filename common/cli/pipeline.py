@@ -1,7 +1,8 @@
 """The steps every data-driven script shares: validate input, load the model, pick layers, stream captured batches.
 
-Cheap checks come first (data specs, then the model, then layers), so bad input is refused before a results folder
-exists or a large model is loaded. Everything here takes the typed specs of `common.config`.
+Cheap checks come first (data specs, then the model's config, layers and tokenizer, then the script's own checks on
+the weightless model: `inspect_run`), so bad input is refused before a results folder exists or a weight is read.
+Everything here takes the typed specs of `common.config`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.utils import logging as hf_logging
@@ -21,6 +23,7 @@ from common.data import (
     Batch,
     Domain,
     TokenBatches,
+    check_batching,
     check_hub_sources,
     resolve_domains,
     token_batches,
@@ -28,7 +31,11 @@ from common.data import (
 from common.errors import InputError
 from common.hooks import Capturable, Capture, capture
 from common.model import MoELayer, MoEModel, inspect_moe, load_moe
-from common.run import Run
+from common.model.load import load_tokenizer
+
+# `start_run` imports the run folder (it brings pandas) when it is needed: a refused run does not pay for it.
+if TYPE_CHECKING:
+    from common.run import Run
 
 DEFAULT_SEQ_LEN = 512
 
@@ -42,26 +49,60 @@ class Setup:
     seq_len: int
 
 
-def setup(config: Config, preflight: Callable[[MoEModel, list[MoELayer], list[Domain]], None] | None = None) -> Setup:
-    """Domains, then the model's structure from its config (dense models / bad layers refused, and `preflight`
-    — e.g. a memory plan — run on the weightless skeleton), then the model itself."""
+# A script's own checks on the weightless model (its tokenizer attached), its layers and domains: `--expert_id`
+# ranges, prompt positions, memory plans. Raise `InputError` to refuse.
+Preflight = Callable[[MoEModel, list[MoELayer], list[Domain]], None]
+
+
+@dataclass
+class Inspection:
+    """What a run is known to need before any weight is read."""
+
+    skeleton: MoEModel  # built from the config on the meta device; `.tokenizer` is the model's tokenizer
+    layers: list[MoELayer]  # the skeleton's layers named by --layers
+    domains: list[Domain]
+    seq_len: int
+
+
+def setup(config: Config, preflight: Preflight | None = None) -> Setup:
+    """Everything checkable from the data specs, the model's config and its tokenizer (`inspect_run`, with the
+    script's `preflight`), then the model itself."""
     distributed.init_from_env()
-    data = config.data
-    domains = resolve_domains(list(data.sources), num_domains=data.num_domains, domains=data.domains) if data else []
-    check_hub_sources(domains)
-    skeleton = inspect_moe(config.model)
-    skeleton_layers = skeleton.select(config.layers)
-    if preflight is not None:
-        preflight(skeleton, skeleton_layers, domains)
+    inspection = inspect_run(config, preflight)
     if not config.run.progress:
         hf_logging.disable_progress_bar()
     moe = load_moe(config.model)
     layers = moe.select(config.layers)
-    context = moe.context_length
+    return Setup(config=config, moe=moe, layers=layers, domains=inspection.domains, seq_len=inspection.seq_len)
+
+
+def inspect_run(config: Config, preflight: Preflight | None = None) -> Inspection:
+    """Every check that needs no weight, so that a typo costs seconds, not a model load: the model's structure from
+    its config (a dense model or a wrong `--layers` refused), `--seq_len` against its context, its tokenizer (the
+    tokenizer's framing, `--pack`), the domains (the data specs were checked with the flags: here the demo corpus
+    is surveyed and hub datasets get the hub probe, after the model's own checks, which cost less), then the
+    script's own `preflight` on that weightless model."""
+    data = config.data
+    skeleton = inspect_moe(config.model)
+    layers = skeleton.select(config.layers)
+    seq_len = window_length(data, skeleton.context_length)
+    skeleton.tokenizer = load_tokenizer(config.model)
+    if data is not None:
+        check_batching(skeleton.tokenizer, num_tokens=data.num_tokens, seq_len=seq_len, batch_size=data.batch_size,
+                       pack=data.pack)
+    domains = resolve_domains(list(data.sources), num_domains=data.num_domains, domains=data.domains) if data else []
+    check_hub_sources(domains)
+    if preflight is not None:
+        preflight(skeleton, layers, domains)
+    return Inspection(skeleton=skeleton, layers=layers, domains=domains, seq_len=seq_len)
+
+
+def window_length(data: DataSpec | None, context: int | None) -> int:
+    """`--seq_len`, or min(512, the model's context); refused when longer than the context."""
     seq_len = (data.seq_len if data else None) or min(DEFAULT_SEQ_LEN, context or DEFAULT_SEQ_LEN)
     if context is not None and seq_len > context:
         raise InputError(f"--seq_len {seq_len} exceeds the model's context length {context}")
-    return Setup(config=config, moe=moe, layers=layers, domains=domains, seq_len=seq_len)
+    return seq_len
 
 
 def data_label(config: Config, domains: Sequence[Domain]) -> str:
@@ -78,6 +119,8 @@ def data_label(config: Config, domains: Sequence[Domain]) -> str:
 
 def start_run(s: Setup) -> Run:
     """The run folder of a script, with the model and data it will use recorded in run.json."""
+    from common.run import Run
+
     run = Run(s.config.run, s.moe.name, data_label(s.config, s.domains))
     run.record(model_info=s.moe.describe(), domains=[d.__dict__ for d in s.domains], seq_len=s.seq_len)
     return run

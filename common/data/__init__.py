@@ -34,9 +34,11 @@ Layout of the package (each module imports only those listed above it):
                   `DataWarning`
     presets.py    the named presets (`PRESETS`, the Pile components)
     readers.py    local files -> records -> documents (file formats, fields, filters)
-    domains.py    `Domain`, `resolve_domains` (eager checks), the offline demo corpus
+    domains.py    `Domain`, `resolve_domains` (eager checks; `check_data`: the same, quietly, for the flag stage),
+                  the offline demo corpus
     documents.py  `iter_documents`: a domain's documents in a seeded, bounded-buffer shuffled order
-    batches.py    `token_batches`: documents -> token windows -> `Batch`es with exact budgets (`TokenReport`)
+    batches.py    `token_batches`: documents -> token windows -> `Batch`es with exact budgets (`TokenReport`);
+                  `check_batching`: its flags against the tokenizer alone
 
 Tests that patch a module-level name (`FILTER_SCAN_LIMIT`, `_corpus`) must patch it in the module that
 defines it (`common.data.documents`, `common.data.domains`): the names re-exported here are copies.
@@ -44,23 +46,63 @@ defines it (`common.data.documents`, `common.data.domains`): the names re-export
 
 from __future__ import annotations
 
-from common.data.batches import Batch, DomainCount, TokenBatches, TokenReport, token_batches
-from common.data.documents import DEFAULT_SHUFFLE_BUFFER, FILTER_SCAN_LIMIT, iter_documents
-from common.data.domains import Domain, check_hub_sources, resolve_domains
-from common.data.presets import PILE_ABSENT, PILE_COMPONENTS, PILE_DATASET, PRESET_NAMES, PRESETS
-from common.data.readers import local_files
-from common.data.sources import (
-    DEFAULT_FIELD,
-    EXTENSIONS,
-    DataWarning,
-    DemoSpec,
-    HFSpec,
-    LocalSpec,
-    SourceSpec,
-    parse_hf_spec,
-    parse_source,
-    split_name,
-)
+import importlib
+from typing import TYPE_CHECKING
+
+# Each name is imported from its module on first use (PEP 562): every module here but `batches` is free of torch, so
+# the data specs are checked at the flag stage (`common.cli.flags.data_spec`, through `domains`) before torch is
+# loaded; only a name of `batches` (Batch, token_batches, ...) brings torch in.
+_WHERE = {
+    "batches": ("Batch", "DomainCount", "TokenBatches", "TokenReport", "check_batching", "token_batches"),
+    "documents": ("DEFAULT_SHUFFLE_BUFFER", "FILTER_SCAN_LIMIT", "iter_documents"),
+    "domains": ("Domain", "check_data", "check_hub_sources", "resolve_domains"),
+    "presets": ("PILE_ABSENT", "PILE_COMPONENTS", "PILE_DATASET", "PRESET_NAMES", "PRESETS"),
+    "readers": ("local_files",),
+    "sources": ("DEFAULT_FIELD", "EXTENSIONS", "DataWarning", "DemoSpec", "HFSpec", "LocalSpec", "SourceSpec",
+                "parse_hf_spec", "parse_source", "split_name"),
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+
+if TYPE_CHECKING:
+    from common.data.batches import (
+        Batch,
+        DomainCount,
+        TokenBatches,
+        TokenReport,
+        check_batching,
+        token_batches,
+    )
+    from common.data.documents import DEFAULT_SHUFFLE_BUFFER, FILTER_SCAN_LIMIT, iter_documents
+    from common.data.domains import Domain, check_data, check_hub_sources, resolve_domains
+    from common.data.presets import PILE_ABSENT, PILE_COMPONENTS, PILE_DATASET, PRESET_NAMES, PRESETS
+    from common.data.readers import local_files
+    from common.data.sources import (
+        DEFAULT_FIELD,
+        EXTENSIONS,
+        DataWarning,
+        DemoSpec,
+        HFSpec,
+        LocalSpec,
+        SourceSpec,
+        parse_hf_spec,
+        parse_source,
+        split_name,
+    )
+
+
+def __getattr__(name: str) -> object:
+    """A public name, imported from its module on first use (then cached in this package's namespace)."""
+    module = _MODULE_OF.get(name)
+    if module is None:  # AttributeError lets `from common.data import documents` import the submodule instead
+        raise AttributeError(f"module 'common.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"common.data.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "DEFAULT_FIELD",
@@ -82,6 +124,8 @@ __all__ = [
     "SourceSpec",
     "TokenBatches",
     "TokenReport",
+    "check_batching",
+    "check_data",
     "check_hub_sources",
     "iter_documents",
     "local_files",

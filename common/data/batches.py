@@ -140,6 +140,29 @@ def _layout(tokenizer: PreTrainedTokenizerBase) -> _Layout:
     return _Layout(tuple(prefix), tuple(suffix), eos, pad, torch.tensor(special, dtype=torch.long))
 
 
+def check_batching(
+    tokenizer: PreTrainedTokenizerBase, *, num_tokens: int, seq_len: int, batch_size: int, pack: bool,
+    split: str = "train",
+) -> _Layout:
+    """The batching flags against the tokenizer alone (no text is read): what `token_batches` refuses at the call.
+    Run before the model's weights are read; returns the tokenizer's framing."""
+    if num_tokens <= 0:
+        raise InputError(f"--num_tokens must be positive, got {num_tokens}")
+    if batch_size < 1:
+        raise InputError(f"--batch_size must be at least 1, got {batch_size}")
+    if split not in _SPLITS:
+        raise InputError(f"split must be one of {', '.join(_SPLITS)}, got {split!r}")
+    layout = _layout(tokenizer)
+    if seq_len < 1 or (not pack and seq_len <= len(layout.prefix)):
+        raise InputError(
+            f"--seq_len {seq_len} leaves no room for text after the tokenizer's "
+            f"{len(layout.prefix)} leading special tokens"
+        )
+    if pack and layout.eos is None:
+        raise InputError("--pack separates documents with EOS, but the tokenizer has no EOS token")
+    return layout
+
+
 @dataclass
 class _Row:
     ids: torch.Tensor
@@ -169,20 +192,8 @@ class TokenBatches(Iterator[Batch]):
         # Validate now, not at the first next(): errors must surface before any model work.
         if not domains:
             raise InputError("no domains to read")
-        if num_tokens <= 0:
-            raise InputError(f"--num_tokens must be positive, got {num_tokens}")
-        if batch_size < 1:
-            raise InputError(f"--batch_size must be at least 1, got {batch_size}")
-        if split not in _SPLITS:
-            raise InputError(f"split must be one of {', '.join(_SPLITS)}, got {split!r}")
-        self.layout = _layout(tokenizer)
-        if seq_len < 1 or (not pack and seq_len <= len(self.layout.prefix)):
-            raise InputError(
-                f"--seq_len {seq_len} leaves no room for text after the tokenizer's "
-                f"{len(self.layout.prefix)} leading special tokens"
-            )
-        if pack and self.layout.eos is None:
-            raise InputError("--pack separates documents with EOS, but the tokenizer has no EOS token")
+        self.layout = check_batching(tokenizer, num_tokens=num_tokens, seq_len=seq_len, batch_size=batch_size,
+                                     pack=pack, split=split)
         self.domains, self.tokenizer = domains, tokenizer
         self.num_tokens, self.seq_len, self.batch_size = num_tokens, seq_len, batch_size
         self.seed, self.keep_special, self.pack, self.split = seed, keep_special, pack, split
@@ -298,6 +309,14 @@ class TokenBatches(Iterator[Batch]):
                         rows = []
                 if rows:
                     yield self._collate(rows, d)
+                if count.counted == 0:
+                    # Nothing to measure: a run would publish empty tables and figures (and a sweep record it as
+                    # done). Refused here, where every script's stream ends, so its staging folder is removed.
+                    raise InputError(
+                        f"--data: domain {domain.name!r} ({domain.source}) has no token to count: its "
+                        f"{'held-out ' if self.split == 'heldout' else ''}documents are empty or hold only whitespace"
+                        f"{'' if self.keep_special else ' and special tokens'}; give it text or leave it out"
+                    )
                 if not count.complete:
                     warnings.warn(
                         f"domain {domain.name!r} ran out of data: {count.counted} of {self.num_tokens} tokens "
@@ -330,7 +349,8 @@ def token_batches(
       With `pack`, documents are joined by EOS and cut into full `seq_len` windows (the last may be shorter).
     - Each domain stops exactly at `num_tokens` counted tokens: the last window is cut after the last token that
       fits. A domain that runs out yields fewer, with a `DataWarning`; `.report` of the returned iterator records
-      every domain's totals (for run.json).
+      every domain's totals (for run.json). A domain that gives no counted token at all raises `InputError` when
+      the stream reaches its end (an analysis of nothing is refused, not published).
     - A batch holds rows of one domain (domains in order), padded on the right to its longest row (<= seq_len);
       a domain's last batch may hold fewer than `batch_size` rows.
     - Document order: `iter_documents(domain, split, seed, shuffle_buffer)`.

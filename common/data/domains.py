@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -54,8 +54,23 @@ def _demo_documents(name: str, split: str) -> Iterator[str]:
     return _corpus().demo_documents(name, split)
 
 
+# Which demo domains this installation has, per `available_demo_domains` function: finding the licence texts scans
+# every installed package's file list (~1-2 s), and a run asks twice (its flags are checked before torch is imported,
+# then the pipeline resolves the domains). Keyed by the function, so a faked corpus (tests) is asked afresh.
+_AVAILABLE: dict[Callable[[], tuple[list[str], dict[str, str]]], tuple[list[str], dict[str, str]]] = {}
+
+
+def _available_demo_domains() -> tuple[list[str], dict[str, str]]:
+    """(available demo domains, {skipped domain: reason}), found once per process."""
+    find = _corpus().available_demo_domains
+    if find not in _AVAILABLE:
+        _AVAILABLE[find] = find()
+    available, skipped = _AVAILABLE[find]
+    return list(available), dict(skipped)
+
+
 def _demo_preset() -> list[Domain]:
-    available, skipped = _corpus().available_demo_domains()
+    available, skipped = _available_demo_domains()
     if skipped:
         reasons = "; ".join(f"{name}: {why}" for name, why in skipped.items())
         warnings.warn(f"demo domains skipped: {reasons}", DataWarning, stacklevel=3)
@@ -68,7 +83,7 @@ def _check_demo(spec: DemoSpec, source: str) -> None:
     corpus = _corpus()
     if spec.name not in corpus.DEMO_DOMAINS:
         raise InputError(f"--data {source!r}: unknown demo domain (available: {', '.join(corpus.DEMO_DOMAINS)})")
-    _, skipped = corpus.available_demo_domains()
+    _, skipped = _available_demo_domains()
     if spec.name in skipped:
         raise InputError(f"--data {source!r}: demo domain unavailable here: {skipped[spec.name]}")
 
@@ -180,6 +195,19 @@ def resolve_domains(
     chosen = _select(found, domains, num_domains)
     _warn_absent_pile_components(chosen)
     return chosen
+
+
+def check_data(data: str | Sequence[str], num_domains: int | None = None, domains: Sequence[str] | None = None) -> None:
+    """`resolve_domains`' checks alone (files, presets, domain names, --num_domains), quietly: for the flag stage,
+    before torch is imported. Its warnings (skipped demo domains, absent Pile components) come once, when the run
+    resolves its domains. Hub datasets are checked by syntax only here: the hub probe comes with the run."""
+    if data in ("demo", ["demo"], ("demo",)) and num_domains is None and not domains:
+        # The default: nothing to check but that some demo domain is available, which takes a survey of the
+        # installed packages (1-2 s): left to the run, after the model's checks, so that a typo does not pay it.
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        resolve_domains(data, num_domains=num_domains, domains=domains)
 
 
 def check_hub_sources(domains: Sequence[Domain]) -> None:

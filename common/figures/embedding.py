@@ -1,10 +1,11 @@
 """Figures of dim_reduc.py: 2-D embeddings of expert outputs coloured by expert and by domain.
 
-Legible with many experts: the qualitative palettes tab20, tab20b and tab20c (60 colours, neighbouring ids far
-apart) cycle, and every expert's id is written on its point nearest the median of its points, so colours that
-repeat are told apart by the labels. Points are drawn in a seeded random order, so no class is painted over by
-the next one. A few far outliers do not squeeze the rest: the view zooms on the bulk and says how many it leaves
-out.
+Legible with many experts: the colours are tab10 and then, one by one, the colour farthest (CIEDE2000) from all
+before it, so any two of 64 experts differ at a glance; every expert's id is written near its point nearest the
+median of its points, on a free spot (labels never overlap; a moved label has a leader line to its point).
+Points are drawn in a seeded random order, so no class is painted over by the next one. A few far outliers do not
+squeeze the rest: the frame is then the 0.5th–99.5th percentile of the axis, and a note says so and counts the
+points outside it.
 """
 
 from __future__ import annotations
@@ -14,35 +15,21 @@ from collections.abc import Sequence
 
 import matplotlib.patheffects as path_effects
 import numpy as np
-from matplotlib.colors import to_rgba
 from matplotlib.lines import Line2D
 
 from common.analysis.embedding import label_anchors
-from common.plots import PAGE_WIDTH, plt
+from common.plots import PAGE_WIDTH, distinct_colours, place_labels, plt
 
 METHOD_NAMES = {"umap": "UMAP", "pca": "PCA"}
 TITLE_CHARS = 96  # a title line at 9 pt that fits the page width
 LEGEND_LIMIT = 20  # classes up to which a legend is drawn (beyond it, only the labels on the points)
-
-
-def _palette_base() -> list[tuple[float, float, float, float]]:
-    base = [*plt.get_cmap("tab20").colors, *plt.get_cmap("tab20b").colors, *plt.get_cmap("tab20c").colors]
-    # tab20 pairs a dark and a light shade of one hue; tab20b/c hold four shades of five hues each. The first 20
-    # are 20 different hues or clearly different shades (tab20's darks = tab10, then tab20b's darkest and third
-    # shades, whose hues tab10 lacks); neighbouring ids always differ in hue.
-    order = [*base[0:20:2], *base[20:40:4], *base[22:40:4], *base[1:20:2], *base[21:40:4], *base[23:40:4],
-             *base[40:60:4], *base[42:60:4], *base[41:60:4], *base[43:60:4]]
-    return [to_rgba(c) for c in order]
-
-
-PALETTE_BASE = _palette_base()
+FRAME_QUANTILES = (0.005, 0.995)  # the frame of an axis whose few far points would squeeze the rest
+FRAME_WIDER = 1.5  # ... when the data's full range is more than this many times the quantiles' range
 
 
 def palette(n: int) -> list[tuple[float, float, float, float]]:
-    """n qualitative colours: tab10 up to 10, then tab20 + tab20b + tab20c (60), cycling beyond."""
-    if n <= 10:
-        return [to_rgba(c) for c in plt.get_cmap("tab10").colors[:n]]
-    return [PALETTE_BASE[i % len(PALETTE_BASE)] for i in range(n)]
+    """n qualitative colours as far apart as possible (tab10 up to 10; see `common.plots.distinct_colours`)."""
+    return distinct_colours(n)
 
 
 def _darker(colour: tuple[float, float, float, float], factor: float = 0.7) -> tuple[float, float, float, float]:
@@ -66,40 +53,40 @@ def _marker_size(n: int) -> float:
     return float(np.clip(8000 / max(n, 1), 2.0, 16))
 
 
-def view_limits(values: np.ndarray, tail: float = 0.005, pad: float = 0.25) -> tuple[float, float] | None:
-    """Axis limits around the bulk of `values` when a few far outliers would squeeze it, else None (show all).
-
-    The bulk is the [tail, 1 - tail] quantile range. On each side the view ends at the data's extreme when that
-    lies within 2 `pad` of the bulk's width, else `pad` of it beyond the bulk; it only replaces the full range
-    when that is more than 1.5 times wider than the padded bulk.
-    """
+def frame_limits(values: np.ndarray, quantiles: tuple[float, float] = FRAME_QUANTILES,
+                 wider: float = FRAME_WIDER) -> tuple[float, float] | None:
+    """The frame of one axis: exactly the `quantiles` of `values` when the data's full range is more than `wider`
+    times the range between them (a few far points would squeeze the rest), else None (every point shown)."""
     if len(values) < 20:
         return None
-    low, high = np.quantile(values, [tail, 1 - tail])
-    span = high - low
-    full = values.max() - values.min()
-    if span <= 0 or full <= 1.5 * (1 + 2 * pad) * span:
+    low, high = (float(q) for q in np.quantile(values, quantiles))
+    if high <= low or float(values.max() - values.min()) <= wider * (high - low):
         return None
-    # Per side: the data's extreme (plus a small margin) when it lies near the bulk, else the padded bulk.
-    margin = 0.03 * span
-    lowest, highest = float(values.min()), float(values.max())
-    left = lowest - margin if lowest >= low - 2 * pad * span else low - pad * span
-    right = highest + margin if highest <= high + 2 * pad * span else high + pad * span
-    return float(left), float(right)
+    return low, high
 
 
-def _clip_view(ax: plt.Axes, coords: np.ndarray) -> None:
-    """Zoom on the bulk of the points; say how many lie outside the frame."""
-    limits = [view_limits(coords[:, 0]), view_limits(coords[:, 1])]
+def _axis_names(method: str) -> tuple[str, str]:
+    return ("PC1", "PC2") if method == "pca" else (f"{METHOD_NAMES.get(method, method)} 1",
+                                                    f"{METHOD_NAMES.get(method, method)} 2")
+
+
+def _frame(ax: plt.Axes, coords: np.ndarray, method: str) -> plt.Text | None:
+    """Frame an axis by its quantiles when a few far points would squeeze the rest; the note says which
+    percentiles and counts the points outside. Returns the note (None when every point is shown)."""
+    limits = [frame_limits(coords[:, 0]), frame_limits(coords[:, 1])]
     if limits == [None, None]:
-        return
+        return None
     outside = np.zeros(len(coords), dtype=bool)
     for axis, lim in enumerate(limits):
         if lim is not None:
             (ax.set_xlim if axis == 0 else ax.set_ylim)(*lim)
             outside |= (coords[:, axis] < lim[0]) | (coords[:, axis] > lim[1])
-    ax.text(0.99, 0.99, f"{int(outside.sum())} outlying point(s) outside the frame (all are in embedding_coords.csv)",
-            transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.35")
+    framed = " and ".join(name for name, lim in zip(_axis_names(method), limits, strict=True) if lim is not None)
+    low, high = (f"{100 * q:g}" for q in FRAME_QUANTILES)
+    return ax.text(0.99, 0.99, f"frame: {low}th–{high}th percentile of {framed}\n{int(outside.sum())} of "
+                   f"{len(coords)} points lie outside it (all are in embedding_coords.csv)",
+                   transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.35",
+                   bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1.0})
 
 
 def plot_embedding(
@@ -124,17 +111,11 @@ def plot_embedding(
     point_colours = np.array(colours)[labels[order]] if len(labels) else np.zeros((0, 4))
     ax.scatter(coords[order, 0], coords[order, 1], c=point_colours, s=_marker_size(len(labels)), linewidths=0,
                alpha=0.7, rasterized=True)
-    _clip_view(ax, coords)
-    if annotate:
-        stroke = [path_effects.withStroke(linewidth=2.2, foreground="white")]
-        for c, (x, y) in zip(classes, label_anchors(coords, labels, classes), strict=True):
-            if np.isfinite(x):
-                ax.text(x, y, names[c], fontsize=7 if len(names) > 20 else 8, ha="center", va="center",
-                        weight="bold", color=_darker(colours[c]), path_effects=stroke, clip_on=True)
+    notes = [_frame(ax, coords, method)]
     if annotate and not legend:
-        cycle = f"; colours repeat every {len(PALETTE_BASE)}" if len(names) > len(PALETTE_BASE) else ""
-        ax.text(0.01, 0.01, f"labels: {legend_title} ids on the point nearest their median{cycle}",
-                transform=ax.transAxes, ha="left", va="bottom", fontsize=7, color="0.35")
+        cycle = "; colours repeat" if len(names) > len(set(colours)) else ""
+        notes.append(ax.text(0.01, 0.01, f"labels: {legend_title} ids near the point nearest their median{cycle}",
+                             transform=ax.transAxes, ha="left", va="bottom", fontsize=7, color="0.35"))
     if legend:
         present = set(np.unique(labels).tolist())
         handles = [Line2D([], [], linestyle="", marker="o", markersize=5, color=colours[c], label=names[c])
@@ -143,6 +124,11 @@ def plot_embedding(
                   loc="center left", bbox_to_anchor=(1.0, 0.5), ncols=2 if len(handles) > 12 else 1)
     _axes_labels(ax, method, explained)
     ax.set_title("\n".join([*textwrap.wrap(title, TITLE_CHARS), *textwrap.wrap(subtitle, TITLE_CHARS)]), fontsize=9)
+    if annotate:  # last: the labels are placed in the final layout, clear of each other and of the notes
+        stroke = [path_effects.withStroke(linewidth=2.2, foreground="white")]
+        place_labels(ax, label_anchors(coords, labels, classes), names, [_darker(c) for c in colours],
+                     fontsize=7 if len(names) > 20 else 8, obstacles=[n for n in notes if n is not None],
+                     gid="class-label", weight="bold", path_effects=stroke, clip_on=True)
     return fig
 
 

@@ -8,9 +8,11 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.colors import SymLogNorm
+from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import Bbox
 
-from common.plots import grid, plt
+from common.plots import PAGE_WIDTH, grid, plt
 
 MODE_LABELS = {
     "scale": "scale factor a (w_e → a·w_e)",
@@ -19,6 +21,28 @@ MODE_LABELS = {
     "logit": "logit shift d (z_e → z_e + d)",
 }
 IDENTITY_VALUE = {"scale": 1.0, "logit": 0.0}  # the value at which the edit changes nothing
+INERT_WHEN_NOT_ROUTED = ("scale", "set")  # modes that edit w_e, which is 0 where the expert is not routed
+NOTE_COLOUR = "firebrick"
+
+
+def not_routed_note(sweep: pd.DataFrame, mode: str) -> str | None:
+    """The sentence a prompt's figure carries when a scale / set edit cannot act: the expert was routed at none of
+    the targets in the unedited forward (`selected_before` = targets with w_e ≠ 0 there is 0), so there is no w_e
+    to edit and every value gives the unedited output. None when the edit can act."""
+    if mode not in INERT_WHEN_NOT_ROUTED or sweep.empty or (sweep["selected_before"] > 0).any():
+        return None
+    expert, targets = int(sweep["expert"].iloc[0]), int(sweep["n_targets"].iloc[0])
+    where = "the target" if targets == 1 else f"any of the {targets} targets"
+    return (f"Expert {expert} was not routed at {where}\n(w_e = 0 there before the edit), so\n"
+            f"--mode {mode} cannot act: the output\nstays as it was before the edit.\n"
+            "Use --mode force (or logit)\nto route the token to the expert.")
+
+
+def _note_box(ax: plt.Axes, note: str, at: tuple[float, float] = (0.5, 0.5), ha: str = "center",
+              va: str = "center") -> None:
+    """`note` in a framed box at `at` (axes fraction)."""
+    ax.text(*at, note, transform=ax.transAxes, ha=ha, va=va, fontsize=7, color=NOTE_COLOUR,
+            bbox={"boxstyle": "round,pad=0.5", "facecolor": "white", "edgecolor": NOTE_COLOUR, "linewidth": 0.8})
 
 
 def token_label(text: str) -> str:
@@ -48,7 +72,7 @@ def _value_axis(ax, values: Sequence[float]) -> None:
 def plot_sweep(probs: pd.DataFrame, sweep: pd.DataFrame, *, mode: str, title: str) -> plt.Figure:
     """Left: probability of the tracked next tokens against the edit's value (dotted: before the edit).
     Right: KL(before‖after) against the value. One prompt: `probs` holds its token_probs rows, `sweep` its sweep rows."""
-    fig, (ax, ax_kl) = plt.subplots(1, 2, figsize=(9.6, 3.6), width_ratios=(1.7, 1), layout="constrained")
+    fig, (ax, ax_kl) = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 3.6), width_ratios=(1.5, 1), layout="constrained")
     values = sorted(sweep["value"].unique())
     identity = IDENTITY_VALUE.get(mode)
     for j, (token_id, part) in enumerate(probs.groupby("token_id", sort=False)):
@@ -65,28 +89,45 @@ def plot_sweep(probs: pd.DataFrame, sweep: pd.DataFrame, *, mode: str, title: st
     ax.set_ylabel("next-token probability")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="next token", title_fontsize=7)
-    note = "dotted: before the edit" + ("; dashed: the value that changes nothing" if identity is not None else "")
-    ax.set_title(note, fontsize=8, color="dimgrey")
+    note = "dotted: before the edit" + ("\ndashed: the value that changes nothing" if identity is not None else "")
+    ax.set_title(note, fontsize=7, color="dimgrey")
     kl = sweep.sort_values("value")
     ax_kl.plot(kl["value"], kl["kl_nats"], marker="o", markersize=4, color="black")
     ax_kl.set_ylabel("KL(before ‖ after), nats")
-    ax_kl.set_ylim(bottom=0, top=1.15 * max(float(kl["kl_nats"].max()), 1e-12))
+    largest = float(kl["kl_nats"].max())
+    if largest > 0:
+        ax_kl.set_ylim(bottom=0, top=1.15 * largest)
+    else:  # all exactly 0: a unit axis, not one scaled to a rounding error that reads as a real change
+        ax_kl.set_ylim(-0.05, 1)
+        ax_kl.text(0.5, 0.1, "KL = 0 at every value", transform=ax_kl.transAxes, ha="center", fontsize=7,
+                   bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
     subtitle = "change of the whole distribution"
     if mode in ("force", "logit"):  # these change the selection: say where the expert ends up picked
         for row in kl.itertuples():
             ax_kl.annotate(f"{row.selected_after}/{row.n_targets}", (row.value, row.kl_nats), fontsize=6,
                            color="dimgrey", xytext=(0, 4), textcoords="offset points", ha="center")
         subtitle += "\nlabels: targets where the expert is picked"
-    ax_kl.set_title(subtitle, fontsize=8, color="dimgrey")
-    fig.suptitle(title)
+    elif mode in INERT_WHEN_NOT_ROUTED:  # these edit w_e: they act only where the expert was routed
+        first = kl.iloc[0]
+        subtitle += f"\nexpert routed at {first.selected_before}/{first.n_targets} targets before the edit"
+    ax_kl.set_title(subtitle, fontsize=7, color="dimgrey")
+    inert = not_routed_note(sweep, mode)
+    if inert is not None:
+        _note_box(ax_kl, inert)
+    fig.suptitle(title, fontsize=10)
     return fig
 
 
-def plot_before_after(probs: pd.DataFrame, *, value_label: str, kl: float, title: str) -> plt.Figure:
-    """One value: paired bars of the tracked next tokens' probability before and after the edit."""
+def plot_before_after(probs: pd.DataFrame, *, value_label: str, kl: float, title: str,
+                      note: str | None = None) -> plt.Figure:
+    """One value: paired bars of the tracked next tokens' probability before and after the edit; `note` (see
+    `not_routed_note`) is boxed over the bars."""
     probs = probs.iloc[::-1]
     y = np.arange(len(probs))
-    fig, ax = plt.subplots(figsize=(6.4, 0.38 * len(probs) + 1.4), layout="constrained")
+    height = 0.38 * len(probs) + 1.4
+    fig, ax = plt.subplots(figsize=(6.4, max(height, 2.6) if note else height), layout="constrained")
+    if note:  # beside the bars, under the legend: the bars stay visible
+        _note_box(ax, note, at=(1.04, 0.0), ha="left", va="bottom")
     ax.barh(y + 0.2, probs["prob_before"], height=0.4, color="grey", label="before")
     ax.barh(y - 0.2, probs["prob_after"], height=0.4, color="C3", label=f"after ({value_label})")
     ax.set_yticks(y, [f"{token_label(t)} (id {i})" for t, i in zip(probs["token"], probs["token_id"], strict=True)])
@@ -111,8 +152,16 @@ def plot_kl_by_value(sweep: pd.DataFrame, *, mode: str, title: str) -> plt.Figur
         ax.axvline(identity, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xlabel(MODE_LABELS.get(mode, "value"))
     ax.set_ylabel("KL(before ‖ after), nats")
-    ax.set_ylim(bottom=0)
+    if float(sweep["kl_nats"].max()) > 0:
+        ax.set_ylim(bottom=0)
+    else:  # all exactly 0: a unit axis, not one scaled to a rounding error
+        ax.set_ylim(-0.05, 1)
     ax.legend(fontsize=7, frameon=False)
+    inert = [int(p) for p, part in sweep.groupby("prompt") if not_routed_note(part, mode)]
+    if inert:
+        shown = ", ".join(map(str, inert[:8])) + (", …" if len(inert) > 8 else "")
+        title += (f"\nthe expert is not routed at any target of {len(inert)} of {sweep.prompt.nunique()} prompts "
+                  f"({shown}):\n--mode {mode} cannot act there (KL 0; --mode force routes to it)")
     ax.set_title(title, fontsize=9)
     return fig
 
@@ -163,28 +212,75 @@ def plot_importance_heatmap(delta: np.ndarray, frequency_all: np.ndarray, expert
     return fig
 
 
+# Where a point's label may go, in points from the point: beside it first, then on rings further out (with a leader
+# line), so that labels of experts crowded near (0, 0) do not print over each other.
+_DIRECTIONS = ((1, 1), (-1, 1), (1, -1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))
+LABEL_OFFSETS = [(2 * dx, 2 * dy) for dx, dy in _DIRECTIONS[:4]] + [
+    (radius * dx, radius * dy) for radius in (10, 18, 26, 34) for dx, dy in _DIRECTIONS]
+
+
+def _label_point(ax: plt.Axes, x: float, y: float, text: str, offset: tuple[float, float]) -> Text:
+    dx, dy = offset
+    leader = max(abs(dx), abs(dy)) > 2
+    label = ax.annotate(text, (x, y), xytext=offset, textcoords="offset points", fontsize=6,
+                        ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                        va="bottom" if dy > 0 else "top" if dy < 0 else "center",
+                        arrowprops={"arrowstyle": "-", "color": "0.55", "linewidth": 0.5, "shrinkA": 0, "shrinkB": 2.5}
+                        if leader else None)
+    label.set_in_layout(False)  # placed after the layout; must not move it
+    return label
+
+
+def place_point_labels(fig: plt.Figure, ax: plt.Axes, points: Sequence[tuple[float, float, str]]) -> None:
+    """Label each point (x, y, text), in the order given, at the first of `LABEL_OFFSETS` where its text stays
+    inside the axes and overlaps neither a label placed before nor another labelled point. Call it once the
+    figure's layout is final (after suptitle and legends). A label with no free place goes beside its point."""
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    centres = [ax.transData.transform((x, y)) for x, y, _ in points]
+    markers = [Bbox.from_extents(cx - 3, cy - 3, cx + 3, cy + 3) for cx, cy in centres]
+    placed: list[Bbox] = []
+    for number, (x, y, text) in enumerate(points):
+        obstacles = placed + [m for other, m in enumerate(markers) if other != number]
+        for offset in LABEL_OFFSETS:
+            label = _label_point(ax, x, y, text, offset)
+            label.update_positions(renderer)
+            box = Text.get_window_extent(label, renderer)  # the text, without its leader line
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(other) for other in obstacles):
+                placed.append(box)
+                break
+            label.remove()
+        else:
+            label = _label_point(ax, x, y, text, LABEL_OFFSETS[0])
+            label.update_positions(renderer)
+            placed.append(Text.get_window_extent(label, renderer))
+
+
 def plot_importance_scatter(table: pd.DataFrame, domains: Sequence[str], layer: int, uniform: float,
                             summary: pd.DataFrame, top: int = 3) -> plt.Figure:
     """Per domain: ΔNLL of each ablation against the expert's selection frequency on that domain."""
     fig, axes = grid(len(domains), ncols=3, panel_size=(3.4, 2.7))
     rho = summary.set_index("domain")["spearman_delta_vs_freq"]
+    labels: list[tuple[plt.Axes, list[tuple[float, float, str]]]] = []
     for ax, domain in zip(axes, domains, strict=True):
         d = table[table.domain == domain]
         topmost = d.freq_rank <= top
         ax.scatter(100 * d.freq_topk[~topmost], d.delta_nll[~topmost], s=14, color="C0", label="other experts")
         ax.scatter(100 * d.freq_topk[topmost], d.delta_nll[topmost], s=20, color="C3", label=f"the domain's {top} most selected")
-        labelled = d[topmost | (d.delta_rank <= 5)]  # the notable experts only: the cluster near 0 stays legible
-        for _, row in labelled.iterrows():
-            ax.annotate(str(row.expert), (100 * row.freq_topk, row.delta_nll), fontsize=6, xytext=(2, 2),
-                        textcoords="offset points")
+        labelled = d[topmost | (d.delta_rank <= 5)].sort_values(["delta_rank", "freq_rank"])  # the notable only
+        labels.append((ax, [(100 * row.freq_topk, row.delta_nll, str(row.expert)) for row in labelled.itertuples()]))
         ax.axvline(100 * uniform, color="grey", linestyle="--", linewidth=0.8)
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.set_title(f"{domain} (Spearman ρ = {rho.get(domain, float('nan')):.2f})", fontsize=9)
         ax.set_xlabel("selected for % of tokens (top-k)")
         ax.set_ylabel("ΔNLL when ablated (nats)")
         ax.xaxis.set_major_locator(MaxNLocator(5))
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=7, frameon=False)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=2, fontsize=7, frameon=False)
     fig.suptitle(f"Causal importance vs selection frequency, layer {layer}\n(dashed: uniform k/E; labels: expert ids "
                  f"of the {top} most selected and of the 5 costliest ablations)", fontsize=9)
+    fig.draw_without_rendering()  # the final layout: the labels are placed in its coordinates
+    for ax, points in labels:
+        place_point_labels(fig, ax, points)
     return fig

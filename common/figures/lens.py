@@ -17,6 +17,8 @@ from common.plots import PAGE_WIDTH, a4_grid, integer_axis, label, legend_panel,
 
 _LABEL_WIDTH = 1.5  # inches beside the cells: layer ticks, axis label, colour bar
 _CHAR_WIDTH = 0.062  # inches per monospace character at the cells' font size (about 7 pt)
+# Two short lines: in one line the label is taller than the panel and runs up into the titles above it.
+COSINE_LABEL = "cosine similarity\n(mean over tokens)"
 
 
 def _short(text: str, limit: int) -> str:
@@ -116,7 +118,7 @@ def plot_cosine(table: pd.DataFrame, domains: Sequence[str], k: int) -> plt.Figu
     if len(dense):
         ax.plot(dense.layer, dense["mean"], linestyle="none", marker="s", markersize=6, markerfacecolor="none",
                 color="grey", label="layer not restricted")
-    label(ax, "decoder layer (residual after it)", "cosine similarity (mean over tokens)",
+    label(ax, "decoder layer (residual after it)", COSINE_LABEL,
           f"top-{k_primes[0]} run vs full run (k = {k})")
     if len(k_primes) > 1:
         cmap = plt.get_cmap("viridis")
@@ -124,7 +126,7 @@ def plot_cosine(table: pd.DataFrame, domains: Sequence[str], k: int) -> plt.Figu
             d = table[(table.k_prime == k_prime) & (table.domain == ALL_DOMAINS)].sort_values("layer")
             axes[1].plot(d.layer, d["mean"], marker="o", markersize=3, color=cmap(j / len(k_primes)),
                          label=f"k′ = {k_prime}, all domains")
-        label(axes[1], "decoder layer (residual after it)", "cosine similarity (mean over tokens)",
+        label(axes[1], "decoder layer (residual after it)", COSINE_LABEL,
               "every k′ vs full run, all domains")
     for axis in axes:
         integer_axis(axis, "x", table.layer.unique())

@@ -34,13 +34,19 @@ def plot_distributions(hist: pd.DataFrame, layer: int) -> plt.Figure:
             width = (part["right"] - part["left"]).to_numpy()
             density = part["count"].to_numpy() / (total * width)
             edges = np.append(part["left"].to_numpy(), part["right"].to_numpy()[-1])
-            ax.stairs(density, edges, color="black" if rank == "all" else f"C{j}", linewidth=1,
-                      label=None if rank == "all" else f"rank {rank}")
+            # Only the occupied bins, with no closing edges down to zero: where a rank's values end inside the
+            # range (rank 2 of p̃ ends at 0.5, where rank 1 begins) a drop to the axis reads as a spike.
+            filled = np.nonzero(density)[0]
+            first, last = filled[0], filled[-1] + 1
+            ax.stairs(density[first:last], edges[first : last + 1], baseline=None, linewidth=1,
+                      color="black" if rank == "all" else f"C{j}", label=None if rank == "all" else f"rank {rank}")
         if len(q):  # the range the data occupy (probabilities: within 0 … 1), not the whole binning range
             low, high = occupied_range(q["count"].to_numpy(), np.append(q["left"].unique(), q["right"].max()))
             ax.set_xlim(*((low, high) if quantity in _UNBOUNDED else (max(low, 0.0), min(high, 1.0))))
         if quantity == "softmax":
             ax.set_yscale("log")
+        else:  # densities from zero (the lines have no baseline that would pull the axis down to it)
+            ax.set_ylim(bottom=0)
         label(ax, xlabel, "density (log scale)" if quantity == "softmax" else "probability density", title)
     if rows["rank"].nunique() > 1:
         legend_panel(fig, axes, title="rank (1 = largest)")

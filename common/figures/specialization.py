@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from matplotlib.colors import TwoSlopeNorm
+from matplotlib.colors import ListedColormap
 
 from common.analysis import ALL_DOMAINS
 from common.analysis.specialization import (
@@ -26,6 +26,7 @@ from common.plots import (
     bar_values,
     correlation_heatmap,
     heatmap,
+    index_ticks,
     integer_axis,
     label,
     legend_panel,
@@ -57,18 +58,24 @@ def _layer_positions(ax: plt.Axes, layers: Sequence[int]) -> np.ndarray:
 def plot_frequency(freq: pd.DataFrame, layer: int, domains: Sequence[str]) -> plt.Figure:
     """Per-expert top-k selection frequency with the uniform line k/E, one panel per domain (MoE Lens Fig. 1 form)."""
     names = [*domains, ALL_DOMAINS]
-    fig, axes = a4_grid(len(names), max_cols=3, panel_height=1.8, sharey=True)
     rows = freq[freq.layer == layer]
+    experts = sorted(rows.expert.unique())
+    fig, axes = a4_grid(len(names), max_cols=_expert_columns(len(experts)), panel_height=1.8, sharey=True)
     for ax, domain in zip(axes, names, strict=True):
         d = rows[rows.domain == domain]
         ax.bar(d.expert, 100 * d.freq_topk, color="C0" if domain != ALL_DOMAINS else "black", width=0.8)
         ax.axhline(100 * d.uniform_topk.iloc[0], color="C3", linestyle="--", linewidth=1, label="uniform routing (k / E)")
-        integer_axis(ax, "x", d.expert)
         ax.yaxis.set_tick_params(labelleft=True)
         label(ax, "expert", "% of the domain's tokens", _domain_title(domain))
     legend_panel(fig, axes)
     fig.suptitle(f"Expert selection frequency (top-k), layer {layer}")
+    index_ticks(axes, experts)  # last: how many expert ids fit is measured on the laid-out panels
     return fig
+
+
+def _expert_columns(num_experts: int) -> int:
+    """Panels per row of a per-expert bar chart: two when that lets every one of 13–32 experts be named."""
+    return 2 if 12 < num_experts <= 32 else 3
 
 
 def plot_domain_heatmap(freq: pd.DataFrame, layer: int, domains: Sequence[str]) -> plt.Figure:
@@ -86,14 +93,14 @@ def plot_domain_heatmap(freq: pd.DataFrame, layer: int, domains: Sequence[str]) 
 def plot_expert_specialization(table: pd.DataFrame, domains: Sequence[str]) -> plt.Figure:
     """Per layer, each expert's JSD (bits) between its domain mix and the overall mix, coloured by its top domain."""
     layers = sorted(table.layer.unique())
-    fig, axes = a4_grid(len(layers), max_cols=3, panel_height=1.8, sharey=True)
+    experts = sorted(table.expert.unique())
+    fig, axes = a4_grid(len(layers), max_cols=_expert_columns(len(experts)), panel_height=1.8, sharey=True)
     colours = {domain: f"C{j % 10}" for j, domain in enumerate(domains)}
     for ax, layer in zip(axes, layers, strict=True):
         d = table[table.layer == layer]
         for domain, part in d.groupby("top_domain", sort=False):
             if domain:
                 ax.bar(part.expert, part.jsd_bits, color=colours.get(domain, "grey"), width=0.8, label=domain)
-        integer_axis(ax, "x", d.expert)
         ax.yaxis.set_tick_params(labelleft=True)
         label(ax, "expert", "JSD (bits)", f"layer {layer}")
     top = float(np.nanmax(table.jsd_bits)) if table.jsd_bits.notna().any() else 1.0
@@ -107,6 +114,7 @@ def plot_expert_specialization(table: pd.DataFrame, domains: Sequence[str]) -> p
                frameon=False, title="colour: the expert's most frequent domain")
     fig.suptitle("Domain specialization of each expert: Jensen–Shannon divergence of its domain mix\n"
                  "from the data's (0 bits = mixes domains like the data, 1 bit = disjoint domains)")
+    index_ticks(axes, experts)  # last: how many expert ids fit is measured on the laid-out panels
     return fig
 
 
@@ -119,8 +127,12 @@ def plot_coverage(table: pd.DataFrame, layers: Sequence[MoELayer], domains: Sequ
     fraction = table.pivot(index="domain", columns="layer", values="fraction_of_experts").loc[names, layer_ids]
     width = min(PAGE_WIDTH, max(3.8, 0.5 * len(layer_ids) + 2.6))
     fig, ax = plt.subplots(figsize=(width, 0.26 * len(names) + 1.5), layout="constrained")
-    image = heatmap(ax, fraction.to_numpy(), cbar_label=f"fraction of the layer's experts (uniform ≈ {share:g})",
-                    cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=share, vmin=0.0, vmax=1.0),
+    # What uniform routing needs, as a fraction: ceil(share · E) / E (the share itself when layers differ in E).
+    uniform_fractions = {float(np.ceil(share * m.num_choices - 1e-12) / m.num_choices) for m in layers}
+    centre = uniform_fractions.pop() if len(uniform_fractions) == 1 else share
+    colours, low, high = _centred_scale(fraction.to_numpy(), centre)
+    image = heatmap(ax, fraction.to_numpy(), cmap=colours, vmin=low, vmax=high,
+                    cbar_label=f"fraction of the layer's experts\n(white = uniform routing, {centre:g})",
                     xticklabels=[str(x) for x in layer_ids], yticklabels=[_domain_title(n) for n in names],
                     xlabel="decoder layer", cbar=True)
     for (i, j), value in np.ndenumerate(needed.to_numpy()):
@@ -135,6 +147,21 @@ def plot_coverage(table: pd.DataFrame, layers: Sequence[MoELayer], domains: Sequ
     ax.set_title(f"Experts needed to handle {100 * share:g}% of a domain's assignments\n"
                  f"(number in each cell; uniform routing needs {baseline}; blue = fewer: specialised)")
     return fig
+
+
+def _centred_scale(values: np.ndarray, centre: float) -> tuple[ListedColormap, float, float]:
+    """A diverging colour scale over the data's range only (and the centre): RdBu_r, linear, white at `centre`,
+    its darkest shade at the value farthest from the centre; the side no value reaches is left out, so the colour
+    bar spans min(data, centre) … max(data, centre). Returns (colour map, vmin, vmax)."""
+    finite = values[np.isfinite(values)]
+    low = min(float(finite.min()), centre) if finite.size else centre
+    high = max(float(finite.max()), centre) if finite.size else centre
+    reach = max(centre - low, high - centre)
+    if reach <= 0:  # every value is the uniform one: a symmetric bar around it
+        reach = 0.25 * max(centre, 1e-3)
+        low, high = centre - reach, centre + reach
+    start, stop = (low - (centre - reach)) / (2 * reach), (high - (centre - reach)) / (2 * reach)
+    return ListedColormap(plt.get_cmap("RdBu_r")(np.linspace(start, stop, 256))), low, high
 
 
 def plot_load_balance(table: pd.DataFrame) -> plt.Figure:

@@ -152,25 +152,48 @@ def plot_spectra(spectra: pd.DataFrame, summary: pd.DataFrame, layers: Sequence[
     return fig
 
 
+def _left_out(table: pd.DataFrame) -> dict[str, str]:
+    """The alignment metrics with nothing to show, and why: ungated experts have no W_gate (every value NaN); a W of
+    full column rank (I ≥ H) has all of ℝ^H as its row space, so the share is 1 for every direction and the
+    z-score against random directions is undefined (every control_z NaN)."""
+    why = {}
+    for metric in ALIGNMENT_METRICS:
+        rows = table[table.metric == metric]
+        if rows["value"].isna().all():
+            why[metric] = "ungated experts (no W_gate)"
+        elif rows.control_z.isna().all():
+            why[metric] = ("W has full column rank (I ≥ H): its row space is all of ℝ^H,\nso the share is 1 for "
+                           "every direction, random ones included")
+    return why
+
+
+def _caption(left_out: dict[str, str]) -> str:
+    """'not shown: <what>: <why>' per reason, the two row-space shares of one reason named together."""
+    by_reason: dict[str, list[str]] = {}
+    for metric, why in left_out.items():
+        by_reason.setdefault(why, []).append(metric)
+    lines = []
+    for why, metrics in by_reason.items():
+        if all(m.endswith("_rowspace_share") for m in metrics) and len(metrics) == 2:
+            what = "the share of ‖r_e‖² in rowspace(W_gate,e) and rowspace(W_up,e)"
+        else:
+            what = " and ".join(ALIGNMENT_TITLES[m] for m in metrics)
+        lines.append(f"not shown: {what}:\n{why}")
+    return "\n".join(lines)
+
+
 def plot_alignment(table: pd.DataFrame, layers: Sequence[int]) -> plt.Figure:
-    """Per metric: each expert's z-score against random unit directions, per layer; × = the other experts' rows."""
-    fig, axes = grid(len(ALIGNMENT_METRICS), ncols=2, panel_size=(4.2, 2.6))
+    """Per metric: each expert's z-score against random unit directions, per layer; × = the other experts' rows.
+    Metrics with nothing to show (see `_left_out`) get no panel; the caption names them and says why."""
+    left_out = _left_out(table)
+    shown = [m for m in ALIGNMENT_METRICS if m not in left_out]
+    fig, axes = grid(max(1, len(shown)), ncols=2, panel_size=(4.2, 2.6))
     x = np.arange(len(layers))
-    for ax, metric in zip(axes, ALIGNMENT_METRICS, strict=True):
+    for ax, metric in zip(axes, shown, strict=False):
         rows = table[table.metric == metric]
         ax.set_title(ALIGNMENT_TITLES[metric], fontsize=8)
         ax.set_xticks(x, [str(layer) for layer in layers], fontsize=7 if len(layers) <= 24 else 5)
         ax.set_xlabel("decoder layer")
-        empty = None
-        if rows["value"].isna().all():
-            empty = "ungated experts:\nno W_gate"
-        elif rows.control_z.isna().all():
-            empty = "not informative: the share is 1\nfor every direction, since W has\nfull column rank (I ≥ H)"
-        if empty:
-            ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, fontsize=8)
-            ax.set_axis_off()
-            ax.title.set_visible(True)
-            continue
         ax.set_ylabel("z vs random directions")
         ax.axhspan(-2, 2, color="0.9", zorder=0, label="|z| ≤ 2")
         ax.axhline(0, color="0.5", linewidth=0.8, zorder=1)
@@ -181,6 +204,8 @@ def plot_alignment(table: pd.DataFrame, layers: Sequence[int]) -> plt.Figure:
             other_z = ((d.other_rows_mean - d.control_mean) / d.control_std).mean()
             ax.scatter(i, other_z, marker="x", s=30, color="C3", zorder=4,
                        label="mean over the other experts' router rows" if i == 0 else None)
+    if not shown:  # nothing informative at all: one empty panel carries the caption
+        axes[0].set_axis_off()
     handles, labels = [], []
     for ax in axes:
         for handle, text in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -189,7 +214,9 @@ def plot_alignment(table: pd.DataFrame, layers: Sequence[int]) -> plt.Figure:
                 labels.append(text)
     if handles:
         fig.legend(handles, labels, fontsize=7, frameon=False, loc="outside lower center", ncol=len(labels))
-    fig.suptitle("Router-expert alignment: expert e's own router row r_e\nagainst random unit directions (dot = one expert)")
+    caption = f"\n{_caption(left_out)}" if left_out else ""
+    fig.suptitle("Router-expert alignment: expert e's own router row r_e\nagainst random unit directions "
+                 f"(dot = one expert){caption}", fontsize=9)
     return fig
 
 

@@ -230,6 +230,31 @@ def load_model_and_tokenizer(spec: ModelSpec):
     return model.eval(), tokenizer, str(source)
 
 
+def load_tokenizer(spec: ModelSpec):
+    """The model's tokenizer alone (no weight is read), prepared as `load_moe` prepares it: for checks that need
+    it (prompt positions, window framing) before a large checkpoint is loaded."""
+    from transformers import AutoTokenizer
+
+    if spec.model.startswith(RANDOM_PREFIX):
+        from common.model.tiny import tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+    else:
+        source = _source(spec)
+        hub_kwargs = _hub_kwargs(spec, source)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **hub_kwargs)
+        except (OSError, ValueError, KeyError) as err:
+            raise (_not_cached(spec) if hub_kwargs.get("local_files_only") else _load_error(spec.model, err)) from None
+        except _REMOTE_CODE_ERRORS as err:
+            if spec.trust_remote_code and _raised_in_remote_code(err):
+                raise _remote_code_error(spec, _declared_model_type(source, spec.revision), err) from None
+            raise
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # as `_loaded` does: batching needs a pad id
+    return tokenizer
+
+
 def _loaded(spec: ModelSpec):
     model, tokenizer, _ = load_model_and_tokenizer(spec)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from common import distributed
 from common.atomic import atomic_write
@@ -148,6 +149,7 @@ class Run:
             "model": model,
             "seed": spec.seed,
             "world_size": distributed.world_size(),
+            "torch_threads": torch.get_num_threads(),  # what --threads gave, or torch's default: explains wall times
             "command": shlex.join(spec.command or [Path(sys.argv[0]).name, *sys.argv[1:]]),
             "started": dt.datetime.now().isoformat(timespec="seconds"),
             "git_commit": git_commit(),

@@ -119,14 +119,17 @@ OUTPUTS: tuple[Output, ...] = (
                  "target_token": "--target_token", "target_token_id": "its id",
                  "generation": "sample, temperature, seed, eos_id, max_new_tokens",
                  "prompts": "per prompt: prompt, token_ids, targets (null = all), tokens (as prompt_tokens.csv), "
+                            "routed_at_targets (targets where w_e ≠ 0 without the edit, count), edit_cannot_act (true "
+                            "when --mode scale/set and routed_at_targets = 0: the edit changes nothing), "
                             "before {next_token {top, entropy, target_prob}, continuation, continuation_ids}, after "
                             "[per value: value, kl_nats, selected_after, weight_after_mean, next_token, continuation, "
                             "continuation_ids]"}),
     Output("figures/sweep_prompt{N}.{ext}", "one prompt: the followed next tokens' probability against the value "
            "(dotted: before; log x when the values span decades) beside KL(before ‖ after); one value: before / "
-           "after bars", "intervention", INTERV),
+           "after bars; a framed note when scale/set cannot act (the expert not routed at any target)",
+           "intervention", INTERV),
     Output("figures/kl_by_value.{ext}", "several prompts: KL(before ‖ after) against the value, one line per prompt "
-           "and their mean", "intervention", INTERV),
+           "and their mean; the title names the prompts where scale/set cannot act", "intervention", INTERV),
     Output("importance_layer{L}.csv", "expert importance (dataset mode): the change of the mean next-token NLL on each "
            "domain when one expert is ablated (w_e = 0 at every token), beside its selection frequency",
            "expert-importance", INTERV,

@@ -9,6 +9,10 @@ from common.figures.outputs.entry import EXPERT, LAYER, Output
 WEIGHTS = ("weights",)
 SIM = ("sim",)
 SIM_METHODS = ("cosine", "cka", "cka-debiased", "cka-rbf")  # sim.py --method; one npy and one figure each
+# How the descriptions name each method (the figures' labels, common.analysis.similarity.METHOD_LABELS, which this
+# torch-free module cannot import): the README capitalises a description's first letter, and "cka" became "Cka".
+SIM_METHOD_NAMES = {"cosine": "mean cosine", "cka": "linear CKA", "cka-debiased": "debiased linear CKA",
+                    "cka-rbf": "RBF CKA"}
 SIM_EXPERT = "expert index within the layer (0-based), or 'shared' for the layer's shared experts"
 
 # fmt: off
@@ -119,7 +123,9 @@ OUTPUTS: tuple[Output, ...] = (
     *(Output(f"figures/expert_weight_cosine_{m}.{{ext}}", f"cosine of flattened W_{m} per expert pair, one heatmap per "
              "layer (diagonal grey)", "expert-weight-cosine", WEIGHTS) for m in ("gate", "up", "down")),
     Output("figures/router_expert_alignment.{ext}", "each expert's alignment z-scores against random directions per "
-           "layer, with the other experts' rows", "router-expert-alignment", WEIGHTS),
+           "layer, with the other experts' rows; a metric with nothing to show (ungated experts' gate; the row-space "
+           "shares when W has full column rank) gets no panel, and the caption says why", "router-expert-alignment",
+           WEIGHTS),
     # ------------------------------------------------------------------------------------ sim.py
     Output("similarity.csv", "expert-output similarity of every ordered pair of experts (shared experts included), "
            "per layer and method", "expert-output-similarity", SIM,
@@ -130,7 +136,8 @@ OUTPUTS: tuple[Output, ...] = (
                     "tokens": "tokens the pair was compared on: the sample size n, or with --routed-only the tokens "
                               "routed to both (count)"},
            integers=frozenset({"layer", "tokens"})),
-    *(Output(f"similarity_{m}.npy", f"{m} similarity matrices, one per layer", "expert-output-similarity", SIM,
+    *(Output(f"similarity_{m}.npy", f"{SIM_METHOD_NAMES[m]} similarity matrices, one per layer",
+             "expert-output-similarity", SIM,
              axes="[layer (--layers order), expert i, expert j]: rows 0 … E−1 the routed experts, row E the shared "
                   "experts where the layer has them",
              dtype="float64, dimensionless (NaN: undefined pairs, and padding of layers with fewer rows)")
@@ -170,8 +177,8 @@ OUTPUTS: tuple[Output, ...] = (
                     "sigma": "σ_e (the residual stream's units)",
                     "source": "'given (--sigma)' or 'median on N tokens' (median pairwise distance of its outputs)"},
            integers=frozenset({"layer"})),
-    *(Output(f"figures/similarity_{m}_layer{{L}}.{{ext}}", f"{m} similarity of one layer as an expert × expert "
-             "heatmap in clustering order, dendrogram on top (diagonal hatched, undefined pairs grey)",
+    *(Output(f"figures/similarity_{m}_layer{{L}}.{{ext}}", f"{SIM_METHOD_NAMES[m]} similarity of one layer as an "
+             "expert × expert heatmap in clustering order, dendrogram on top (diagonal hatched, undefined pairs grey)",
              "expert-output-similarity", SIM) for m in SIM_METHODS),
     # ------------------------------------------------------------------------------------ dim_reduc.py
     Output("embedding_coords.csv", "2-D PCA / UMAP coordinates of expert outputs, one row per (layer, method, point); "

@@ -34,8 +34,14 @@ PROFILE_KEYS = {
     "uniform_top1": "uniform baseline 1 / E (fraction)",
     "weight_when_selected": "count, mean, std and quantiles q<level> of the routing weight over the tokens that chose it",
     "domains": "per domain: tokens_routed (count), share_of_expert and share_of_domain (fractions)",
-    "top_tokens_by_count": "ids it received most often: token_id, token, count",
-    "top_tokens_by_lift": "ids most over-represented among its tokens: token_id, token, lift, count",
+    "top_tokens_by_count": "ids it received most often: token_id, token, count (every token list: bytes, hex, for a "
+                           "token that decodes to '�', a fragment of a UTF-8 character)",
+    "top_tokens_by_lift": "ids most over-represented among its tokens, ties by count: token_id, token, lift, count "
+                          "(routed here), occurrences (in all counted tokens)",
+    "lift_min_count": "--min_count: the occurrences a token needs to be ranked by lift (count)",
+    "lift_ceiling": "the largest possible lift, N / n_e = 1 / frequency_topk, reached by a token whose every "
+                    "occurrence is routed here (null if never chosen)",
+    "lift_at_ceiling": "tokens with at least lift_min_count occurrences that reach lift_ceiling (count)",
     "top_next_tokens": "ids that most often follow its tokens: token_id, token, count",
     "top_contexts": "highest w·‖E_e(x)‖ positions: score, weight, domain, token, before, after (±8 tokens)",
     "promoted_tokens": "ids with the largest logits of its mean output through final norm + unembedding: token_id, token, logit",
@@ -235,8 +241,8 @@ OUTPUTS: tuple[Output, ...] = (
     Output("profile_layer{L}_expert{E}.json", "everything about one expert at one layer", "expert-profile", PROFILES,
            keys=PROFILE_KEYS),
     Output("figures/profile_layer{L}_expert{E}.{ext}", "one expert's profile on a page: domain mix, weight when "
-           "chosen, top tokens by count and by lift, next tokens, promoted and suppressed tokens", "expert-profile",
-           PROFILES),
+           "chosen, top tokens by count and by lift (with the lift ceiling and the minimum count), next tokens, "
+           "promoted and suppressed tokens, top contexts", "expert-profile", PROFILES),
     Output("profiles_layer{L}.csv", "one summary row per profiled expert of the layer", "expert-profile", PROFILES,
            columns={"layer": LAYER, "expert": EXPERT,
                     "frequency_topk": "share of tokens with the expert among their chosen experts (fraction)",
@@ -244,8 +250,9 @@ OUTPUTS: tuple[Output, ...] = (
                     "mean_weight": "mean routing weight when chosen (the model's weight scale)",
                     "top_domain": "domain with the most of the expert's assignments",
                     "top_domain_share": "share of the expert's assignments from top_domain (fraction)",
-                    "top_tokens": "its five most frequent input tokens (Python reprs, space-separated)",
-                    "promoted": "the five tokens its mean output promotes most (Python reprs, space-separated)"},
+                    "top_tokens": "its five most frequent input tokens (Python reprs, space-separated; a "
+                                  "fragment of a UTF-8 character as its bytes, b'\\xe2\\x80')",
+                    "promoted": "the five tokens its mean output promotes most (as top_tokens)"},
            integers=frozenset({"layer", "expert"})),
 
 )
