@@ -306,12 +306,13 @@ def _steps():
 
 def place_labels(ax: plt.Axes, anchors: np.ndarray, texts: Sequence[str], colours: Sequence, *,
                  fontsize: float = 8.0, obstacles: Sequence[plt.Artist] = (), gid: str = "point-label",
-                 **text_kw) -> list[Text]:
+                 beside: bool = False, marker_px: float = 3.0, **text_kw) -> list[Text]:
     """Write `texts[i]` at `anchors[i]` (data coordinates) so that no two labels overlap: each label takes the free
     spot nearest its anchor (on rings of growing radius), inside the axes and clear of the labels placed before it
     and of `obstacles` (e.g. a note in a corner); a label moved off its anchor gets a thin leader line to it.
-    Anchors that are NaN or outside the view get no label. Call it once the axes' limits are final: it freezes
-    them, and measures in display pixels after settling the layout."""
+    `beside`: the anchors are drawn markers (a scatter), so no label may cover any anchor's ±`marker_px` box (a
+    label of a centroid, the default, sits on it). Anchors that are NaN or outside the view get no label. Call it
+    once the axes' limits are final: it freezes them, and measures in display pixels after settling the layout."""
     fig = ax.figure
     fig.draw_without_rendering()
     ax.set_xlim(ax.get_xlim())  # leader lines must not widen the view the labels were placed in
@@ -319,6 +320,10 @@ def place_labels(ax: plt.Axes, anchors: np.ndarray, texts: Sequence[str], colour
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     taken = [_box(o.get_window_extent(renderer)) for o in obstacles if o.get_visible()]
+    if beside:
+        pixels = ax.transData.transform(np.asarray(anchors, dtype=np.float64).reshape(-1, 2))
+        taken += [np.array([px - marker_px, py - marker_px, px + marker_px, py + marker_px])
+                  for px, py in pixels if np.isfinite(px) and np.isfinite(py)]
     to_data = ax.transData.inverted()
     pad = 2.0  # pixels around each label: its white outline
     written = []

@@ -455,7 +455,7 @@ def _crowded_importance(experts: int = 16) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def test_importance_scatter_labels_near_the_origin_do_not_overprint():
-    from matplotlib.text import Annotation, Text
+    from matplotlib.text import Text
 
     from common.figures.interventions import plot_importance_scatter
     from common.plots import plt
@@ -466,13 +466,18 @@ def test_importance_scatter_labels_near_the_origin_do_not_overprint():
     fig = plot_importance_scatter(table, ["d0"], LAYER, 2 / 16, summary)
     fig.draw_without_rendering()
     renderer = fig.canvas.get_renderer()
-    labels = [a for a in fig.findobj(Annotation) if a.get_text().strip()]
-    boxes = [Text.get_window_extent(a, renderer) for a in labels]  # the text only, not a leader line
+    labels = [t for t in fig.findobj(Text) if t.get_gid() == "point-label"]
+    boxes = [t.get_window_extent(renderer) for t in labels]
     named = [int(part) for a in labels for part in a.get_text().split(",")]
     assert sorted(named) == sorted(labelled)  # every notable expert named, once
     for i in range(len(boxes)):
         for j in range(i + 1, len(boxes)):
             assert not boxes[i].overlaps(boxes[j]), (labels[i].get_text(), labels[j].get_text())
+    ax = fig.axes[0]
+    for expert in labelled:  # no label covers a labelled expert's marker
+        row = table[table.expert == expert].iloc[0]
+        px, py = ax.transData.transform((100 * row.freq_topk, row.delta_nll))
+        assert not any(box.contains(px, py) for box in boxes), expert
     plt.close(fig)
 
 

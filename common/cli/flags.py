@@ -301,7 +301,7 @@ class _ListAction(argparse.Action):
 
 
 def listing() -> str:
-    from common.data.presets import PRESETS  # imports the data package (torch): only when asked
+    from common.data.presets import PRESETS  # imported only when asked: --list is rare
     from common.model import moe_model_types
 
     lines = ["data presets (--data NAME; --domains / --num_domains pick among their domains):"]

@@ -8,11 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.colors import SymLogNorm
-from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator
-from matplotlib.transforms import Bbox
 
-from common.plots import PAGE_WIDTH, grid, plt
+from common.plots import PAGE_WIDTH, grid, place_labels, plt
 
 MODE_LABELS = {
     "scale": "scale factor a (w_e → a·w_e)",
@@ -212,51 +210,6 @@ def plot_importance_heatmap(delta: np.ndarray, frequency_all: np.ndarray, expert
     return fig
 
 
-# Where a point's label may go, in points from the point: beside it first, then on rings further out (with a leader
-# line), so that labels of experts crowded near (0, 0) do not print over each other.
-_DIRECTIONS = ((1, 1), (-1, 1), (1, -1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))
-LABEL_OFFSETS = [(2 * dx, 2 * dy) for dx, dy in _DIRECTIONS[:4]] + [
-    (radius * dx, radius * dy) for radius in (10, 18, 26, 34) for dx, dy in _DIRECTIONS]
-
-
-def _label_point(ax: plt.Axes, x: float, y: float, text: str, offset: tuple[float, float]) -> Text:
-    dx, dy = offset
-    leader = max(abs(dx), abs(dy)) > 2
-    label = ax.annotate(text, (x, y), xytext=offset, textcoords="offset points", fontsize=6,
-                        ha="left" if dx > 0 else "right" if dx < 0 else "center",
-                        va="bottom" if dy > 0 else "top" if dy < 0 else "center",
-                        arrowprops={"arrowstyle": "-", "color": "0.55", "linewidth": 0.5, "shrinkA": 0, "shrinkB": 2.5}
-                        if leader else None)
-    label.set_in_layout(False)  # placed after the layout; must not move it
-    return label
-
-
-def place_point_labels(fig: plt.Figure, ax: plt.Axes, points: Sequence[tuple[float, float, str]]) -> None:
-    """Label each point (x, y, text), in the order given, at the first of `LABEL_OFFSETS` where its text stays
-    inside the axes and overlaps neither a label placed before nor another labelled point. Call it once the
-    figure's layout is final (after suptitle and legends). A label with no free place goes beside its point."""
-    renderer = fig.canvas.get_renderer()
-    frame = ax.get_window_extent(renderer)
-    centres = [ax.transData.transform((x, y)) for x, y, _ in points]
-    markers = [Bbox.from_extents(cx - 3, cy - 3, cx + 3, cy + 3) for cx, cy in centres]
-    placed: list[Bbox] = []
-    for number, (x, y, text) in enumerate(points):
-        obstacles = placed + [m for other, m in enumerate(markers) if other != number]
-        for offset in LABEL_OFFSETS:
-            label = _label_point(ax, x, y, text, offset)
-            label.update_positions(renderer)
-            box = Text.get_window_extent(label, renderer)  # the text, without its leader line
-            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-            if inside and not any(box.overlaps(other) for other in obstacles):
-                placed.append(box)
-                break
-            label.remove()
-        else:
-            label = _label_point(ax, x, y, text, LABEL_OFFSETS[0])
-            label.update_positions(renderer)
-            placed.append(Text.get_window_extent(label, renderer))
-
-
 def plot_importance_scatter(table: pd.DataFrame, domains: Sequence[str], layer: int, uniform: float,
                             summary: pd.DataFrame, top: int = 3) -> plt.Figure:
     """Per domain: ΔNLL of each ablation against the expert's selection frequency on that domain."""
@@ -282,5 +235,6 @@ def plot_importance_scatter(table: pd.DataFrame, domains: Sequence[str], layer: 
                  f"of the {top} most selected and of the 5 costliest ablations)", fontsize=9)
     fig.draw_without_rendering()  # the final layout: the labels are placed in its coordinates
     for ax, points in labels:
-        place_point_labels(fig, ax, points)
+        place_labels(ax, np.array([(x, y) for x, y, _ in points]).reshape(-1, 2), [text for _, _, text in points],
+                     ["0.15"] * len(points), fontsize=6, beside=True)
     return fig
