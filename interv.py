@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     import torch
 
     from common.model import MoELayer, MoEModel
+    from common.model.config_facts import ConfigFacts
 
 SCRIPT = "interv"
 MODES = ("scale", "set", "force", "logit")
@@ -238,14 +239,25 @@ def plan_prompts(args: argparse.Namespace, prompts: list[str], skeleton: MoEMode
     if args.expert_id >= layer.num_experts:
         raise InputError(f"--expert_id {args.expert_id} out of range: layer {layer.layer} has experts "
                          f"0..{layer.num_experts - 1}")
-    tok = skeleton.tokenizer
+    return tokenize_prompts(args, prompts, skeleton.tokenizer, skeleton.context_length)
+
+
+def early_prompt_checks(args: argparse.Namespace, prompts: list[str], facts: ConfigFacts) -> None:
+    """`plan_prompts` on the config and tokenizer alone, before the modelling code is imported: --expert_id against
+    the config's expert count, and the prompts tokenised by the same call (`tokenize_prompts`)."""
+    facts.check_expert("--expert_id", args.expert_id, args.layer)
+    if facts.tokenizer is not None:
+        tokenize_prompts(args, prompts, facts.tokenizer, facts.context_length)
+
+
+def tokenize_prompts(args: argparse.Namespace, prompts: list[str], tok, context: int | None) -> PromptPlan:
+    """--target_token, the prompts' lengths against the context and --target_idx against the tokenised prompts."""
     target_id = _target_token(tok, args.target_token)
     encoded, targets = [], []
     for number, prompt in enumerate(prompts):
         ids = tok(prompt, add_special_tokens=True, return_tensors="pt")["input_ids"]
         if ids.shape[1] == 0:
             raise InputError(f"prompt {number} encodes to no tokens")
-        context = skeleton.context_length
         if context is not None and ids.shape[1] + args.max_new_tokens > context:
             raise InputError(f"prompt {number} ({ids.shape[1]} tokens) + --max_new_tokens {args.max_new_tokens} "
                              f"exceeds the model's context length {context}")
@@ -263,7 +275,7 @@ def run_prompts(args: argparse.Namespace, prompts: list[str]) -> None:
     def preflight(skeleton, layers, domains) -> None:
         plans.append(plan_prompts(args, prompts, skeleton, layers[0]))
 
-    s = pipeline.setup(config, preflight)
+    s = pipeline.setup(config, preflight, early=lambda facts: early_prompt_checks(args, prompts, facts))
     # imported once the input is known to be good: a refused run does not pay for them
     import pandas as pd
 
@@ -458,7 +470,11 @@ def run_dataset(args: argparse.Namespace) -> None:
     def preflight(skeleton, layers, domains) -> None:  # on the weightless model: refused before any weight is read
         ablated_experts(args, layers[0])
 
-    s = pipeline.setup(config, preflight)
+    def early(facts: ConfigFacts) -> None:  # on the config alone, before the modelling code is imported
+        for expert in args.experts or []:
+            facts.check_expert("--experts", expert, args.layer)
+
+    s = pipeline.setup(config, preflight, early)
     # imported once the input is known to be good: a refused run does not pay for them
     from tqdm import tqdm
 

@@ -39,6 +39,7 @@ from common.errors import InputError
 
 if TYPE_CHECKING:
     from common.model import MoELayer
+    from common.model.config_facts import ConfigFacts
 
 SCRIPT = "logit_lens"
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
@@ -94,8 +95,30 @@ def _restrictable(max_k: int | None, layers: Sequence[MoELayer]) -> int:
     return k
 
 
+def early_prompt_checks(position: int, text: str, facts: ConfigFacts) -> None:
+    """--position against the tokenised prompt from the config's tokenizer, before the modelling code is imported
+    (`common.analysis.lens` imports it, so its `prompt_ids` / `resolve_position` run later, on the same tokenizer,
+    and tests/test_early_checks.py holds the two to the same answers): the prompt is framed as `prompt_ids` frames
+    it (the tokenizer's leading specials, then the text's tokens) and refused in `resolve_position`'s words."""
+    if facts.tokenizer is None:
+        return
+    from common.data.batches import _layout
+
+    tok = facts.tokenizer
+    length = len(_layout(tok).prefix) + len(tok(text, add_special_tokens=False)["input_ids"])
+    if length and not -length <= position < length:
+        raise InputError(
+            f"--position {position} is beyond the prompt: it has {length} tokens (positions 0..{length - 1} or "
+            f"-{length}..-1, counting the tokenizer's leading special tokens)"
+        )
+
+
 def run_prompt(args: argparse.Namespace, text: str) -> None:
     config = cli.config(args, SCRIPT)
+    from common.cli import pipeline
+
+    # --layers against the config's layer count, --position against the prompt: before the modelling code is imported
+    pipeline.check_config(config, lambda facts: early_prompt_checks(args.position, text, facts))
     from common.analysis.lens import prompt_ids, resolve_position
     from common.model import MoEModel, inspect_model, load_model
     from common.model.load import load_tokenizer

@@ -27,6 +27,7 @@ from common.errors import InputError
 
 if TYPE_CHECKING:
     from common.model import MoELayer
+    from common.model.config_facts import ConfigFacts
 
 SCRIPT = "profiles"
 
@@ -60,7 +61,11 @@ def run(args: argparse.Namespace) -> None:
     def preflight(skeleton, layers, domains) -> None:  # on the weightless model: refused before any weight is read
         chosen_experts(args, layers[0])
 
-    s = pipeline.setup(config, preflight)
+    def early(facts: ConfigFacts) -> None:  # on the config alone, before the modelling code is imported
+        for expert in [] if args.all else args.expert_id:
+            facts.check_expert("--expert_id", expert, args.layer)
+
+    s = pipeline.setup(config, preflight, early)
     # imported once the input is known to be good: a refused run does not pay for them
     import pandas as pd
     import torch

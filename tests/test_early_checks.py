@@ -137,3 +137,141 @@ def test_good_prompt_flags_still_run(olmoe_folder, tmp_path, capsys):
                             "--no-progress"]) == 0
     capsys.readouterr()
     assert len(list(out.glob("*/*/*/*/run.json"))) == 2
+
+
+# ------------------------------------------------------------------------ config-level, no modelling code imported
+# What a config-level refusal may have imported: transformers' modelling core and any architecture's modelling module
+# (`transformers.models.auto.modeling_auto` is the name tables of the Auto classes, which AutoTokenizer reads).
+_MODELLING_PROBE = """
+import runpy, sys
+script, *args = sys.argv[1:]
+sys.argv = [script, *args]
+code = 0
+try:
+    runpy.run_path(script, run_name="__main__")
+except SystemExit as exit_:
+    code = exit_.code or 0
+names = [m for m in sys.modules if m == "transformers.modeling_utils"
+         or (m.startswith("transformers.models.") and ".modeling_" in m and ".auto." not in m)]
+print("MODELLING:" + ",".join(sorted(names)))
+sys.exit(code)
+"""
+
+# name -> (script, flags after --model, what the one line must say): answered from the config and tokenizer alone
+EARLY_CASES = {
+    "layer out of range": ("router_decisive.py", ["--layers", "4"],
+                           "layer 4 does not exist: the model has 4 decoder layers (0..3)"),
+    "negative layer out of range": ("router_decisive.py", ["--layers", "-5"],
+                                    "layer -5 does not exist: the model has 4 decoder layers (0..3)"),
+    "seq_len above the context": ("router_decisive.py", ["--seq_len", "600"],
+                                  "--seq_len 600 exceeds the model's context length 512"),
+    "expert_id out of range": ("profiles.py", ["--layer", "1", "--expert_id", "3", "8"],
+                               "--expert_id 8 out of range: layer 1 has experts 0..7"),
+    "interv expert_id": ("interv.py", ["--layer", "-3", "--prompt", PROMPT, "--expert_id", "8"],
+                         "--expert_id 8 out of range: layer 1 has experts 0..7"),
+    "interv experts": ("interv.py", ["--layer", "1", "--experts", "9", "--data", "{data}"],
+                       "--experts 9 out of range: layer 1 has experts 0..7"),
+    "target_idx beyond the prompt": ("interv.py", ["--layer", "1", "--prompt", PROMPT, "--expert_id", "0",
+                                                   "--target_idx", "11"],
+                                     "--target_idx 11 is beyond prompt 0 ('hello world'): it has 11 tokens"),
+    "negative target_idx beyond the prompt": ("interv.py", ["--layer", "1", "--prompt", PROMPT, "--expert_id", "0",
+                                                            "--target_idx", "-12"],
+                                              "--target_idx -12 is beyond prompt 0 ('hello world'): it has 11 tokens"),
+    "position beyond the prompt": ("logit_lens.py", ["--prompt", PROMPT, "--position", "11"],
+                                   "--position 11 is beyond the prompt: it has 11 tokens"),
+    "logit lens layer out of range": ("logit_lens.py", ["--prompt", PROMPT, "--layers", "7"],
+                                      "layer 7 does not exist: the model has 4 decoder layers"),
+}
+
+
+@pytest.mark.parametrize("case", EARLY_CASES)
+def test_config_level_errors_are_refused_before_modelling_code_is_imported(case, olmoe_folder, tmp_path):
+    import subprocess
+    import sys
+
+    script, flags, message = EARLY_CASES[case]
+    text = tmp_path / "a.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    argv = ["--model", str(olmoe_folder), *(f.format(data=text) for f in flags), "--num_tokens", "50",
+            "--out", str(tmp_path / "results"), "--no-progress"]
+    if script == "logit_lens.py":  # prompt mode reads no data
+        argv.remove("--num_tokens"), argv.remove("50")
+    result = subprocess.run([sys.executable, "-c", _MODELLING_PROBE, script, *argv], cwd=Path(__file__).parents[1],
+                            capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), result.stderr[-2000:]
+    assert message in lines[0], lines[0]
+    modelling = result.stdout.strip().splitlines()[-1].removeprefix("MODELLING:")
+    assert modelling == "", f"{case}: imported {modelling} before refusing"
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.fixture
+def bos_tokenizer():
+    """The byte tokenizer with a BOS put before every text (as Llama's tokenizers do): a leading special token that
+    prompt positions count."""
+    from tokenizers import processors
+
+    from common.model.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    assert tok("ab")["input_ids"] == [tok.bos_token_id, 97, 98]
+    return tok
+
+
+@pytest.mark.parametrize("with_bos", [False, True])
+def test_early_position_check_agrees_with_the_lens(with_bos, bos_tokenizer):
+    """logit_lens's early --position check (config tokenizer, before the lens module is imported) refuses exactly the
+    positions that `resolve_position(position, len(prompt_ids(...)))` refuses, with its message."""
+    from common.analysis.lens import prompt_ids, resolve_position
+    from common.errors import InputError
+    from common.model.config_facts import ConfigFacts
+    from common.model.tiny import tiny_tokenizer
+
+    tok = bos_tokenizer if with_bos else tiny_tokenizer()
+    facts = ConfigFacts(model="m", config=None, tokenizer=tok, num_decoder_layers=4, context_length=512, num_experts=8)
+    length = len(prompt_ids(tok, PROMPT))
+    assert length == 11 + with_bos
+    refused = 0
+    for position in range(-length - 3, length + 3):
+        try:
+            resolve_position(position, length)
+            expected = None
+        except InputError as err:
+            expected = str(err)
+        try:
+            logit_lens.early_prompt_checks(position, PROMPT, facts)
+            early = None
+        except InputError as err:
+            early = str(err)
+        assert early == expected, position
+        refused += expected is not None
+    assert refused == 6
+
+
+def test_early_checks_never_refuse_what_the_skeleton_accepts(olmoe_folder):
+    """The config's counts are the skeleton's: every layer and expert the weightless model has passes the early
+    checks, and the first index past each is refused by both."""
+    from common.config import ModelSpec
+    from common.errors import InputError
+    from common.model.config_facts import read_config_facts
+
+    spec = ModelSpec(model=str(olmoe_folder))
+    facts = read_config_facts(spec)
+    skeleton = load.inspect_moe(spec)
+    assert (facts.num_decoder_layers, facts.context_length) == (skeleton.num_decoder_layers, skeleton.context_length)
+    for index in range(-skeleton.num_decoder_layers, skeleton.num_decoder_layers):
+        assert facts.resolve_layer(index) == skeleton.resolve_layer(index)
+    for layer in skeleton.layers:
+        facts.check_expert("--expert_id", layer.num_experts - 1, layer.layer)
+        with pytest.raises(InputError, match=f"--expert_id {layer.num_experts} out of range"):
+            facts.check_expert("--expert_id", layer.num_experts, layer.layer)
+    for missing in (skeleton.num_decoder_layers, -skeleton.num_decoder_layers - 1):
+        with pytest.raises(InputError) as early:
+            facts.resolve_layer(missing)
+        with pytest.raises(InputError) as late:
+            skeleton.resolve_layer(missing)
+        assert str(early.value) == str(late.value)

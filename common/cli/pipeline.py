@@ -29,12 +29,14 @@ from common.data import (
     token_batches,
 )
 from common.errors import InputError
-from common.hooks import Capturable, Capture, capture
-from common.model import MoELayer, MoEModel, inspect_moe, load_moe
-from common.model.load import load_tokenizer
+from common.model.config_facts import ConfigFacts, read_config_facts
 
-# `start_run` imports the run folder (it brings pandas) when it is needed: a refused run does not pay for it.
+# `start_run` imports the run folder (it brings pandas) when it is needed: a refused run does not pay for it. The
+# loader, the model views and the hooks bring transformers' modelling code (seconds): they are imported once the
+# config's own checks (`check_config`) have passed.
 if TYPE_CHECKING:
+    from common.hooks import Capturable, Capture
+    from common.model import MoELayer, MoEModel
     from common.run import Run
 
 DEFAULT_SEQ_LEN = 512
@@ -51,7 +53,11 @@ class Setup:
 
 # A script's own checks on the weightless model (its tokenizer attached), its layers and domains: `--expert_id`
 # ranges, prompt positions, memory plans. Raise `InputError` to refuse.
-Preflight = Callable[[MoEModel, list[MoELayer], list[Domain]], None]
+Preflight = Callable[["MoEModel", list["MoELayer"], list[Domain]], None]
+# A script's own checks on the model's config and tokenizer alone (`ConfigFacts`: layer, context and expert counts,
+# the tokenizer), before any modelling code is imported: the definite refusals (`--expert_id` above the config's
+# expert count, prompt positions beyond the tokenised prompt). Raise `InputError` to refuse.
+EarlyCheck = Callable[[ConfigFacts], None]
 
 
 @dataclass
@@ -64,11 +70,13 @@ class Inspection:
     seq_len: int
 
 
-def setup(config: Config, preflight: Preflight | None = None) -> Setup:
+def setup(config: Config, preflight: Preflight | None = None, early: EarlyCheck | None = None) -> Setup:
     """Everything checkable from the data specs, the model's config and its tokenizer (`inspect_run`, with the
-    script's `preflight`), then the model itself."""
+    script's `early` checks and `preflight`), then the model itself."""
     distributed.init_from_env()
-    inspection = inspect_run(config, preflight)
+    inspection = inspect_run(config, preflight, early)
+    from common.model import load_moe
+
     if not config.run.progress:
         hf_logging.disable_progress_bar()
     moe = load_moe(config.model)
@@ -76,12 +84,17 @@ def setup(config: Config, preflight: Preflight | None = None) -> Setup:
     return Setup(config=config, moe=moe, layers=layers, domains=inspection.domains, seq_len=inspection.seq_len)
 
 
-def inspect_run(config: Config, preflight: Preflight | None = None) -> Inspection:
-    """Every check that needs no weight, so that a typo costs seconds, not a model load: the model's structure from
-    its config (a dense model or a wrong `--layers` refused), `--seq_len` against its context, its tokenizer (the
-    tokenizer's framing, `--pack`), the domains (the data specs were checked with the flags: here the demo corpus
-    is surveyed and hub datasets get the hub probe, after the model's own checks, which cost less), then the
-    script's own `preflight` on that weightless model."""
+def inspect_run(config: Config, preflight: Preflight | None = None, early: EarlyCheck | None = None) -> Inspection:
+    """Every check that needs no weight, so that a typo costs seconds, not a model load: first what the config and
+    tokenizer say alone (`check_config`, with the script's `early` checks), then the model's structure from the
+    weightless skeleton (a dense model or a dense `--layers` refused), `--seq_len` against its context, its
+    tokenizer (the tokenizer's framing, `--pack`), the domains (the data specs were checked with the flags: here
+    the demo corpus is surveyed and hub datasets get the hub probe, after the model's own checks, which cost less),
+    then the script's own `preflight` on that weightless model."""
+    check_config(config, early)
+    from common.model import inspect_moe
+    from common.model.load import load_tokenizer
+
     data = config.data
     skeleton = inspect_moe(config.model)
     layers = skeleton.select(config.layers)
@@ -95,6 +108,23 @@ def inspect_run(config: Config, preflight: Preflight | None = None) -> Inspectio
     if preflight is not None:
         preflight(skeleton, layers, domains)
     return Inspection(skeleton=skeleton, layers=layers, domains=domains, seq_len=seq_len)
+
+
+def check_config(config: Config, early: EarlyCheck | None = None) -> ConfigFacts | None:
+    """The definite refusals from the config and tokenizer alone, before transformers' modelling code is imported
+    (seconds): `--layers` beyond the decoder-layer count, `--seq_len` above the context, then the script's `early`
+    checks. Only what the skeleton's checks would refuse too (the same config fields, the same messages); None when
+    the config cannot be read this way (the skeleton's path reads it and says why)."""
+    facts = read_config_facts(config.model)
+    if facts is None:
+        return None
+    if config.layers is not None and not any(str(item).lower() == "all" for item in config.layers):
+        for item in config.layers:
+            facts.resolve_layer(item)
+    window_length(config.data, facts.context_length)
+    if early is not None:
+        early(facts)
+    return facts
 
 
 def window_length(data: DataSpec | None, context: int | None) -> int:
@@ -158,6 +188,8 @@ def captured_batches(
     parts of that many rows) instead of failing, with one warning. Only for consumers whose statistics are sums
     over rows that do not key anything on (batch number, row): the parts keep their batch's number.
     """
+    from common.hooks import capture
+
     max_rows: int | None = None
     with capture(moe, layers, what) as records:
         for batch in stream:

@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 
 from common import distributed, hub
-from common.config import RANDOM_PREFIX, SHIPPED_MODELS, ModelSpec
+from common.config import RANDOM_PREFIX, ModelSpec
 from common.errors import InputError
 from common.model import deepseek_moe
 from common.model.adapter import MoEModel, find_moe_layers
+from common.model.config_facts import hub_kwargs as _hub_kwargs
+from common.model.config_facts import model_source as _source
 from common.model.view import LanguageModel
 
 deepseek_moe.register()  # native DeepSeekMoE v1 (model_type "deepseek"): every load path below sees it
@@ -46,41 +48,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in table:
         raise InputError(f"--dtype {dtype}: choose auto, float32, bfloat16 or float16")
     return table[dtype]
-
-
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are exactly `org/name`; anything else with a separator, or anything on disk, is a path."""
-    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
-
-
-def _source(spec: ModelSpec) -> str | Path:
-    """Where `from_pretrained` reads the model: a shipped folder, a local folder, or a hub id."""
-    name = spec.model
-    if spec.revision and (name in SHIPPED_MODELS or name.startswith(RANDOM_PREFIX) or _looks_like_path(name)):
-        raise InputError(f"--revision applies to hub ids only; --model {name} is not one (drop --revision)")
-    if name in SHIPPED_MODELS:
-        source = SHIPPED_MODELS[name]
-        if not (source / "config.json").is_file():
-            raise InputError(f"--model {name}: the shipped model is missing from {source}")
-        return source
-    if _looks_like_path(name):
-        source = Path(name).expanduser()
-        if not source.exists():
-            raise InputError(f"--model {name}: no such directory")
-        if not (source / "config.json").is_file():
-            raise InputError(f"--model {name}: not a model directory (no config.json)")
-        return source
-    return name
-
-
-def _hub_kwargs(spec: ModelSpec, source: str | Path) -> dict:
-    """`revision`, and `local_files_only` when the hub cannot be reached (the cache answers at once, no retries)."""
-    if isinstance(source, Path):
-        return {}
-    kwargs: dict = {"revision": spec.revision} if spec.revision else {}
-    if not hub.reachable():
-        kwargs["local_files_only"] = True
-    return kwargs
 
 
 def _not_cached(spec: ModelSpec) -> InputError:

@@ -19,6 +19,7 @@ from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
 from common.errors import InputError
+from common.model.config_facts import CONTEXT_NAMES, LAYER_COUNT_NAMES, first_int, missing_layer, text_part
 
 _LAYER_LIST_NAMES = ("layers", "blocks", "h")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)(?:\.|$)")
@@ -30,7 +31,6 @@ _FFN_NAMES = ("mlp", "feed_forward", "ffn", "mixer", "shared_mlp")
 _ACTIVATION_NAMES = ("act_fn", "activation_fn", "act", "activation")
 # Config fields naming the activation of FFNs that hard-code it in forward (see FFNSpelling.hardcoded_activation).
 _CONFIG_ACTIVATION_NAMES = ("hidden_act", "hidden_activation", "activation_function")
-_CONTEXT_NAMES = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length")
 
 
 @dataclass(frozen=True)
@@ -215,16 +215,6 @@ def _is_dense_ffn(module: nn.Module, config: object = None) -> bool:
     return _dense_ffn(module, config) is not None
 
 
-def first_int(objects: Sequence[object], names: Sequence[str]) -> int | None:
-    """The first positive int attribute among `names` on `objects` (config fields differ between architectures)."""
-    for obj in objects:
-        for name in names:
-            value = getattr(obj, name, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-    return None
-
-
 def decoder_layer_index(path: str) -> int:
     found = _LAYER_INDEX.findall(path)
     if not found:
@@ -233,8 +223,7 @@ def decoder_layer_index(path: str) -> int:
 
 
 def text_config(model: nn.Module) -> object:
-    config = getattr(model, "config", None)
-    return getattr(config, "text_config", None) or config
+    return text_part(getattr(model, "config", None))
 
 
 def _logits_postprocess(config: object) -> tuple[float | None, float | None]:
@@ -284,12 +273,12 @@ class LanguageModel:
     @property
     def context_length(self) -> int | None:
         """The longest sequence the model was configured for; None if the config does not say."""
-        return first_int([text_config(self.model), self.model.config], _CONTEXT_NAMES)
+        return first_int([text_config(self.model), self.model.config], CONTEXT_NAMES)
 
     # -- structure
     def _find_layer_list(self) -> str:
         """The path of the decoder's layer list: the longest ModuleList named layers/blocks/h."""
-        expected = first_int([text_config(self.model), self.model.config], ("num_hidden_layers", "n_layers", "num_layers"))
+        expected = first_int([text_config(self.model), self.model.config], LAYER_COUNT_NAMES)
         best: tuple[bool, int, str] | None = None
         for path, module in self.model.named_modules():
             if isinstance(module, nn.ModuleList) and path.rsplit(".", 1)[-1] in _LAYER_LIST_NAMES and len(module) > 0:
@@ -325,10 +314,7 @@ class LanguageModel:
             raise InputError(f"--layers: '{index}' is not a layer index or 'all'") from None
         resolved = value + self.num_decoder_layers if value < 0 else value
         if not 0 <= resolved < self.num_decoder_layers:
-            raise InputError(
-                f"layer {value} does not exist: the model has {self.num_decoder_layers} decoder layers "
-                f"(0..{self.num_decoder_layers - 1})"
-            )
+            raise missing_layer(value, self.num_decoder_layers)
         return resolved
 
     def select_ffns(self, spec: Sequence[int | str] | None) -> list[DenseFFN]:
