@@ -363,3 +363,28 @@ def test_threads_are_applied_before_the_model_loads_recorded_and_restored(tmp_pa
     assert (recorded["arguments"]["threads"], recorded["torch_threads"]) == (None, before)
     with pytest.raises(InputError, match="argument --threads: must be at least 1"):
         router_decisive.build_parser().parse_args(["--threads", "0"])
+
+
+def test_an_error_a_stop_causes_on_its_way_out_is_the_stop(tmp_path, capsys):
+    """A library may turn the interrupt into another error (seen: a RecursionError out of transformers' lazy imports
+    when SIGHUP arrived mid-import): it is still the stop, with its line and exit code, and the run's folder goes."""
+    import os
+
+    from common.cli import ArgumentParser, run_main
+    from common.config import RunSpec
+    from common.run import Run
+
+    out = tmp_path / "results"
+
+    def body(args) -> None:
+        with Run(RunSpec(script="probe", out=out, seed=0), model="m", data="d"):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler interrupts the sleep
+            except KeyboardInterrupt:
+                raise RuntimeError("maximum recursion depth exceeded") from None
+
+    assert run_main(ArgumentParser(prog="probe.py"), body, []) == 143
+    assert capsys.readouterr().err == "probe.py: stopped by SIGTERM; nothing written\n"
+    assert not out.exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the previous handler is back

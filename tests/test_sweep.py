@@ -108,3 +108,21 @@ def test_a_job_whose_data_has_no_token_fails_and_is_not_recorded(tmp_path, capsy
     assert (f"FAILED: router_decisive.py --model random:olmoe --out {out} --no-progress --data {blank} --num_tokens 50 "
             f"--layers 0 -> router_decisive.py: error: --data: domain 'blank' ({blank}) has no token to count") in report
     assert not (out / ".sweep").exists() and not list(out.rglob("run.json"))
+
+
+def test_dry_run_lists_hub_inputs_as_unchecked_when_the_hub_is_unreachable(tmp_path, monkeypatch, capsys):
+    from common import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "reachable", lambda: False)
+    out, missing = tmp_path / "out", tmp_path / "no-such-model"
+    argv = ["router_decisive.py", "--models", "allenai/OLMoE-1B-7B-0924", str(missing), "--data", "olmoe", "--out",
+            str(out), "--dry-run"]
+    assert sweep.main(argv) == 2  # the missing folder is still invalid
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("todo: router_decisive.py --model allenai/OLMoE-1B-7B-0924 ")
+    assert lines[0].endswith("(inputs the Hugging Face hub is unreachable from this machine; not checked: --model "
+                             "allenai/OLMoE-1B-7B-0924, --data arxiv, --data github, --data wikipedia, --data books, "
+                             "--data c4)")
+    assert lines[1].startswith("invalid: ") and lines[1].endswith(f"--model {missing}: no such directory")
+    assert not out.exists()

@@ -24,11 +24,11 @@ import signal
 import sys
 import tempfile
 import textwrap
-import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from common import stops
 from common.config import (
     DTYPES,
     PROJECT_ROOT,
@@ -459,38 +459,6 @@ def _memory_hint(parser: argparse.ArgumentParser) -> str:
     return "try " + ", or ".join(options) if options else "free the device's memory or use a larger device"
 
 
-class Terminated(KeyboardInterrupt):
-    """A stop asked for by a signal (SIGTERM from `timeout`, Slurm or a container stop; SIGHUP from a closed
-    terminal): handled like Ctrl-C, so the run's staging folder is removed on the way out."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-STOP_SIGNALS = ("SIGTERM", "SIGHUP")
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated(signum)
-
-
-@contextlib.contextmanager
-def _stop_signals_raise() -> Iterator[None]:
-    """While a script runs, SIGTERM and SIGHUP raise `Terminated` in the main thread (Python's default is to die
-    at once, leaving the hidden staging folder behind); the previous handlers come back afterwards."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
-        yield
-        return
-    wanted = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
-    previous = {signum: signal.signal(signum, _raise_terminated) for signum in wanted}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 @contextlib.contextmanager
 def _torch_threads(count: int | None) -> Iterator[None]:
     """`--threads N`: torch's CPU threads while the script runs, set before its model loads (here, not in the model
@@ -509,6 +477,16 @@ def _torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _stopped(parser: argparse.ArgumentParser) -> int:
+    """One line and the exit code of a stop: 130 for Ctrl-C, 128 + the signal's number otherwise (143 for SIGTERM)."""
+    signum = stops.requested() or signal.SIGINT
+    if signum == signal.SIGINT:
+        print(f"{parser.prog}: interrupted; nothing written", file=sys.stderr)
+    else:
+        print(f"{parser.prog}: stopped by {signal.Signals(signum).name}; nothing written", file=sys.stderr)
+    return 128 + signum
+
+
 def run_main(parser: ArgumentParser, body: Callable[[argparse.Namespace], None], argv: Sequence[str] | None) -> int:
     """Parse, validate and run; `InputError` -> one line on stderr, exit 2; Ctrl-C -> one line, exit 130; SIGTERM
     or SIGHUP -> one line, exit 128 + the signal's number (143, 129), the run's folders removed as for Ctrl-C; the
@@ -520,7 +498,7 @@ def run_main(parser: ArgumentParser, body: Callable[[argparse.Namespace], None],
 
     previous, warnings.showwarning = warnings.showwarning, one_line_warning
     try:
-        with _stop_signals_raise():
+        with stops.handled():
             args = parser.parse_args(argv)
             command = [parser.prog, *(sys.argv[1:] if argv is None else argv)]
             with _torch_threads(getattr(args, "threads", None)):
@@ -528,15 +506,13 @@ def run_main(parser: ArgumentParser, body: Callable[[argparse.Namespace], None],
     except InputError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
-    except Terminated as stop:
-        print(f"{parser.prog}: stopped by {signal.Signals(stop.signum).name}; nothing written", file=sys.stderr)
-        return 128 + stop.signum
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; nothing written", file=sys.stderr)
-        return 130
+        return _stopped(parser)
     except SystemExit as exit_:  # --help / --list
         return int(exit_.code or 0)
     except Exception as err:
+        if stops.requested() is not None:  # an error the stop caused on its way out (e.g. inside an import)
+            return _stopped(parser)
         if not _out_of_memory(err):
             raise
         print(f"{parser.prog}: error: out of memory ({str(err).strip().splitlines()[0][:200]}); "

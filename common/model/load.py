@@ -104,6 +104,21 @@ def _remote_code_error(spec: ModelSpec, model_type: str | None, err: BaseExcepti
     )
 
 
+def _read_pretrained(spec: ModelSpec, read):
+    """`read(source, ...)` (a config's or tokenizer's `from_pretrained`) with the loader's one-line errors: a model
+    that is not cached while offline, a missing or unreadable one, a repository's own code that fails."""
+    source = _source(spec)
+    hub_kwargs = _hub_kwargs(spec, source)
+    try:
+        return read(source, trust_remote_code=spec.trust_remote_code, **hub_kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise (_not_cached(spec) if hub_kwargs.get("local_files_only") else _load_error(spec.model, err)) from None
+    except _REMOTE_CODE_ERRORS as err:
+        if spec.trust_remote_code and _raised_in_remote_code(err):
+            raise _remote_code_error(spec, _declared_model_type(source, spec.revision), err) from None
+        raise
+
+
 def _skeleton(spec: ModelSpec):
     """The model built from its config alone, parameters on the meta device (no weights are read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -113,16 +128,7 @@ def _skeleton(spec: ModelSpec):
 
         config = tiny_config(spec.model[len(RANDOM_PREFIX):], vocab_size=len(tiny_tokenizer()))
     else:
-        source = _source(spec)
-        hub_kwargs = _hub_kwargs(spec, source)
-        try:
-            config = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **hub_kwargs)
-        except (OSError, ValueError, KeyError) as err:
-            raise (_not_cached(spec) if hub_kwargs.get("local_files_only") else _load_error(spec.model, err)) from None
-        except _REMOTE_CODE_ERRORS as err:
-            if spec.trust_remote_code and _raised_in_remote_code(err):
-                raise _remote_code_error(spec, _declared_model_type(source, spec.revision), err) from None
-            raise
+        config = _read_pretrained(spec, AutoConfig.from_pretrained)
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
@@ -207,16 +213,7 @@ def load_tokenizer(spec: ModelSpec):
 
         tokenizer = tiny_tokenizer()
     else:
-        source = _source(spec)
-        hub_kwargs = _hub_kwargs(spec, source)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **hub_kwargs)
-        except (OSError, ValueError, KeyError) as err:
-            raise (_not_cached(spec) if hub_kwargs.get("local_files_only") else _load_error(spec.model, err)) from None
-        except _REMOTE_CODE_ERRORS as err:
-            if spec.trust_remote_code and _raised_in_remote_code(err):
-                raise _remote_code_error(spec, _declared_model_type(source, spec.revision), err) from None
-            raise
+        tokenizer = _read_pretrained(spec, AutoTokenizer.from_pretrained)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token  # as `_loaded` does: batching needs a pad id
     return tokenizer

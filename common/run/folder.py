@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common import distributed
+from common import distributed, stops
 from common.atomic import atomic_write
 from common.config import PROJECT_ROOT, RunSpec
 from common.errors import InputError
@@ -165,7 +165,7 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.finish()
-        elif issubclass(exc_type, (InputError, KeyboardInterrupt, SystemExit)):
+        elif issubclass(exc_type, (InputError, KeyboardInterrupt, SystemExit)) or stops.requested() is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self._remove_empty_parents()
         else:

@@ -1,0 +1,48 @@
+"""Stops asked for from outside (Ctrl-C, SIGTERM from `timeout`, Slurm or a container stop, SIGHUP), told apart
+from failures.
+
+A stop raises `KeyboardInterrupt` where the program happens to be. When that moment is inside an import, some
+libraries turn the interrupt into another error on its way out (a RecursionError from transformers' lazy modules
+was seen); `requested()` says that a stop was asked for, so the run folder and the command line treat whatever
+error follows as the stop it is: folders removed, one line, exit 128 + the signal's number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+_received: list[int] = []  # the signals received while `handled()` is active, in order
+
+
+def requested() -> int | None:
+    """The first stop signal received while `handled()` was active (its number), or None."""
+    return _received[0] if _received else None
+
+
+def _record_and_interrupt(signum: int, frame: object) -> None:
+    first = not _received
+    _received.append(signum)
+    if first:  # one interrupt: a second signal during the clean-up must not cut the clean-up short
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def handled() -> Iterator[None]:
+    """While active, SIGINT, SIGTERM and SIGHUP record themselves and raise KeyboardInterrupt in the main thread
+    (Python's default for SIGTERM and SIGHUP is to die at once, leaving a half-written staging folder behind); the
+    previous handlers come back afterwards."""
+    _received.clear()
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
+        yield
+        return
+    wanted = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+    previous = {signum: signal.signal(signum, _record_and_interrupt) for signum in wanted}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
