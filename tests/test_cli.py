@@ -334,19 +334,20 @@ def test_threads_are_applied_before_the_model_loads_recorded_and_restored(tmp_pa
     import torch
 
     import router_decisive
-    from common.cli import pipeline
     from common.errors import InputError
 
     before = torch.get_num_threads()
     wanted = 1 if before > 1 else 2
     at_load: list[int] = []
-    real_load = pipeline.load_moe
+    import common.model
+
+    real_load = common.model.load_moe
 
     def load_and_count(spec):
         at_load.append(torch.get_num_threads())
         return real_load(spec)
 
-    monkeypatch.setattr(pipeline, "load_moe", load_and_count)
+    monkeypatch.setattr(common.model, "load_moe", load_and_count)  # where the pipeline imports it from when it loads
     base = ["--model", "random:olmoe", "--data", f"a={_data_file(tmp_path)}", "--num_tokens", "200", "--seq_len", "32",
             "--layers", "0", "--no-progress"]
     try:

@@ -10,7 +10,6 @@ import torch
 import router_metrics
 from common.analysis.memory import GiB, plan_routing_counts
 from common.analysis.specialization import TOKEN_TABLES, RoutingCounts, token_overlap, token_specialization
-from common.cli import pipeline
 from common.config import ModelSpec
 from common.data import Domain, token_batches
 from common.errors import InputError
@@ -90,7 +89,9 @@ def test_tiny_budget_is_refused_in_one_line_before_any_weight_is_loaded(tmp_path
     def no_weights(spec):
         raise AssertionError("weights were loaded before the memory check")
 
-    monkeypatch.setattr(pipeline, "load_moe", no_weights)
+    import common.model
+
+    monkeypatch.setattr(common.model, "load_moe", no_weights)  # where the pipeline imports it from when it loads
     argv = ["--model", "demo", "--stats_memory", "0.0001", "--out", str(tmp_path / "out"), "--no-progress"]
     assert router_metrics.main(argv) == 2
     err = capsys.readouterr().err.strip()
