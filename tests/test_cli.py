@@ -74,7 +74,7 @@ STOPS = {  # signal -> (exit code, the one line): Ctrl-C, and what timeout, Slur
 }
 
 
-@pytest.mark.parametrize("stop", list(STOPS))
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", pytest.param("SIGHUP", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("when", ["while importing", "mid-run"])
 def test_a_stop_prints_one_line_exits_128_plus_signal_and_leaves_nothing(tmp_path, when, stop):
     out = tmp_path / "results"

@@ -151,6 +151,7 @@ def test_bad_inputs_are_refused_in_one_line(tmp_path, capsys):
     assert "different data" in _refused(capsys, tmp_path, [str(folders[0]), str(french)])
 
 
+@pytest.mark.slow  # 17 s: two real runs; the planted tests cover the numbers
 def test_end_to_end_on_two_tiny_real_runs(tmp_path):
     import router_decisive
 

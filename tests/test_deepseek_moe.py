@@ -341,6 +341,7 @@ def test_deepseek_checkpoint_with_auto_map_loads_natively(tmp_path: Path, tiny_d
         torch.testing.assert_close(moe.forward(ids).logits, expected, atol=0, rtol=0)
 
 
+@pytest.mark.slow  # 26 s: a whole router_metrics run; the adapter tests above cover the architecture
 def test_router_metrics_runs_on_deepseek_moe(tmp_path: Path, tiny_dir: Path, capsys):
     import router_metrics
 

@@ -145,6 +145,7 @@ def metrics_runs(tmp_path_factory, two_domains) -> tuple[Path, Path]:
     return _published(root / "one"), _published(root / "two")
 
 
+@pytest.mark.slow  # 30 s on the 2-core box; test_two_processes_equal_one covers the same sum in the default run
 def test_router_metrics_two_processes_equal_one(metrics_runs):
     one, two = metrics_runs
     assert (_world_size(one), _world_size(two)) == (1, 2)
@@ -168,6 +169,7 @@ def test_router_metrics_two_processes_equal_one(metrics_runs):
     assert json.loads((one / "run.json").read_text())["tokens"] == json.loads((two / "run.json").read_text())["tokens"]
 
 
+@pytest.mark.slow  # shares the 30 s two-process router_metrics runs above
 def test_saturation_two_processes_equal_one(metrics_runs):
     one, two = metrics_runs
     a, b = (pd.read_csv(run / "saturation.csv") for run in (one, two))
@@ -180,6 +182,7 @@ def test_saturation_two_processes_equal_one(metrics_runs):
     assert b.topk_overlap.between(0, 1).all() and (b.topk_overlap < 1).all()  # a different checkpoint
 
 
+@pytest.mark.slow  # 40 s on the 2-core box
 def test_profiles_two_processes_equal_one(tmp_path, two_domains):
     argv = [*_common(two_domains, "random:olmoe"), "--layer", "1", "--all"]
     two = _torchrun("profiles.py", [*argv, "--out", str(tmp_path / "two")], tmp_path / "torchrun.log")

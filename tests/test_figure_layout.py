@@ -182,7 +182,7 @@ def _ticks(ax: plt.Axes) -> tuple[set[int], set[int]]:
     return major | minor, labelled & major
 
 
-@pytest.mark.parametrize("num_experts", [16, 64])
+@pytest.mark.parametrize("num_experts", [16, pytest.param(64, marks=pytest.mark.slow)])
 def test_every_expert_has_a_tick_on_the_bar_charts(num_experts):
     experts = set(range(num_experts))
     table = pd.DataFrame([{"layer": layer, "expert": e, "jsd_bits": 0.05 + 0.01 * (e % 7),
