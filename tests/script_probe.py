@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "sklearn", "umap")
-_PROBE = f"""
+_PROBE = """
 import runpy, sys
 script, *args = sys.argv[1:]
 sys.argv = [script, *args]
@@ -18,16 +18,22 @@ try:
     runpy.run_path(script, run_name="__main__")
 except SystemExit as exit_:
     code = exit_.code or 0
-print("HEAVY:" + ",".join(m for m in {HEAVY!r} if m in sys.modules))
+print("MODULES:" + ",".join(sorted(sys.modules)))
 sys.exit(code)
 """
 
 
-def run_script(script: str, *args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """(the finished process, its stdout without the probe's line; the heavy modules it imported)."""
+def run_script_modules(script: str, *args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """(the finished process, its stdout without the probe's line; every module it had imported when it ended)."""
     result = subprocess.run([sys.executable, "-c", _PROBE, script, *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=timeout)
     *lines, last = result.stdout.rstrip("\n").split("\n")
-    assert last.startswith("HEAVY:"), result.stdout[-500:] + result.stderr[-500:]
+    assert last.startswith("MODULES:"), result.stdout[-500:] + result.stderr[-500:]
     result.stdout = "\n".join(lines)
-    return result, [m for m in last.removeprefix("HEAVY:").split(",") if m]
+    return result, set(last.removeprefix("MODULES:").split(","))
+
+
+def run_script(script: str, *args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """(the finished process, its stdout without the probe's line; the heavy modules it imported)."""
+    result, modules = run_script_modules(script, *args, timeout=timeout)
+    return result, [m for m in HEAVY if m in modules]

@@ -21,7 +21,7 @@ import profiles
 import router_decisive
 import weights
 from common.model import load
-from tests.script_probe import run_script
+from tests.script_probe import run_script, run_script_modules
 
 # --------------------------------------------------------------------------------------------- data specs, no torch
 DATA_SPECS = {  # --data flags -> what the one line must say
@@ -142,20 +142,6 @@ def test_good_prompt_flags_still_run(olmoe_folder, tmp_path, capsys):
 # ------------------------------------------------------------------------ config-level, no modelling code imported
 # What a config-level refusal may have imported: transformers' modelling core and any architecture's modelling module
 # (`transformers.models.auto.modeling_auto` is the name tables of the Auto classes, which AutoTokenizer reads).
-_MODELLING_PROBE = """
-import runpy, sys
-script, *args = sys.argv[1:]
-sys.argv = [script, *args]
-code = 0
-try:
-    runpy.run_path(script, run_name="__main__")
-except SystemExit as exit_:
-    code = exit_.code or 0
-names = [m for m in sys.modules if m == "transformers.modeling_utils"
-         or (m.startswith("transformers.models.") and ".modeling_" in m and ".auto." not in m)]
-print("MODELLING:" + ",".join(sorted(names)))
-sys.exit(code)
-"""
 
 # name -> (script, flags after --model, what the one line must say): answered from the config and tokenizer alone
 EARLY_CASES = {
@@ -186,8 +172,6 @@ EARLY_CASES = {
 
 @pytest.mark.parametrize("case", EARLY_CASES)
 def test_config_level_errors_are_refused_before_modelling_code_is_imported(case, olmoe_folder, tmp_path):
-    import subprocess
-    import sys
 
     script, flags, message = EARLY_CASES[case]
     text = tmp_path / "a.txt"
@@ -196,14 +180,14 @@ def test_config_level_errors_are_refused_before_modelling_code_is_imported(case,
             "--out", str(tmp_path / "results"), "--no-progress"]
     if script == "logit_lens.py":  # prompt mode reads no data
         argv.remove("--num_tokens"), argv.remove("50")
-    result = subprocess.run([sys.executable, "-c", _MODELLING_PROBE, script, *argv], cwd=Path(__file__).parents[1],
-                            capture_output=True, text=True, timeout=120)
+    result, modules = run_script_modules(script, *argv, timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), result.stderr[-2000:]
     assert message in lines[0], lines[0]
-    modelling = result.stdout.strip().splitlines()[-1].removeprefix("MODELLING:")
-    assert modelling == "", f"{case}: imported {modelling} before refusing"
+    modelling = sorted(m for m in modules if m == "transformers.modeling_utils"
+                       or (m.startswith("transformers.models.") and ".modeling_" in m and ".auto." not in m))
+    assert not modelling, f"{case}: imported {modelling} before refusing"
     assert not (tmp_path / "results").exists()
 
 
