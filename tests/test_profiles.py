@@ -101,10 +101,9 @@ def _record_figures(monkeypatch) -> dict[str, dict]:
     return figures
 
 
-# The --min_count 40 case failed once in a full clean-clone run (no lift token at all) and passes alone and in two
-# other full runs: an order or hash-seed dependence not yet found. Kept out of the default run until it is; see the
-# closing note of this stop.
-@pytest.mark.parametrize("min_count", [None, pytest.param(40, marks=pytest.mark.slow)])
+# 300 counted tokens of domain 0 over its 8 letters: about 37 occurrences each, so --min_count 30 keeps some of
+# group 0's four letters in every document order (40, tried first, left none in some orders).
+@pytest.mark.parametrize("min_count", [None, 30])
 def test_lift_ceiling_ties_and_minimum_count_are_stated(planted, monkeypatch, tmp_path, min_count):
     """Every token of a planted group goes to the group's first expert each time it occurs, so all four sit on the
     lift ceiling N / n_e: the profile says where the ceiling is, how many tokens reach it and the minimum count;

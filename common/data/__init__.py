@@ -24,7 +24,8 @@ Documents:
 
 Order: sources are read in a fixed order (files sorted, datasets in stream order), then shuffled with the seed in
 a bounded buffer (`shuffle_buffer` documents, at most 32 Mi characters), the way streaming datasets are shuffled:
-the same seed gives the same documents in the same order; a source smaller than the buffer is fully shuffled.
+the same seed gives the same documents in the same order; a source smaller than the buffer is fully shuffled. The
+order is seeded by the source (a local path by its last component only, so moving the files keeps the order).
 
 Token accounting (docs/METRICS.md#conventions, "Counted tokens"): see `token_batches`. Batches hold rows of one domain at a time, domains
 in the order given, so each domain's data is read only once and stops being read as soon as its budget is met.

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from common.data.domains import Domain, _demo_documents
 from common.data.readers import _file_records, _texts, local_files
-from common.data.sources import DemoSpec, HFSpec, SourceSpec, parse_source
+from common.data.sources import DemoSpec, HFSpec, LocalSpec, SourceSpec, parse_source
 from common.errors import InputError
 
 DEFAULT_SHUFFLE_BUFFER = 1000  # documents; big enough to mix a source, small enough for books (see the char cap)
@@ -58,6 +59,15 @@ def _source_documents(spec: SourceSpec, source: str, split: str) -> Iterator[str
             yield from _texts(_file_records(path), spec.fields, spec.filters, str(path))
 
 
+def _order_key(spec: SourceSpec, source: str) -> str:
+    """What seeds a domain's document order: its source, not its name (renaming a domain keeps its order), with a
+    local path cut to its last component, so that the same files give the same order wherever they are mounted
+    (another machine, another user's home, a test's temporary folder)."""
+    if isinstance(spec, LocalSpec):
+        return source.replace(spec.path, Path(spec.path).name, 1)
+    return source
+
+
 def iter_documents(
     domain: Domain,
     split: str = "train",
@@ -72,6 +82,5 @@ def iter_documents(
     if split not in _SPLITS:
         raise InputError(f"split must be one of {', '.join(_SPLITS)}, got {split!r}")
     spec = parse_source(domain.source)
-    # Seeded by the source, not the name: renaming a domain keeps its order. str seeds hash stably (sha512).
-    rng = random.Random(f"moescope:{seed}:{domain.source}")
+    rng = random.Random(f"moescope:{seed}:{_order_key(spec, domain.source)}")  # str seeds hash stably (sha512)
     return _shuffled(_source_documents(spec, domain.source, split), rng, shuffle_buffer)
