@@ -49,7 +49,6 @@ from common.cli import at_least, base_parser, positive_float, run_main
 from common.errors import InputError
 
 if TYPE_CHECKING:
-    import torch
 
     from common.model import MoELayer, MoEModel
     from common.model.config_facts import ConfigFacts
@@ -228,7 +227,7 @@ def _value_text(mode: str, value: float | None) -> str:
 class PromptPlan:
     """The prompts tokenised and their target positions resolved, with the --target_token id."""
 
-    encoded: list[torch.Tensor]  # [1, n] token ids, one per prompt
+    encoded: list[list[int]]  # token ids, one list per prompt (torch-free: the early checks build it too)
     targets: list[list[int] | None]
     target_id: int | None
 
@@ -255,14 +254,14 @@ def tokenize_prompts(args: argparse.Namespace, prompts: list[str], tok, context:
     target_id = _target_token(tok, args.target_token)
     encoded, targets = [], []
     for number, prompt in enumerate(prompts):
-        ids = tok(prompt, add_special_tokens=True, return_tensors="pt")["input_ids"]
-        if ids.shape[1] == 0:
+        ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
+        if not ids:
             raise InputError(f"prompt {number} encodes to no tokens")
-        if context is not None and ids.shape[1] + args.max_new_tokens > context:
-            raise InputError(f"prompt {number} ({ids.shape[1]} tokens) + --max_new_tokens {args.max_new_tokens} "
+        if context is not None and len(ids) + args.max_new_tokens > context:
+            raise InputError(f"prompt {number} ({len(ids)} tokens) + --max_new_tokens {args.max_new_tokens} "
                              f"exceeds the model's context length {context}")
         encoded.append(ids)
-        targets.append(_resolve_targets(args.targets, ids.shape[1], number, prompt))
+        targets.append(_resolve_targets(args.targets, len(ids), number, prompt))
     return PromptPlan(encoded, targets, target_id)
 
 
@@ -278,13 +277,15 @@ def run_prompts(args: argparse.Namespace, prompts: list[str]) -> None:
     s = pipeline.setup(config, preflight, early=lambda facts: early_prompt_checks(args, prompts, facts))
     # imported once the input is known to be good: a refused run does not pay for them
     import pandas as pd
+    import torch
 
     from common.analysis.importance import kl_divergence, next_token_summary, run_prompt
     from common.hooks import RoutingEdit
     from common.run import Run
 
     moe, layer, tok = s.moe, s.layers[0], s.moe.tokenizer
-    encoded, targets, target_id = plans[0].encoded, plans[0].targets, plans[0].target_id
+    encoded = [torch.tensor([ids], dtype=torch.long) for ids in plans[0].encoded]  # [1, n] each
+    targets, target_id = plans[0].targets, plans[0].target_id
 
     e, mode = args.expert_id, args.mode
     generation = {"sample": args.sample, "temperature": args.temperature, "seed": args.seed, "eos_id": tok.eos_token_id}

@@ -102,10 +102,10 @@ def early_prompt_checks(position: int, text: str, facts: ConfigFacts) -> None:
     it (the tokenizer's leading specials, then the text's tokens) and refused in `resolve_position`'s words."""
     if facts.tokenizer is None:
         return
-    from common.data.batches import _layout
+    from common.data.framing import special_frame
 
     tok = facts.tokenizer
-    length = len(_layout(tok).prefix) + len(tok(text, add_special_tokens=False)["input_ids"])
+    length = len(special_frame(tok)[0]) + len(tok(text, add_special_tokens=False)["input_ids"])
     if length and not -length <= position < length:
         raise InputError(
             f"--position {position} is beyond the prompt: it has {length} tokens (positions 0..{length - 1} or "

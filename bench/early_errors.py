@@ -13,27 +13,22 @@ with another message, and the case fails. Beside it, a dense model of OLMo-1B's 
 
 Cases: the data specs (a missing file, an unknown preset, an unknown domain, --num_domains above the preset's
 count), refused before torch is imported; and what the model's config and tokenizer tell (--layers, --expert_id,
---target_idx against the tokenised prompt, --position, --seq_len against the context), refused from AutoConfig and
-AutoTokenizer alone, before transformers' modelling code is imported (`pipeline.check_config`); a dense model is
-refused on the weightless model (the config cannot say it for sure). Each runs as a user runs it, `uv run`
-included, from a fresh process; the clock is the wall clock (what a user waits). The floor line times `import
-torch, transformers` and OLMoE's modelling code alone: what building the weightless model pays before it starts.
+--target_idx against the tokenised prompt, --position, --seq_len against the context, a dense model), refused
+from config.json and tokenizer.json read as files (`config_facts._file_facts`, `file_tokenizer.FileTokenizer`),
+before torch is imported (`pipeline.check_config`). Each runs as a user runs it, `uv run` included, from a fresh
+process; the clock is the wall clock (what a user waits). The floor line times `import torch, transformers` and
+OLMoE's modelling code alone: what building the weightless model pays before it starts.
 
-Exit status 1 if any case takes longer than --limit seconds or is not a one-line error with exit code 2 that
-names the flag at fault and leaves no results folder.
-
-Results on the project's 2-core CPU box (torch 2.15, transformers 5.23), with a bytecode cache (--pycache), the
-box shared with other jobs (load average 0.8-3.4), so compare each case with the floor of the same run:
-- data-spec cases: 0.09-0.13 s (before the data checks moved to the flag stage: 19-20 s).
-- config-level cases, from the weightless model (modelling code imported first): 5.5-12.7 s against a floor of
-  5.5 s (load 0.8-2.5); at load 1.0, 5.3-7.7 s (median of 3: 5.4-7.7 s).
-- config-level cases, from AutoConfig + AutoTokenizer (now; two runs): 3.4-4.9 s against a floor of 7.3-7.4 s
-  (load 2.4-3.4), i.e. 0.5-0.7 of the floor where they were 1.0-2.3 of it; the dense-model case, still on the
-  weightless model, 6.4 s. What remains is importing torch (AutoConfig imports it) and transformers' configuration and tokenizer
-  code: `AutoConfig.from_pretrained(folder)` alone is 2.7 s on a quiet box, so the 3 s goal is within reach on a
-  quiet box only (not measured there yet); no check reading the config through transformers costs less.
-Without a bytecode cache (this container sets PYTHONDONTWRITEBYTECODE) every case also pays for compiling torch and
-transformers from source (11-18 s before; not re-measured).
+Results on the project's 2-core CPU box (torch 2.15, transformers 5.23), the box shared with a test run (load
+average 1.6-2.2):
+- now, with a bytecode cache (--pycache): data-spec cases 0.11-0.14 s; config-level cases 0.14 s, the two
+  prompt cases (the tokenizer read) 0.26-0.30 s, the dense-model case 0.14 s; floor 6.3-7.5 s. Without the
+  cache: 0.16-0.18 s and 0.31-0.33 s (floor 19.6 s).
+- before (AutoConfig + AutoTokenizer, which import torch): config-level cases 3.4-4.9 s against a floor of
+  7.3-7.4 s (load 2.4-3.4), the dense-model case, on the weightless model, 6.4-7.3 s; before that (on the
+  weightless model, modelling code imported first) 5.5-12.7 s.
+Without a bytecode cache (this container sets PYTHONDONTWRITEBYTECODE) a case that imports torch also pays for
+compiling it and transformers from source (11-18 s, measured before); the cases above import neither.
 """
 
 from __future__ import annotations

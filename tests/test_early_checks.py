@@ -139,9 +139,7 @@ def test_good_prompt_flags_still_run(olmoe_folder, tmp_path, capsys):
     assert len(list(out.glob("*/*/*/*/run.json"))) == 2
 
 
-# ------------------------------------------------------------------------ config-level, no modelling code imported
-# What a config-level refusal may have imported: transformers' modelling core and any architecture's modelling module
-# (`transformers.models.auto.modeling_auto` is the name tables of the Auto classes, which AutoTokenizer reads).
+# --------------------------------------------------------------------------- config-level, before torch is imported
 
 # name -> (script, flags after --model, what the one line must say): answered from the config and tokenizer alone
 EARLY_CASES = {
@@ -167,16 +165,16 @@ EARLY_CASES = {
                                    "--position 11 is beyond the prompt: it has 11 tokens"),
     "logit lens layer out of range": ("logit_lens.py", ["--prompt", PROMPT, "--layers", "7"],
                                       "layer 7 does not exist: the model has 4 decoder layers"),
+    "dense model": ("router_decisive.py", ["--model", "{dense}"], "LlamaForCausalLM has no MoE layers (a dense model?)"),
 }
 
 
 @pytest.mark.parametrize("case", EARLY_CASES)
-def test_config_level_errors_are_refused_before_modelling_code_is_imported(case, olmoe_folder, tmp_path):
-
+def test_config_level_errors_are_refused_before_torch_is_imported(case, olmoe_folder, saved_dense_model, tmp_path):
     script, flags, message = EARLY_CASES[case]
     text = tmp_path / "a.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
-    argv = ["--model", str(olmoe_folder), *(f.format(data=text) for f in flags), "--num_tokens", "50",
+    argv = ["--model", str(olmoe_folder), *(f.format(data=text, dense=saved_dense_model) for f in flags), "--num_tokens", "50",
             "--out", str(tmp_path / "results"), "--no-progress"]
     if script == "logit_lens.py":  # prompt mode reads no data
         argv.remove("--num_tokens"), argv.remove("50")
@@ -185,9 +183,9 @@ def test_config_level_errors_are_refused_before_modelling_code_is_imported(case,
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), result.stderr[-2000:]
     assert message in lines[0], lines[0]
-    modelling = sorted(m for m in modules if m == "transformers.modeling_utils"
-                       or (m.startswith("transformers.models.") and ".modeling_" in m and ".auto." not in m))
-    assert not modelling, f"{case}: imported {modelling} before refusing"
+    # config.json and tokenizer.json read as files: neither torch nor transformers is imported before the refusal
+    heavy = sorted(m for m in modules if m.split(".")[0] in ("torch", "transformers"))
+    assert not heavy, f"{case}: imported {heavy[:5]} before refusing"
     assert not (tmp_path / "results").exists()
 
 
@@ -216,7 +214,8 @@ def test_early_position_check_agrees_with_the_lens(with_bos, bos_tokenizer):
     from common.model.tiny import tiny_tokenizer
 
     tok = bos_tokenizer if with_bos else tiny_tokenizer()
-    facts = ConfigFacts(model="m", config=None, tokenizer=tok, num_decoder_layers=4, context_length=512, num_experts=8)
+    facts = ConfigFacts(model="m", config=None, num_decoder_layers=4, context_length=512, num_experts=8,
+                        load_tokenizer=lambda: tok)
     length = len(prompt_ids(tok, PROMPT))
     assert length == 11 + with_bos
     refused = 0
@@ -259,3 +258,77 @@ def test_early_checks_never_refuse_what_the_skeleton_accepts(olmoe_folder):
         with pytest.raises(InputError) as late:
             skeleton.resolve_layer(missing)
         assert str(early.value) == str(late.value)
+
+
+# Architectures whose configs spell the counts differently (num_experts, num_local_experts, n_routed_experts, a
+# text_config, dense first layers): the files read as files say what AutoConfig says.
+FILE_FACT_TYPES = ["olmoe", "mixtral", "deepseek_v3", "qwen3_moe", "gpt_oss", "llama4"]
+
+
+@pytest.mark.parametrize("model_type", FILE_FACT_TYPES)
+def test_file_facts_equal_auto_config_facts(model_type, saved_tiny_model):
+    from common.config import ModelSpec
+    from common.model.config_facts import _auto_facts, read_config_facts
+
+    folder = saved_tiny_model(model_type)
+    spec = ModelSpec(model=str(folder))
+    from_files, from_auto = read_config_facts(spec), _auto_facts(spec, folder)
+    assert not hasattr(from_files.config, "to_dict")  # the JSON path, not AutoConfig
+    counts = [(f.num_decoder_layers, f.context_length, f.num_experts) for f in (from_files, from_auto)]
+    assert counts[0] == counts[1] and counts[0][0] is not None and counts[0][1] is not None
+
+
+TEXTS = ["hello world", " leading space", "ünïcödé → ∑", "<|bos|> inside", "a", ""]
+
+
+@pytest.mark.parametrize("variant", ["byte tokenizer", "with BOS", "demo"])
+def test_file_tokenizer_gives_transformers_ids(variant, bos_tokenizer, tmp_path):
+    """Where `FileTokenizer` stands in for transformers' tokenizer it gives the same ids, with and without the
+    special tokens, and decodes alike; a tokenizer_config.json asking transformers to rebuild the post-processor
+    (add_bos_token) is left to transformers."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from common.config import SHIPPED_MODELS
+    from common.data.framing import special_frame
+    from common.model.file_tokenizer import FileTokenizer
+    from common.model.tiny import tiny_tokenizer
+
+    if variant == "demo":
+        folder = SHIPPED_MODELS["demo"]
+        if not (folder / "tokenizer.json").is_file():
+            pytest.skip("the shipped demo model is not in this checkout")
+    else:
+        folder = tmp_path
+        (bos_tokenizer if variant == "with BOS" else tiny_tokenizer()).save_pretrained(folder)
+    light, full = FileTokenizer.load(folder), AutoTokenizer.from_pretrained(folder)
+    assert light is not None
+    for text in TEXTS:
+        for specials in (True, False):
+            assert light(text, add_special_tokens=specials)["input_ids"] == full(text, add_special_tokens=specials)["input_ids"]
+    assert special_frame(light) == special_frame(full) and (len(special_frame(full)[0]) == 1) == (variant != "byte tokenizer")
+    ids = full("hello ü")["input_ids"]
+    assert light.decode(ids) == full.decode(ids)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    rebuilt = tmp_path / "rebuilt"
+    rebuilt.mkdir(exist_ok=True)
+    (rebuilt / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+    (rebuilt / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
+    assert FileTokenizer.load(rebuilt) is None
+
+
+def test_dense_architectures_are_those_whose_modelling_code_has_no_expert(saved_dense_model, olmoe_folder):
+    """`dense_class` names Llama (its modelling code never says "expert": no Llama has an MoE layer) and not OLMoE;
+    the dense demo model (OLMo-shaped) is refused early the same way, and a model_type transformers does not know is
+    left to the skeleton."""
+    import json
+
+    from common.model.config_facts import dense_class
+
+    assert dense_class(json.loads((saved_dense_model / "config.json").read_text())) == "LlamaForCausalLM"
+    assert dense_class(json.loads((olmoe_folder / "config.json").read_text())) is None
+    assert dense_class({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}) is None
+    assert dense_class({"model_type": "olmo2"}) == "olmo2"
+    assert dense_class({"model_type": "no_such_type"}) is None
+    assert dense_class({"model_type": "llama", "auto_map": {"AutoModel": "x.Y"}}) is None

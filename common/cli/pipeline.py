@@ -12,29 +12,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-from transformers.utils import logging as hf_logging
-
-from common import distributed
-from common.cli.oom import is_out_of_memory
 from common.config import Config, DataSpec
-from common.data import (
-    PRESET_NAMES,
-    Batch,
-    Domain,
-    TokenBatches,
-    check_batching,
-    check_hub_sources,
-    resolve_domains,
-    token_batches,
-)
 from common.errors import InputError
 from common.model.config_facts import ConfigFacts, read_config_facts
 
-# `start_run` imports the run folder (it brings pandas) when it is needed: a refused run does not pay for it. The
-# loader, the model views and the hooks bring transformers' modelling code (seconds): they are imported once the
-# config's own checks (`check_config`) have passed.
+# Importing this module costs nothing heavy: torch (with the data batches and torch.distributed), transformers, the
+# run folder (pandas), the loader, the model views and the hooks (transformers' modelling code, seconds) are imported
+# where they are used, so that the config's own checks (`check_config`) refuse a typo before any of them is paid for.
 if TYPE_CHECKING:
+    import torch
+
+    from common.data import Batch, Domain, TokenBatches
     from common.hooks import Capturable, Capture
     from common.model import MoELayer, MoEModel
     from common.run import Run
@@ -53,7 +41,7 @@ class Setup:
 
 # A script's own checks on the weightless model (its tokenizer attached), its layers and domains: `--expert_id`
 # ranges, prompt positions, memory plans. Raise `InputError` to refuse.
-Preflight = Callable[["MoEModel", list["MoELayer"], list[Domain]], None]
+Preflight = Callable[["MoEModel", list["MoELayer"], list["Domain"]], None]
 # A script's own checks on the model's config and tokenizer alone (`ConfigFacts`: layer, context and expert counts,
 # the tokenizer), before any modelling code is imported: the definite refusals (`--expert_id` above the config's
 # expert count, prompt positions beyond the tokenised prompt). Raise `InputError` to refuse.
@@ -73,9 +61,13 @@ class Inspection:
 def setup(config: Config, preflight: Preflight | None = None, early: EarlyCheck | None = None) -> Setup:
     """Everything checkable from the data specs, the model's config and its tokenizer (`inspect_run`, with the
     script's `early` checks and `preflight`), then the model itself."""
-    distributed.init_from_env()
     inspection = inspect_run(config, preflight, early)
+    from transformers.utils import logging as hf_logging
+
+    from common import distributed
     from common.model import load_moe
+
+    distributed.init_from_env()
 
     if not config.run.progress:
         hf_logging.disable_progress_bar()
@@ -91,7 +83,8 @@ def inspect_run(config: Config, preflight: Preflight | None = None, early: Early
     tokenizer (the tokenizer's framing, `--pack`), the domains (the data specs were checked with the flags: here
     the demo corpus is surveyed and hub datasets get the hub probe, after the model's own checks, which cost less),
     then the script's own `preflight` on that weightless model."""
-    check_config(config, early)
+    check_config(config, early, need_moe=True)  # before torch, where config.json and tokenizer.json are read as files
+    from common.data import check_batching, check_hub_sources, resolve_domains
     from common.model import inspect_moe
     from common.model.load import load_tokenizer
 
@@ -110,14 +103,17 @@ def inspect_run(config: Config, preflight: Preflight | None = None, early: Early
     return Inspection(skeleton=skeleton, layers=layers, domains=domains, seq_len=seq_len)
 
 
-def check_config(config: Config, early: EarlyCheck | None = None) -> ConfigFacts | None:
-    """The definite refusals from the config and tokenizer alone, before transformers' modelling code is imported
-    (seconds): `--layers` beyond the decoder-layer count, `--seq_len` above the context, then the script's `early`
-    checks. Only what the skeleton's checks would refuse too (the same config fields, the same messages); None when
+def check_config(config: Config, early: EarlyCheck | None = None, *, need_moe: bool = False) -> ConfigFacts | None:
+    """The definite refusals from the config and tokenizer alone, before torch is imported where the model is a
+    local folder (its files read as files), else before transformers' modelling code is: with `need_moe`, a model
+    whose architecture has no experts; `--layers` beyond the decoder-layer count, `--seq_len` above the context,
+    then the script's `early` checks. Only what the skeleton's checks would refuse too (the same config fields, the same messages); None when
     the config cannot be read this way (the skeleton's path reads it and says why)."""
     facts = read_config_facts(config.model)
     if facts is None:
         return None
+    if need_moe and facts.dense is not None:  # the adapter's words, for the class it would have built
+        raise InputError(f"{facts.dense} has no MoE layers (a dense model?)")
     if config.layers is not None and not any(str(item).lower() == "all" for item in config.layers):
         for item in config.layers:
             facts.resolve_layer(item)
@@ -137,6 +133,8 @@ def window_length(data: DataSpec | None, context: int | None) -> int:
 
 def data_label(config: Config, domains: Sequence[Domain]) -> str:
     """What the run read, for its folder name: the preset (with the domains kept, if fewer) or the domain names."""
+    from common.data import PRESET_NAMES
+
     data = config.data
     if data is None:
         return "no-data"
@@ -158,6 +156,9 @@ def start_run(s: Setup) -> Run:
 
 def batches(s: Setup, split: str = "train", data: DataSpec | None = None) -> TokenBatches:
     """This process's share of the token stream (under torchrun every rank takes every world_size-th batch)."""
+    from common import distributed
+    from common.data import token_batches
+
     data = data or s.config.data
     if data is None:
         raise ValueError("batches: this run has no data spec")
@@ -188,6 +189,9 @@ def captured_batches(
     parts of that many rows) instead of failing, with one warning. Only for consumers whose statistics are sums
     over rows that do not key anything on (batch number, row): the parts keep their batch's number.
     """
+    import torch
+
+    from common.cli.oom import is_out_of_memory
     from common.hooks import capture
 
     max_rows: int | None = None

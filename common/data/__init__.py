@@ -38,6 +38,7 @@ Layout of the package (each module imports only those listed above it):
     domains.py    `Domain`, `resolve_domains` (eager checks; `check_data`: the same, quietly, for the flag stage),
                   the offline demo corpus
     documents.py  `iter_documents`: a domain's documents in a seeded, bounded-buffer shuffled order
+    framing.py    `special_frame`: the special tokens a tokenizer puts around a text (torch-free, for early checks)
     batches.py    `token_batches`: documents -> token windows -> `Batch`es with exact budgets (`TokenReport`);
                   `check_batching`: its flags against the tokenizer alone
 

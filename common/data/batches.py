@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from common.data.documents import _SPLITS, DEFAULT_SHUFFLE_BUFFER, iter_documents
 from common.data.domains import Domain
+from common.data.framing import special_frame
 from common.data.sources import DataWarning
 from common.errors import InputError
 
@@ -123,16 +124,8 @@ class _Layout:
 
 
 def _layout(tokenizer: PreTrainedTokenizerBase) -> _Layout:
-    # Find what add_special_tokens=True adds around a probe text, so that every window of a long document can be
-    # framed the way the model saw sequences in training (BOS first), whatever the tokenizer's convention.
-    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
-    prefix: list[int] = []
-    suffix: list[int] = []
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            prefix, suffix = full[:start], full[start + len(plain) :]
-            break
+    # Every window of a long document is framed the way the model saw sequences in training (BOS first).
+    prefix, suffix = special_frame(tokenizer)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos if eos is not None else 0
     # UNK stands for real text the vocabulary cannot spell, so it counts like any text token.

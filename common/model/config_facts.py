@@ -3,7 +3,9 @@
 Importing a model's modelling code (transformers' `modeling_utils` and the architecture's module) costs seconds
 before the weightless skeleton (`load.inspect_moe`) can be built. The definite refusals need less: the decoder-layer
 count, the context length and the expert count are config fields, prompt positions need the tokenizer. This module
-reads them with `AutoConfig` / `AutoTokenizer` alone and imports neither torch nor transformers at import time.
+reads them without torch where it can: a local folder's config.json as JSON (a field the file does not state is left
+to the skeleton: no class default is guessed) and its tokenizer.json through `file_tokenizer.FileTokenizer` where
+that is provably transformers' tokenizer; otherwise `AutoConfig` / `AutoTokenizer` (which import torch: seconds).
 
 The config field names live here, and the dense view (`view.LanguageModel`) and the MoE adapter read the loaded
 model's config through the same tables, so that an early check never refuses what the skeleton accepts. Anything the
@@ -12,9 +14,12 @@ config cannot say (dense layers of a MoE, per-layer expert counts) is left to th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import functools
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from common import hub
 from common.config import RANDOM_PREFIX, SHIPPED_MODELS, ModelSpec
@@ -87,10 +92,19 @@ class ConfigFacts:
 
     model: str  # the --model string, for messages
     config: object
-    tokenizer: object | None  # prepared for no batching: a check may tokenise with it, not pad
     num_decoder_layers: int | None
     context_length: int | None
     num_experts: int | None  # routed experts per MoE layer, where the config names one count for every layer
+    # The model's class name when its architecture has no experts at all (`dense_class`), else None.
+    dense: str | None = None
+    # Read on first use (a check that needs no tokenizer does not pay for it); None when it cannot be read.
+    load_tokenizer: Callable[[], object | None] = field(default=lambda: None, repr=False, compare=False)
+
+    @functools.cached_property
+    def tokenizer(self) -> object | None:
+        """The model's tokenizer (`tok(text, add_special_tokens=...)["input_ids"]`, `tok.decode`): a check may
+        tokenise with it, not pad."""
+        return self.load_tokenizer()
 
     def resolve_layer(self, index: int | str) -> int | None:
         """A 0-based decoder-layer index from a flag value, as `LanguageModel.resolve_layer` resolves it (same
@@ -118,7 +132,8 @@ class ConfigFacts:
 
 
 def read_config_facts(spec: ModelSpec) -> ConfigFacts | None:
-    """The config and tokenizer of `spec.model` through AutoConfig / AutoTokenizer, no modelling code imported.
+    """The config and tokenizer of `spec.model`, no modelling code imported: a local folder's files as they are
+    (`_file_facts`, no torch), a hub model through AutoConfig / AutoTokenizer.
 
     None where they cannot be read this way (a random model, a model_type registered by the loader, remote code that
     fails, a hub model not cached): the skeleton's path reads them then and says what is wrong. A bad --model or
@@ -126,23 +141,87 @@ def read_config_facts(spec: ModelSpec) -> ConfigFacts | None:
     if spec.model.startswith(RANDOM_PREFIX):
         return None  # built in memory from a tiny config: the skeleton costs little
     source = model_source(spec)
+    if isinstance(source, Path):
+        facts = _file_facts(spec, source)
+        if facts is not None:
+            return facts
+    return _auto_facts(spec, source)
+
+
+def dense_class(raw: dict) -> str | None:
+    """The model's class name (config.json's `architectures`) when transformers' modelling code for its `model_type`
+    never mentions an expert: no configuration of that architecture has an MoE layer, so the adapter would find
+    none. Read as text from the installed package, without importing it; None when unsure (an unknown or
+    registered-by-us model_type, remote code)."""
+    import importlib.util
+
+    model_type = raw.get("model_type")
+    package = importlib.util.find_spec("transformers")
+    if not isinstance(model_type, str) or package is None or package.origin is None or "auto_map" in raw:
+        return None
+    folder = Path(package.origin).parent / "models" / model_type.replace("-", "_")
+    sources = sorted(folder.glob("modeling_*.py")) if folder.is_dir() else []
+    if not sources or any("expert" in path.read_text(encoding="utf-8").lower() for path in sources):
+        return None
+    architectures = raw.get("architectures")
+    return architectures[0] if isinstance(architectures, list) and architectures and isinstance(architectures[0], str) else model_type
+
+
+def _facts(spec: ModelSpec, config: object, load_tokenizer: Callable[[], object | None],
+           dense: str | None = None) -> ConfigFacts:
+    objects = [text_part(config), config]
+    return ConfigFacts(
+        model=spec.model,
+        config=config,
+        num_decoder_layers=first_int(objects, LAYER_COUNT_NAMES),
+        context_length=first_int(objects, CONTEXT_NAMES),
+        num_experts=first_int(objects, EXPERT_COUNT_NAMES),
+        dense=dense,
+        load_tokenizer=load_tokenizer,
+    )
+
+
+def _namespace(value: object) -> object:
+    """JSON objects as attribute namespaces, so that the config tables read a file like a config object."""
+    if isinstance(value, dict):
+        return SimpleNamespace(**{key: _namespace(item) for key, item in value.items()})
+    return value
+
+
+def _file_facts(spec: ModelSpec, folder: Path) -> ConfigFacts | None:
+    """config.json as written (its fields are the config's attributes: `to_dict` wrote them) and the tokenizer from
+    its files where `FileTokenizer` can stand for transformers' (else through AutoTokenizer, on first use). None when
+    config.json is not a JSON object or relies on remote code (its class may rewrite fields)."""
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or "auto_map" in raw:
+        return None
+    from common.model.file_tokenizer import FileTokenizer
+
+    def load_tokenizer() -> object | None:
+        return FileTokenizer.load(folder) or _auto_tokenizer(spec, folder, {})
+
+    return _facts(spec, _namespace(raw), load_tokenizer, dense_class(raw))
+
+
+def _auto_tokenizer(spec: ModelSpec, source: str | Path, kwargs: dict) -> object | None:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **kwargs)
+    except Exception:  # the loader's path reports it, with its hints
+        return None
+
+
+def _auto_facts(spec: ModelSpec, source: str | Path) -> ConfigFacts | None:
+    """Through AutoConfig (which imports torch) and, on first use, AutoTokenizer."""
     kwargs = hub_kwargs(spec, source)
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **kwargs)
     except Exception:  # the loader's path reports it, with its hints (not cached, remote code, ...)
         return None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **kwargs)
-    except Exception:
-        tokenizer = None
-    objects = [text_part(config), config]
-    return ConfigFacts(
-        model=spec.model,
-        config=config,
-        tokenizer=tokenizer,
-        num_decoder_layers=first_int(objects, LAYER_COUNT_NAMES),
-        context_length=first_int(objects, CONTEXT_NAMES),
-        num_experts=first_int(objects, EXPERT_COUNT_NAMES),
-    )
+    return _facts(spec, config, lambda: _auto_tokenizer(spec, source, kwargs))
