@@ -267,3 +267,16 @@ def test_routing_is_domain_specialized_with_no_dead_experts(
                 assert shares[d][layer].item() == pytest.approx(
                     rec["busiest_share"][str(layer)][d], abs=SHARE_TOL
                 ), (layer, d)
+
+
+def test_parameter_counts_of_the_demo_pair():
+    """run.json's parameter counts, by an independent sum: the demo MoE's 3,942,528 parameters (TRAINING.md); a token
+    uses 2 of 16 experts, so its active count is the dense twin's (FFN width 256 = 2 × 128) plus what the MoE has
+    and the twin lacks: the routers (4 layers × 16 × 128) and OLMoE's QK-norm weights (4 layers × 2 × 128)."""
+    from common.config import ModelSpec
+    from common.model import inspect_model, inspect_moe
+
+    moe = inspect_moe(ModelSpec(model="demo")).describe()
+    dense = inspect_model(ModelSpec(model="demo-dense")).describe()
+    assert moe["total_parameters"] == 3_942_528 and dense["total_parameters"] == 1_180_800
+    assert moe["active_parameters"] == dense["total_parameters"] + 4 * 16 * 128 + 4 * 2 * 128

@@ -24,6 +24,7 @@ Same seed + same thread count + same experts implementation gives bit-identical 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -32,7 +33,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -234,8 +235,10 @@ def train_model(
     plan: np.ndarray,
     args: argparse.Namespace,
     log_prefix: str,
+    checkpoint: Callable[[int, PreTrainedModel], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Train in place; returns the logged losses."""
+    """Train in place; returns the logged losses. `checkpoint(steps_done, model)` is called after each step listed
+    in `args.checkpoints` (it must not change the model: the run goes on from the same state)."""
     is_moe = isinstance(model, OlmoeForCausalLM)
     k = model.config.num_experts_per_tok if is_moe else 0
     opt = _optimizer(model, args.lr, args.weight_decay)
@@ -260,6 +263,8 @@ def train_model(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if checkpoint is not None and step + 1 in getattr(args, "checkpoints", ()):
+            checkpoint(step + 1, model)
         if step % args.log_every == 0 or step == plan.shape[0] - 1:
             rate = (step + 1) * ids.numel() / (time.perf_counter() - t0)
             entry = {"step": step, "ce": round(ce.item(), 4), "balance": round(bal.item(), 4),
@@ -527,6 +532,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer-sample-mb", type=float, default=2.0, help="tokenizer training text per domain")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--skip-dense", action="store_true", help="train only the MoE (for quick trials)")
+    p.add_argument("--checkpoints", type=int, nargs="*", default=[],
+                   help="also save the MoE after these steps, bf16, to OUT/demo-moe-checkpoints/step<N> (the run "
+                        "goes on unchanged: the final weights are the same as without)")
     p.add_argument("--measure-only", action="store_true",
                    help="no training: re-measure the models saved in OUT and rewrite TRAINING.md and the metrics")
     return p.parse_args(argv)
@@ -571,8 +579,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         dense_job = pool.submit(_train_dense, dcfg.to_dict(), streams, plan, args)
 
+    def save_checkpoint(steps_done: int, model: PreTrainedModel) -> None:
+        folder = args.out / "demo-moe-checkpoints" / f"step{steps_done}"
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        snapshot = copy.deepcopy(model)  # the training copy keeps its fp32 weights and optimizer state
+        snapshot.to(torch.bfloat16).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        print(f"[moe] checkpoint after step {steps_done} -> {folder}", flush=True)
+
     t0 = time.perf_counter()
-    moe_log = train_model(moe, streams, plan, args, "moe")
+    moe_log = train_model(moe, streams, plan, args, "moe", save_checkpoint)
     moe_time = time.perf_counter() - t0
 
     dense_log: list[dict[str, float]] = []

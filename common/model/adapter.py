@@ -402,7 +402,19 @@ class MoEModel(LanguageModel):
         return self.select([index])[0]
 
     def describe(self) -> dict:
-        return {**super().describe(), "moe_layers": [m.describe() for m in self.layers]}
+        described = super().describe()
+        return {**described, "active_parameters": active_parameters(described["total_parameters"], self.layers),
+                "moe_layers": [m.describe() for m in self.layers]}
+
+
+def active_parameters(total: int, layers: Sequence[MoELayer]) -> int:
+    """Parameters a token uses: all but the unchosen share (1 − k/E) of each MoE layer's routed experts
+    (docs/METRICS.md#comparison-across-runs)."""
+    idle = 0.0
+    for layer in layers:
+        routed = sum(p.numel() for p in layer.experts.parameters())
+        idle += routed * (1 - layer.top_k / layer.num_experts)
+    return total - round(idle)
 
 
 def router_logits_from_gate_input(moe_layer: MoELayer, gate_input: torch.Tensor) -> torch.Tensor:

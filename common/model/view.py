@@ -370,4 +370,6 @@ class LanguageModel:
             "dtype": str(self.dtype).removeprefix("torch."),
             "num_decoder_layers": self.num_decoder_layers,
             "dense_ffn_layers": sorted(self.ffns),
+            # every parameter once (tied embeddings once); the meta-device skeleton counts the same
+            "total_parameters": sum(p.numel() for p in self.model.parameters()),
         }
