@@ -1,16 +1,24 @@
-"""Compare finished runs of one script across models or revisions: one tidy table, per-layer figures on relative
-depth, and the probing gap against routing sparsity.
+"""Compare finished runs of one script across models or checkpoints: one tidy table, per-layer figures on relative
+depth, the probing gap against routing sparsity, and training curves when the runs are checkpoints of one model.
 
     uv run compare.py results/router_decisive/demo/demo/20261125-101500 results/router_decisive/random-mixtral/demo/20261125-102000
     uv run compare.py results --script router_metrics --data demo          # every matching run under a results root
     uv run compare.py results --script probing                            # the gap-vs-sparsity figure
+    uv run compare.py results --script router_metrics --model demo        # demo's checkpoints (--revision stepN)
+    uv run compare.py results/.sweep --script sim                         # the runs a sweep wrote
 
-Inputs are run folders (holding run.json) or results roots searched for runs, narrowed by --script, --model and
---data. The runs must be of one script and on the same data; different --num_tokens are compared with a warning
-(means and shares estimate the same quantities). Outputs (docs/METRICS.md#comparison-across-runs): comparison.csv
-(every run's per-layer metrics with its model metadata: E, k, k/E, layers, dtype, tokens, relative depth), one
-figure per metric over relative depth and absolute layer (router_decisive, router_metrics), and for probing runs
-gap_vs_sparsity.csv, gap_correlation.csv and the gap-vs-sparsity figure. Reads only CSV and JSON: no model is loaded.
+Inputs are run folders (holding run.json), results roots searched for runs (narrowed by --script, --model and
+--data) or a sweep's record folder (<out>/.sweep). The runs must be of one script (router_decisive,
+router_metrics, sim, logit_lens, interv, probing) and on the same data; different --num_tokens are compared with a
+warning (means and shares estimate the same quantities). Runs of one model that differ only in revision are a
+checkpoint series: ordered by the step (or token count) their revision names (main last), else as given.
+
+Outputs (docs/METRICS.md#comparison-across-runs): comparison.csv (every run's per-layer metrics with its model
+metadata: E, k, k/E, layers, parameters, dtype, tokens, relative depth) and one figure per metric over relative
+depth and absolute layer; for a checkpoint series one figure per metric over the checkpoints (a line per layer)
+and the router saturation of the run that measured it (router_metrics --revisions; saturation_over_training.csv);
+for logit_lens runs the perplexity-vs-k′ curves of every model (perplexity_by_k.csv); for probing runs gap_vs_sparsity.csv,
+gap_correlation.csv and the gap-vs-sparsity figure. Reads only CSV and JSON: no model is loaded.
 """
 
 from __future__ import annotations
@@ -27,12 +35,13 @@ from common.config import RunSpec
 from common.errors import InputError
 
 SCRIPT = "compare"
-SCRIPTS = ("router_decisive", "router_metrics", "probing")
+SCRIPTS = ("router_decisive", "router_metrics", "sim", "logit_lens", "interv", "probing")
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="compare.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="run folders (holding run.json) or results roots with runs below them")
+    parser.add_argument("runs", nargs="+", help="run folders (holding run.json), results roots with runs below them, "
+                        "or a sweep's record folder (<out>/.sweep: the runs its jobs wrote)")
     parser.add_argument("--script", default=None, help="keep only runs of this script (under a results root)")
     parser.add_argument("--model", nargs="+", default=None, help="keep only runs of these model ids")
     parser.add_argument("--data", default=None, help="keep only runs whose --data reads exactly this "
@@ -74,12 +83,17 @@ def _collect(args: argparse.Namespace):
     return runs, script
 
 
-def _chosen_metrics(args: argparse.Namespace, script: str):
+def _chosen_metrics(args: argparse.Namespace, script: str, runs):
     from common.analysis import comparison
 
     catalog = {metric.name: metric for metric in comparison.METRICS.get(script, ())}
-    if args.metrics is None:
-        return list(catalog.values())
+    if args.metrics is None:  # what every run has (sim: the --method values all of them computed)
+        chosen = [metric for metric in catalog.values() if all(comparison.readable(run, metric) for run in runs)]
+        if not chosen and catalog:  # say which run lacks what the first metric needs
+            first = next(iter(catalog.values()))
+            comparison.layer_table(runs, [run.model for run in runs], [first])
+            raise InputError(f"no per-layer metric of {script} is in every run ({', '.join(catalog)})")
+        return chosen
     unknown = [name for name in args.metrics if name not in catalog]
     if unknown:
         known = ", ".join(catalog) or "none (probing runs give the gap-vs-sparsity comparison)"
@@ -91,8 +105,15 @@ def run(args: argparse.Namespace) -> None:
     from common.analysis import comparison
 
     runs, script = _collect(args)
-    metrics = _chosen_metrics(args, script)
-    labels = comparison.run_labels(runs)
+    series = comparison.checkpoint_series(runs)  # checkpoints of one model: in training order
+    if series is not None:
+        runs = series
+        labels = [f"{run.model}@{run.revision or 'main'}" for run in runs]
+    else:
+        labels = comparison.run_labels(runs)
+    metrics = _chosen_metrics(args, script, runs)
+    perplexity = comparison.lens_perplexity_table(runs, labels) if script == "logit_lens" else None
+    saturation = comparison.saturation_table(runs, labels) if series is not None else None
     # Every table is read before the run folder exists: a run that lacks a metric leaves nothing behind.
     if script == "probing":
         table = comparison.probing_table(runs, labels)
@@ -102,7 +123,13 @@ def run(args: argparse.Namespace) -> None:
     else:
         table = comparison.layer_table(runs, labels, metrics)
 
-    from common.figures.comparison import plot_gap_vs_sparsity, plot_metric_by_depth
+    from common.figures.comparison import (
+        plot_gap_vs_sparsity,
+        plot_metric_by_depth,
+        plot_metric_over_training,
+        plot_perplexity_vs_k,
+    )
+    from common.figures.specialization import plot_saturation
     from common.run import Run
 
     arguments = {k: v for k, v in vars(args).items() if k != "_command"}
@@ -110,7 +137,7 @@ def run(args: argparse.Namespace) -> None:
                    arguments=tuple(arguments.items()), command=getattr(args, "_command", None))
     models = "+".join(dict.fromkeys(run.model for run in runs))
     with Run(spec, models, script) as out:
-        out.record(compared_script=script,
+        out.record(compared_script=script, checkpoints=series is not None,
                    runs=[{"folder": str(run.folder), "label": name, "model": run.model, "revision": run.revision,
                           "run_id": run.info.get("run_id")} for run, name in zip(runs, labels, strict=True)])
         out.save_table(table, "comparison")
@@ -118,9 +145,20 @@ def run(args: argparse.Namespace) -> None:
             out.save_table(points, "gap_vs_sparsity")
             out.save_table(fits, "gap_correlation")
             out.save_figure(plot_gap_vs_sparsity(points, fits, labels), "gap_vs_sparsity")
+        if perplexity is not None:
+            out.save_table(perplexity, "perplexity_by_k")
+        if saturation is not None:
+            out.save_table(saturation, "saturation_over_training")
         for metric in metrics:
             out.save_figure(plot_metric_by_depth(table, metric.name, metric.description, labels),
                             f"by_depth_{metric.name}")
+            if series is not None:
+                out.save_figure(plot_metric_over_training(table, metric.name, metric.description, labels,
+                                                          runs[0].model), f"over_training_{metric.name}")
+        if perplexity is not None:
+            out.save_figure(plot_perplexity_vs_k(perplexity, labels), "perplexity_vs_k")
+        if saturation is not None:
+            out.save_figure(plot_saturation(saturation), "saturation_over_training")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -56,7 +56,7 @@ def build_parser():
     parser.add_argument("--host_stats_memory", type=positive_float, default=None, metavar="GIB",
                         help="host memory budget of token tables moved off the device, in GiB (default: half the RAM)")
     parser.add_argument("--revisions", nargs="+", default=None, metavar="REV",
-                        help="router saturation: checkpoints (hub revisions of --model, or checkpoint folders) "
+                        help="router saturation: checkpoints (hub revisions of --model, the shipped demo's stepN / main, or checkpoint folders) "
                         "compared with the last one on identical tokens; a single one is compared with --model")
     return parser
 
@@ -78,7 +78,9 @@ def revision_specs(args: argparse.Namespace, base: ModelSpec) -> list[ModelSpec]
             if not path.is_dir():
                 raise InputError(f"--revisions {item}: no such checkpoint folder")
             specs.append(ModelSpec(**{**base.__dict__, "model": str(path), "revision": None}))
-        elif base.model in SHIPPED_MODELS or base.model.startswith(RANDOM_PREFIX) or Path(base.model).expanduser().exists():
+        elif base.model in SHIPPED_MODELS:  # a shipped checkpoint by name (stepN, main): refused later if unknown
+            specs.append(ModelSpec(**{**base.__dict__, "revision": item}))
+        elif base.model.startswith(RANDOM_PREFIX) or Path(base.model).expanduser().exists():
             raise InputError(f"--revisions {item}: no such checkpoint folder (and --model {base.model} is not a hub id "
                              "whose revision it could be)")
         else:

@@ -167,3 +167,114 @@ def test_end_to_end_on_two_tiny_real_runs(tmp_path):
     for metric in comparison.metric_names("router_decisive"):
         assert (folder / "figures" / f"by_depth_{metric}.png").is_file()
     assert "Undocumented" not in (folder / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ checkpoints, sweeps
+def test_training_position_reads_steps_tokens_and_the_final_branch():
+    assert comparison.training_position("step5000-tokens20B") == (5000, "step")
+    assert comparison.training_position("stage1-step10000-tokens42B") == (10000, "step")
+    assert comparison.training_position("tokens20B") == (2e10, "tokens")
+    assert comparison.training_position("main") == (float("inf"), "final")
+    assert comparison.training_position("v1.0") is None
+
+
+def _checkpoint_runs(root: Path, revisions: list[str], *, script: str = "router_decisive") -> list[Path]:
+    """Runs of one model at `revisions`, entropy = 0.1 × (index of the revision in training order) + 0.01 × layer."""
+    folders = []
+    order = {"step100": 0, "step250": 1, "step1000": 2, "main": 3}
+    for revision in revisions:
+        folder = _write_run(root / revision, script, "demo", 3, 16, 2)
+        info = json.loads((folder / "run.json").read_text())
+        info["model_info"]["revision"] = None if revision == "main" else revision
+        (folder / "run.json").write_text(json.dumps(info))
+        rows = [{"metric": metric, "layer": layer, "domain": "all", "count": 300,
+                 "mean": 0.1 * order[revision] + 0.01 * layer}
+                for metric in ("entropy_normalized", "topk_entropy_normalized", "top1_prob", "top1_top2_margin",
+                               "topk_mass") for layer in range(3)]
+        pd.DataFrame(rows).to_csv(folder / "entropy_summary.csv", index=False)
+        folders.append(folder)
+    return folders
+
+
+def test_checkpoints_of_one_model_are_drawn_in_training_order(tmp_path):
+    """Runs given out of order (step1000, main, step100, step250) come out in training order, main last, with one
+    over-training figure per metric; a sweep's record folder names the same runs."""
+    folders = _checkpoint_runs(tmp_path / "runs", ["step1000", "main", "step100", "step250"])
+    assert compare.main([*map(str, folders), "--out", str(tmp_path / "out"), "--metrics", "entropy_normalized"]) == 0
+    [folder] = list((tmp_path / "out" / "compare").glob("*/*/*"))
+    table = pd.read_csv(folder / "comparison.csv")
+    labels = list(dict.fromkeys(table["label"]))
+    assert labels == ["demo@step100", "demo@step250", "demo@step1000", "demo@main"]
+    first_layer = table[table["layer"] == 0].set_index("label")["value"]
+    assert np.allclose(first_layer[labels], [0.0, 0.1, 0.2, 0.3])
+    assert (folder / "figures" / "over_training_entropy_normalized.png").is_file()
+    assert json.loads((folder / "run.json").read_text())["checkpoints"] is True
+
+    records = tmp_path / "runs" / ".sweep"
+    records.mkdir()
+    for i, run in enumerate(folders):
+        (records / f"job{i}.json").write_text(json.dumps({"job": {}, "run": str(run)}))
+    (records / "gone.json").write_text(json.dumps({"job": {}, "run": str(tmp_path / "deleted")}))
+    assert comparison.find_runs(records) == folders
+
+
+def test_checkpoint_saturation_comes_from_the_run_that_measured_most(tmp_path):
+    folders = _checkpoint_runs(tmp_path / "runs", ["step100", "main"])
+    for folder, positions in zip(folders, (1, 3), strict=True):
+        rows = [{"position": p, "revision": f"step{p}", "final": "main", "layer": layer, "topk_overlap": 0.2 * p,
+                 "top1_agreement": 0.1 * p, "tokens": 50} for p in range(positions) for layer in range(3)]
+        pd.DataFrame(rows).to_csv(folder / "saturation.csv", index=False)
+    assert compare.main([*map(str, folders), "--out", str(tmp_path / "out"), "--metrics", "entropy_normalized"]) == 0
+    [folder] = list((tmp_path / "out" / "compare").glob("*/*/*"))
+    saturation = pd.read_csv(folder / "saturation_over_training.csv")
+    assert sorted(saturation["position"].unique()) == [0, 1, 2] and set(saturation["label"]) == {"demo@main"}
+    assert (folder / "figures" / "saturation_over_training.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------ sim, logit_lens, interv
+def test_similarity_lens_and_importance_metrics_read_the_written_values(tmp_path):
+    roots = tmp_path / "runs"
+    # sim: both runs computed cosine, only one CKA -> the default compares cosine alone
+    sims = [_write_run(roots, "sim", model, layers, experts, top_k) for model, layers, experts, top_k in PLANTED[:2]]
+    for i, folder in enumerate(sims):
+        methods = ("cosine", "cka") if i == 0 else ("cosine",)
+        rows = [{"layer": layer, "method": method, "mean_offdiag": 0.3 * i + 0.01 * layer + (0.5 if method == "cka" else 0)}
+                for method in methods for layer in range(PLANTED[i][1])]
+        pd.DataFrame(rows).to_csv(folder / "similarity_summary.csv", index=False)
+    assert compare.main([*map(str, sims), "--out", str(tmp_path / "out-sim")]) == 0
+    [folder] = list((tmp_path / "out-sim" / "compare").glob("*/*/*"))
+    table = pd.read_csv(folder / "comparison.csv")
+    assert set(table["metric"]) == {"similarity_cosine"}
+    beta = table[table["model"] == "org/beta"].sort_values("layer")["value"]
+    assert np.allclose(beta, 0.3 + 0.01 * np.arange(6))
+
+    # logit_lens: the cosine at the smallest k′, and the perplexity curves on k′ and k′ / k
+    lenses = [_write_run(roots, "logit_lens", model, layers, experts, top_k)
+              for model, layers, experts, top_k in (PLANTED[0], PLANTED[1])]
+    for i, folder in enumerate(lenses):
+        k = PLANTED[i][3]
+        pd.DataFrame([{"k_prime": kp, "layer": layer, "domain": "all", "mean": 0.9 - 0.1 * kp - 0.01 * layer}
+                      for kp in range(1, k) for layer in range(PLANTED[i][1])]).to_csv(folder / "cosine_summary.csv",
+                                                                                      index=False)
+        pd.DataFrame([{"domain": "all", "k_prime": kp, "ppl": 10.0 / kp, "normalized_log_ppl": 1 + (k - kp) / k}
+                      for kp in range(1, k + 1)]).to_csv(folder / "perplexity.csv", index=False)
+    assert compare.main([*map(str, lenses), "--out", str(tmp_path / "out-lens")]) == 0
+    [folder] = list((tmp_path / "out-lens" / "compare").glob("*/*/*"))
+    table = pd.read_csv(folder / "comparison.csv")
+    assert np.allclose(table.sort_values(["model", "layer"])["value"],
+                       [0.8 - 0.01 * layer for layer in range(4)] + [0.8 - 0.01 * layer for layer in range(6)])
+    perplexity = pd.read_csv(folder / "perplexity_by_k.csv")
+    beta = perplexity[perplexity["model"] == "org/beta"]
+    assert np.allclose(beta["k_fraction"], beta["k_prime"] / 8) and len(beta) == 8
+    assert (folder / "figures" / "perplexity_vs_k.png").is_file()
+
+    # interv: one importance table per layer, all read
+    intervs = [_write_run(roots, "interv", model, layers, experts, top_k) for model, layers, experts, top_k in PLANTED[:2]]
+    for i, folder in enumerate(intervs):
+        for layer in (1, 3):
+            pd.DataFrame([{"layer": layer, "domain": "all", "delta_nll_max": 0.5 * i + layer}]).to_csv(
+                folder / f"importance_summary_layer{layer}.csv", index=False)
+    assert compare.main([*map(str, intervs), "--out", str(tmp_path / "out-interv")]) == 0
+    [folder] = list((tmp_path / "out-interv" / "compare").glob("*/*/*"))
+    table = pd.read_csv(folder / "comparison.csv").sort_values(["model", "layer"])
+    assert np.allclose(table["value"], [1, 3, 1.5, 3.5]) and set(table["table"]) == {"importance_summary_layer<L>"}

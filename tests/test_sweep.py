@@ -7,11 +7,15 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tools import sweep
 
 FAKE = '''
 import json, os, sys
 from pathlib import Path
+
+import pytest
 argv = sys.argv[1:]
 model, out = argv[argv.index("--model") + 1], Path(argv[argv.index("--out") + 1])
 with open(os.environ["SWEEP_LOG"], "a") as log:
@@ -126,3 +130,73 @@ def test_dry_run_lists_hub_inputs_as_unchecked_when_the_hub_is_unreachable(tmp_p
                              "--data c4)")
     assert lines[1].startswith("invalid: ") and lines[1].endswith(f"--model {missing}: no such directory")
     assert not out.exists()
+
+
+def _comparisons(out: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted((out / "compare").rglob("run.json"))]
+
+
+def _record_runs(out: Path, argv: list[str], data: str) -> set[str]:
+    """The run folders the records of this sweep's jobs on `data` name."""
+    found = sweep.jobs(str(sweep.ROOT / argv[0]), argv[argv.index("--models") + 1 : argv.index("--data")], [None],
+                       [data], str(out), argv[argv.index("--") + 1 :])
+    return {json.loads((out / ".sweep" / f"{job.key}.json").read_text())["run"] for job in found
+            if (out / ".sweep" / f"{job.key}.json").is_file()}
+
+
+def test_compare_makes_one_comparison_per_data_value_of_this_sweeps_runs(tmp_path, capsys):
+    """--compare: compare.py over the runs this sweep's jobs wrote, one comparison per --data value; another sweep's
+    run of the same model on the same data (same .sweep folder) is left out; a failed job leaves the others
+    compared and the exit code 1; a data value with one run is skipped with a note."""
+    out, missing = tmp_path / "out", tmp_path / "no-such-model"
+    tiny = ["--", "--num_tokens", "64", "--seq_len", "32", "--layers", "0"]
+    # Another sweep first: one job, so nothing to compare; its run is of a model and data the next sweep also runs.
+    other = ["router_decisive.py", "--models", "random:olmoe", "--data", "demo:code", "--out", str(out), "--compare",
+             *tiny, "--seed", "1"]
+    assert sweep.main(other) == 0
+    report = capsys.readouterr().out
+    assert "compare: data 'demo:code': 1 run(s); a comparison needs two or more, skipped" in report
+    assert not (out / "compare").exists()
+    (other_run,) = _record_runs(out, other, "demo:code")
+
+    data = ["demo:code", "demo:math demo:legal"]
+    argv = ["router_decisive.py", "--models", "random:olmoe", "random:mixtral", str(missing), "--data", *data,
+            "--out", str(out), "--compare", *tiny]
+    split = argv.index("--")
+    assert sweep.main([*argv[:split], "--dry-run", *argv[split:]]) == 2  # the missing model's jobs are invalid
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("compare")]
+    assert listed == [f"compare: data {d!r}: would compare the runs of 3 jobs (0 done, 3 to run) with compare.py, "
+                      f"results under {out / 'compare'}" for d in data]
+    assert not (out / "compare").exists()
+
+    assert sweep.main(argv) == 1  # the missing model's jobs failed: still 1, the comparisons made
+    report = capsys.readouterr().out
+    comparisons = _comparisons(out)
+    assert len(comparisons) == 2
+    for value in data:
+        assert f"compare: data {value!r}: 1 of 3 job(s) failed; comparing the 2 runs that exist" in report
+        runs = _record_runs(out, argv, value)
+        assert len(runs) == 2 and other_run not in runs
+        (made,) = [c for c in comparisons if {r["folder"] for r in c["runs"]} == runs]
+        assert made["script"] == "compare" and made["compared_script"] == "router_decisive"
+        assert sorted(r["model"] for r in made["runs"]) == ["random:mixtral", "random:olmoe"]
+        line = next(line for line in report.splitlines() if line.startswith(f"compare: data {value!r}: 2 runs"))
+        folder = Path(line.split("results: ", 1)[1])
+        assert (folder / "run.json").is_file() and json.loads((folder / "run.json").read_text()) == made
+        table = (folder / "comparison.csv").read_text()
+        assert "random:mixtral" in table and "random:olmoe" in table
+        assert list((folder / "figures").glob("*.png"))
+
+    # Again: every job is done (the failed ones fail again), and the same runs are compared once more.
+    assert sweep.main(argv) == 1
+    assert len(_comparisons(out)) == 4
+
+
+def test_compare_is_refused_for_a_script_compare_does_not_compare(tmp_path, capsys):
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE)
+    with pytest.raises(SystemExit) as stop:
+        sweep.main([str(script), "--models", "a", "b", "--compare", "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert "--compare: compare.py compares runs of router_decisive, " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@
     uv run tools/sweep.py router_metrics.py --models allenai/OLMoE-1B-7B-0924 demo --layers all "1 7 15" \\
         --data olmoe pile --gpus 0 1 2 3 -- --num_tokens 100000
     uv run tools/sweep.py router_decisive.py --models demo random:mixtral --dry-run
+    uv run tools/sweep.py router_decisive.py --models demo random:mixtral --data demo "demo:code demo:math" --compare
 
 Every job is the script's own command line (its flags after `--` are passed to every job). A job that finishes is
 recorded in `<out>/.sweep/<job key>.json` with the run folder it wrote; running the same sweep again skips every job
@@ -14,6 +15,14 @@ weight: its flags and data specs (the script's own parser), its model (a folder 
 hub ids through the hub probe), its layers and `--seq_len` against the model's config. It exits with 2 if any job
 is invalid. Where the hub cannot be reached (and HF_HUB_OFFLINE is not set), a job whose model or data only the hub
 has is listed as todo with what could not be checked: an unreachable hub says nothing about the job itself. A script's own checks beyond those (an expert id, a prompt position) still run when the job starts.
+
+`--compare` (for a script whose runs compare.py compares; anything else is refused before any job runs) then runs
+compare.py over the run folders this sweep's jobs wrote (the `run` of their records; other sweeps' records in the same `.sweep`
+folder are left out), one comparison per `--data` value, since runs on different data are not comparable. Each
+comparison needs two runs or more; a data value with fewer is skipped with a note. When a job failed, the runs that
+exist are still compared and the sweep says so; its exit code stays 1 (also when a comparison fails). Every sweep
+with `--compare` writes new comparison folders, `<out>/compare/<models>/<script>/<run-id>/`, even when all its jobs
+were already done. With `--dry-run` it lists the comparisons it would make.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ _RESULTS_LINE = re.compile(r"^results: (.+)$", re.MULTILINE)
 class Job:
     script: str
     argv: tuple[str, ...]
+    data: str | None = None  # the sweep's --data value of this job (None: the script's default); not in its key
 
     @property
     def key(self) -> str:
@@ -71,7 +81,7 @@ def jobs(script: str, models: Sequence[str], layer_sets: Sequence[str | None], d
                     argv += ["--layers", *layers.split()]
                 if preset is not None:
                     argv += ["--data", *preset.split()]
-                found.append(Job(script, tuple(argv + list(extra))))
+                found.append(Job(script, tuple(argv + list(extra)), preset))
     return found
 
 
@@ -79,15 +89,20 @@ def _record(out: Path, job: Job) -> Path:
     return out / ".sweep" / f"{job.key}.json"
 
 
-def completed(out: Path, job: Job) -> bool:
+def recorded_run(out: Path, job: Job) -> Path | None:
+    """The run folder the job's record names, if the record and the run's run.json exist; else None."""
     record = _record(out, job)
     if not record.is_file():
-        return False
+        return None
     try:
         run = Path(json.loads(record.read_text())["run"])
-    except (ValueError, KeyError):
-        return False
-    return (run / "run.json").is_file()
+    except (ValueError, KeyError, TypeError):
+        return None
+    return run if (run / "run.json").is_file() else None
+
+
+def completed(out: Path, job: Job) -> bool:
+    return recorded_run(out, job) is not None
 
 
 def run_job(job: Job, out: Path, gpu: str | None) -> tuple[bool, str]:
@@ -253,13 +268,81 @@ def sweep(all_jobs: Sequence[Job], out: Path, gpus: Sequence[str] | None) -> int
     return 1 if failures else 0
 
 
+def comparable_scripts() -> tuple[str, ...] | None:
+    """The scripts whose runs compare.py compares (its SCRIPTS), or None where it does not say."""
+    spec = importlib.util.spec_from_file_location("_sweep_compare", ROOT / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # a light import: compare.py imports pandas and the figures only when it runs
+    scripts = getattr(module, "SCRIPTS", None)
+    return tuple(scripts) if scripts else None
+
+
+def _by_data(all_jobs: Sequence[Job]) -> dict[str | None, list[Job]]:
+    """The sweep's jobs grouped by their --data value, in the order the values were given."""
+    groups: dict[str | None, list[Job]] = {}
+    for job in all_jobs:
+        groups.setdefault(job.data, []).append(job)
+    return groups
+
+
+def _data_name(data: str | None) -> str:
+    return f"data {data!r}" if data is not None else "the script's default data"
+
+
+def _compare_command(runs: Sequence[Path | str], out: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "compare.py"), *map(str, runs), "--out", str(out)]
+
+
+def dry_run_comparisons(all_jobs: Sequence[Job], out: Path) -> None:
+    """What --compare would do after the sweep: one comparison per --data value with two jobs or more."""
+    for data, group in _by_data(all_jobs).items():
+        done = sum(completed(out, job) for job in group)
+        if len(group) < 2:
+            print(f"compare: {_data_name(data)}: {len(group)} job; a comparison needs two runs or more, none would "
+                  "be made", flush=True)
+            continue
+        print(f"compare: {_data_name(data)}: would compare the runs of {len(group)} jobs ({done} done, "
+              f"{len(group) - done} to run) with compare.py, results under {out / 'compare'}", flush=True)
+
+
+def run_comparisons(all_jobs: Sequence[Job], out: Path) -> int:
+    """compare.py over the run folders this sweep's jobs recorded, one comparison per --data value; the number of
+    comparisons that failed. A value with fewer than two runs is skipped with a note."""
+    failed = 0
+    for data, group in _by_data(all_jobs).items():
+        runs = [run for run in (recorded_run(out, job) for job in group) if run is not None]
+        name = _data_name(data)
+        missing = len(group) - len(runs)
+        failed_jobs = f"{missing} of {len(group)} job(s) failed" if missing else ""
+        if len(runs) < 2:
+            print(f"compare: {name}: {len(runs)} run(s){f' ({failed_jobs})' if missing else ''}; a comparison needs "
+                  "two or more, skipped", flush=True)
+            continue
+        if missing:
+            print(f"compare: {name}: {failed_jobs}; comparing the {len(runs)} runs that exist", flush=True)
+        process = subprocess.run(_compare_command(runs, out), cwd=ROOT, capture_output=True, text=True)
+        match = _RESULTS_LINE.search(process.stderr)
+        lines = process.stderr.strip().splitlines()
+        for line in lines:  # compare.py's warnings (different --num_tokens, ...) reach the user as they are
+            if not _RESULTS_LINE.match(line) and (process.returncode == 0 or line != lines[-1]):
+                print(line, file=sys.stderr, flush=True)
+        if process.returncode != 0 or match is None:
+            failed += 1
+            reason = lines[-1] if lines else f"exit code {process.returncode}"
+            print(f"compare FAILED: {name}: {len(runs)} runs -> {reason}", flush=True)
+            continue
+        print(f"compare: {name}: {len(runs)} runs -> results: {match.group(1).strip()}", flush=True)
+    return failed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
         extra, argv = argv[argv.index("--") + 1 :], argv[: argv.index("--")]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\n" + __doc__.split("\n\n")[2])
+    paragraphs = __doc__.split("\n\n")
+    parser = argparse.ArgumentParser(description=paragraphs[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="examples:\n" + "\n\n".join([paragraphs[1], paragraphs[2], paragraphs[4]]))
     parser.add_argument("script", help="the script to run, e.g. router_metrics.py")
     parser.add_argument("--models", nargs="+", required=True, help="--model of each job")
     parser.add_argument("--layers", nargs="+", default=None, help="layer sets, each one string: 'all' '1 7 15'")
@@ -269,15 +352,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="list the jobs as done, todo or invalid (each job's flags, data, model, layers and "
                         "--seq_len checked, no weight read), run nothing; exit code 2 if any is invalid")
+    parser.add_argument("--compare", action="store_true",
+                        help="after the jobs, run compare.py over the runs they wrote, one comparison per --data "
+                        "value (two runs or more each); with --dry-run, list the comparisons it would make")
     args = parser.parse_args(argv)
     script = str(ROOT / args.script) if not Path(args.script).is_absolute() else args.script
     if not Path(script).is_file():
         parser.error(f"no such script: {args.script}")
+    if args.compare and (scripts := comparable_scripts()) is not None and Path(script).stem not in scripts:
+        parser.error(f"--compare: compare.py compares runs of {', '.join(scripts)}, not of {Path(script).name}")
     out = Path(args.out)
     found = jobs(script, args.models, args.layers or [None], args.data or [None], str(out), extra)
     if args.dry_run:
-        return dry_run(found, out)
-    return sweep(found, out, args.gpus)
+        code = dry_run(found, out)
+        if args.compare:
+            dry_run_comparisons(found, out)
+        return code
+    code = sweep(found, out, args.gpus)
+    if args.compare and run_comparisons(found, out):
+        code = 1
+    return code
 
 
 if __name__ == "__main__":

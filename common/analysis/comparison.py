@@ -6,6 +6,8 @@ of hours of GPU runs costs seconds on a laptop. Definitions: docs/METRICS.md#com
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,10 +69,27 @@ def read_run(folder: Path) -> RunRecord:
     return RunRecord(folder, info)
 
 
+def sweep_runs(records: Path) -> list[Path]:
+    """The run folders a sweep's job records (`<out>/.sweep/*.json`, tools/sweep.py) name, in record order; records
+    whose run folder is gone are skipped."""
+    found = []
+    for record in sorted(records.glob("*.json")):
+        try:
+            run = Path(json.loads(record.read_text(encoding="utf-8"))["run"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if (run / "run.json").is_file() and run not in found:
+            found.append(run)
+    return found
+
+
 def find_runs(root: Path) -> list[Path]:
-    """Finished run folders at or below `root`, in path order: staging (.partial), failed and hidden folders skipped."""
+    """Finished run folders at or below `root`, in path order: staging (.partial), failed and hidden folders skipped;
+    for a sweep's record folder (`.sweep`), the runs its jobs wrote."""
     if (root / "run.json").is_file():
         return [root]
+    if root.name == ".sweep":
+        return sweep_runs(root)
     found = []
     for path in sorted(root.rglob("run.json")):
         parts = path.parent.relative_to(root).parts
@@ -197,7 +216,32 @@ ROUTER_METRICS = (
            _column("fraction_of_experts")),
     Metric("frequency_spread", "frequency.csv", "selection-frequency spread: CV over experts", _frequency_cv),
 )
-METRICS: dict[str, tuple[Metric, ...]] = {"router_decisive": DECISIVE_METRICS, "router_metrics": ROUTER_METRICS}
+
+
+def _similarity(method: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def read(table: pd.DataFrame) -> pd.DataFrame:
+        part = table[table["method"] == method]
+        return pd.DataFrame({"layer": part["layer"], "domain": ALL_DOMAINS, "value": part["mean_offdiag"]})
+    return read
+
+
+def _lens_cosine(table: pd.DataFrame) -> pd.DataFrame:
+    """The residual cosine of the sparsest restriction run (smallest k′, k′ = 1 when k > 1) against the full run."""
+    part = table[table["k_prime"] == table["k_prime"].min()]
+    return part[["layer", "domain"]].assign(value=part["mean"].to_numpy())
+
+
+SIMILARITY_METHODS = ("cosine", "cka", "cka-debiased", "cka-rbf")  # sim.py --method
+SIM_METRICS = tuple(
+    Metric(f"similarity_{method.replace('-', '_')}", "similarity_summary.csv",
+           f"expert-output {method} similarity, mean over expert pairs", _similarity(method))
+    for method in SIMILARITY_METHODS)
+LENS_METRICS = (Metric("lens_cosine", "cosine_summary.csv", "cosine of the residual keeping the fewest experts "
+                       "(k′ = 1) with the full run's (mean over tokens)", _lens_cosine),)
+INTERV_METRICS = (Metric("ablation_importance", "importance_summary_layer*.csv",
+                         "ΔNLL of the costliest single-expert ablation (nats per token)", _column("delta_nll_max")),)
+METRICS: dict[str, tuple[Metric, ...]] = {"router_decisive": DECISIVE_METRICS, "router_metrics": ROUTER_METRICS,
+                                          "sim": SIM_METRICS, "logit_lens": LENS_METRICS, "interv": INTERV_METRICS}
 PROBING_TABLE = "probing_best_layer.csv"
 
 
@@ -206,10 +250,20 @@ def metric_names(script: str) -> list[str]:
 
 
 def _read_csv(run: RunRecord, table: str) -> pd.DataFrame:
-    path = run.folder / table
-    if not path.is_file():
+    """A CSV of the run; a glob pattern (interv's one table per layer) reads every match, stacked."""
+    paths = sorted(run.folder.glob(table)) if "*" in table else [run.folder / table]
+    paths = [path for path in paths if path.is_file()]
+    if not paths:
         raise InputError(f"{run.folder} has no {table}")
-    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+    return pd.concat([pd.read_csv(path, keep_default_na=False, na_values=[""]) for path in paths], ignore_index=True)
+
+
+def readable(run: RunRecord, metric: Metric) -> bool:
+    """Whether `metric` can be read from `run` (its table exists and has the metric's rows)."""
+    try:
+        return not metric.read(_read_csv(run, metric.table)).empty
+    except (InputError, KeyError):
+        return False
 
 
 def _with_metadata(part: pd.DataFrame, run: RunRecord, label: str) -> pd.DataFrame:
@@ -234,10 +288,11 @@ def layer_table(runs: Sequence[RunRecord], labels: Sequence[str], metrics: Seque
             if values.empty:
                 raise InputError(f"{run.folder} has no rows of metric {metric.name}")
             meta = run_metadata(run)
-            values = values.assign(table=metric.table.removesuffix(".csv"), metric=metric.name,
+            values = values.assign(table=metric.table.removesuffix(".csv").replace("*", "<L>"), metric=metric.name,
                                    relative_depth=relative_depth(values["layer"], meta["layers"] or 1))
             parts.append(_with_metadata(values[["table", "metric", "layer", "relative_depth", "domain", "value"]]
                                         .reset_index(drop=True), run, label))
+
     return pd.concat(parts, ignore_index=True)
 
 
@@ -304,3 +359,70 @@ def gap_vs_sparsity(table: pd.DataFrame, labels: Sequence[str]) -> tuple[pd.Data
         fits.append({"baseline": baseline, "probe_k": probe_k, "models": len(group), "spearman_rho": rho,
                      "p_value": p_value, "slope": slope, "intercept": intercept})
     return points, pd.DataFrame(fits)
+
+
+# ------------------------------------------------------------------------------------------------ MoE Lens curves
+
+
+def lens_perplexity_table(runs: Sequence[RunRecord], labels: Sequence[str]) -> pd.DataFrame:
+    """Every logit_lens run's perplexity.csv (top-k′ restriction, MoE Lens Figure 3) with its metadata: one row per
+    run, domain and k′, with k′ / k beside k′ (models with different k share one axis on it)."""
+    parts = []
+    for run, label in zip(runs, labels, strict=True):
+        table = _read_csv(run, "perplexity.csv")
+        missing = {"domain", "k_prime", "ppl", "normalized_log_ppl"} - set(table.columns)
+        if missing:
+            raise InputError(f"{run.folder}/perplexity.csv lacks {', '.join(sorted(missing))}")
+        top_k = run_metadata(run)["top_k"] or int(table["k_prime"].max())
+        part = table[["domain", "k_prime", "ppl", "normalized_log_ppl"]].assign(
+            table="perplexity", metric="normalized_log_ppl", k_fraction=table["k_prime"] / top_k)
+        parts.append(_with_metadata(part.reset_index(drop=True), run, label))
+    return pd.concat(parts, ignore_index=True)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+_STEP = re.compile(r"step[-_]?(\d+)", re.IGNORECASE)
+_TOKENS = re.compile(r"tokens[-_]?(\d+(?:\.\d+)?)([KMBT]?)", re.IGNORECASE)
+_SCALE = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
+FINAL_NAMES = ("main", "final", "last")
+
+
+def training_position(revision: str) -> tuple[float, str] | None:
+    """Where a revision name sits in training: (its step, or its token count, 'step' | 'tokens'), +inf for the
+    final branch ('main'); None when the name says neither."""
+    if revision.lower() in FINAL_NAMES:
+        return math.inf, "final"
+    if match := _STEP.search(revision):
+        return float(match.group(1)), "step"
+    if match := _TOKENS.search(revision):
+        return float(match.group(1)) * _SCALE[match.group(2).upper()], "tokens"
+    return None
+
+
+def checkpoint_series(runs: Sequence[RunRecord]) -> list[RunRecord] | None:
+    """The runs in training order when they are checkpoints of one model (one model id, every revision different;
+    no revision = 'main'), else None. Ordered by the revisions' steps (or token counts) where every name states
+    one the same way (the final branch last), else as given."""
+    if len({run.model for run in runs}) != 1:
+        return None
+    revisions = [run.revision or "main" for run in runs]
+    if len(set(revisions)) != len(runs):
+        return None
+    positions = [training_position(revision) for revision in revisions]
+    kinds = {p[1] for p in positions if p is not None} - {"final"}
+    if None in positions or len(kinds) > 1:
+        return list(runs)
+    order = sorted(range(len(runs)), key=lambda i: positions[i][0])
+    return [runs[i] for i in order]
+
+
+def saturation_table(runs: Sequence[RunRecord], labels: Sequence[str]) -> pd.DataFrame | None:
+    """Router saturation (router_metrics --revisions: saturation.csv) of the run that compared the most checkpoints,
+    with its label; None when no run has one."""
+    found = [(run, label, _read_csv(run, "saturation.csv")) for run, label in zip(runs, labels, strict=True)
+             if (run.folder / "saturation.csv").is_file()]
+    if not found:
+        return None
+    run, label, table = max(found, key=lambda item: item[2]["position"].nunique())
+    return table.assign(label=label, run_id=run.info.get("run_id", run.folder.name))

@@ -88,3 +88,59 @@ def plot_gap_vs_sparsity(points: pd.DataFrame, fits: pd.DataFrame, labels: Seque
     fig.legend(handles=model_handles, loc="outside lower center", ncols=min(len(labels), 3), frameon=False)
     fig.suptitle("Probing gap against routing sparsity (one marker per model)")
     return fig
+
+
+def _pooled(rows: pd.DataFrame) -> pd.DataFrame:
+    """The 'all domains' rows where the table has them, else the mean over domains (per everything else)."""
+    pooled = rows[rows["domain"] == "all"]
+    if not pooled.empty:
+        return pooled
+    keys = [c for c in rows.columns if c not in ("domain", "value", "ppl", "normalized_log_ppl")]
+    return rows.groupby(keys, dropna=False, sort=False)[[c for c in ("value", "ppl", "normalized_log_ppl")
+                                                         if c in rows]].mean().reset_index()
+
+
+def plot_metric_over_training(table: pd.DataFrame, metric: str, description: str, labels: Sequence[str],
+                              model: str) -> plt.Figure:
+    """One metric of a model's checkpoints (runs in training order): one line per decoder layer, colour by depth."""
+    rows = _pooled(table[table["metric"] == metric])
+    layers = sorted(rows["layer"].unique())
+    cmap = plt.get_cmap("viridis")
+    fig, axes = a4_grid(1, max_cols=1, panel_height=3.4)
+    ax = axes[0]
+    positions = {name: i for i, name in enumerate(labels)}
+    for j, layer in enumerate(layers):
+        part = rows[rows["layer"] == layer].assign(x=lambda d: d["label"].map(positions)).sort_values("x")
+        ax.plot(part["x"], part["value"], color=cmap(j / max(len(layers) - 1, 1) * 0.9), marker="o", markersize=4,
+                linewidth=1.2, label=f"layer {layer}")
+    ticks = [name.split("@", 1)[-1] if "@" in name else name for name in labels]
+    ax.set_xticks(range(len(labels)), ticks, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
+    label(ax, "checkpoint (training order)", textwrap.fill(description, 40), None)
+    ax.grid(linewidth=0.4, alpha=0.5)
+    ax.legend(fontsize=7, ncols=min(len(layers), 4), loc="best", frameon=False)
+    fig.suptitle(f"{description}\nover {model}'s {len(labels)} checkpoints, all domains pooled")
+    return fig
+
+
+def plot_perplexity_vs_k(table: pd.DataFrame, labels: Sequence[str]) -> plt.Figure:
+    """MoE Lens Figure 3 (left) across models: normalised log-perplexity against k′ (left) and against k′ / k (right),
+    all domains pooled, one line per model."""
+    styles = model_styles(labels)
+    rows = _pooled(table)
+    fig, axes = a4_grid(2, max_cols=2, panel_height=2.8 + 0.12 * len(labels))
+    for name in labels:
+        part = rows[rows["label"] == name].sort_values("k_prime")
+        colour, marker = styles[name]
+        for ax, x in zip(axes, ("k_prime", "k_fraction"), strict=True):
+            ax.plot(part[x], part["normalized_log_ppl"], color=colour, marker=marker, markersize=4, linewidth=1.2,
+                    label=name)
+    axes[1].sharey(axes[0])
+    label(axes[0], "experts kept per token k′", "log PPL(k′) / log PPL(k)", "by k′")
+    label(axes[1], "k′ / k", None, "by the share of k kept")
+    axes[0].xaxis.get_major_locator().set_params(integer=True)
+    for ax in axes:
+        ax.axhline(1, color="grey", linewidth=0.6)
+        ax.grid(linewidth=0.4, alpha=0.5)
+    _legend_below(fig, axes[0], len(labels))
+    fig.suptitle(f"Perplexity keeping only the top-k′ experts: {len(labels)} models, all domains pooled")
+    return fig

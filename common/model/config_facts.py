@@ -22,7 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from common import hub
-from common.config import RANDOM_PREFIX, SHIPPED_MODELS, ModelSpec
+from common.config import RANDOM_PREFIX, SHIPPED_MODELS, ModelSpec, shipped_revisions
 from common.errors import InputError
 
 LAYER_COUNT_NAMES = ("num_hidden_layers", "n_layers", "num_layers")
@@ -59,8 +59,18 @@ def _looks_like_path(name: str) -> bool:
 def model_source(spec: ModelSpec) -> str | Path:
     """Where `from_pretrained` reads the model: a shipped folder, a local folder, or a hub id."""
     name = spec.model
-    if spec.revision and (name in SHIPPED_MODELS or name.startswith(RANDOM_PREFIX) or _looks_like_path(name)):
-        raise InputError(f"--revision applies to hub ids only; --model {name} is not one (drop --revision)")
+    if spec.revision and name in SHIPPED_MODELS:
+        revisions = shipped_revisions(name)
+        if spec.revision not in revisions:
+            raise InputError(f"--revision {spec.revision}: --model {name} ships the revisions "
+                             f"{', '.join(revisions)}")
+        source = revisions[spec.revision]
+        if not (source / "config.json").is_file():
+            raise InputError(f"--model {name}: the shipped model is missing from {source}")
+        return source
+    if spec.revision and (name.startswith(RANDOM_PREFIX) or _looks_like_path(name)):
+        raise InputError(f"--revision applies to hub ids and shipped models only; --model {name} is neither "
+                         "(drop --revision)")
     if name in SHIPPED_MODELS:
         source = SHIPPED_MODELS[name]
         if not (source / "config.json").is_file():

@@ -48,6 +48,12 @@ METRIC_FIGURES = (
     ("jsd_specialization", "JSD specialization, mean over the experts that were chosen"),
     ("coverage50", "coverage50: share of experts handling half of all assignments"),
     ("frequency_spread", "selection-frequency spread: coefficient of variation over experts"),
+    ("similarity_cosine", "expert-output cosine similarity, mean over pairs of routed experts (sim.py)"),
+    ("similarity_cka", "expert-output linear CKA, mean over pairs of routed experts (sim.py)"),
+    ("similarity_cka_debiased", "expert-output debiased linear CKA, mean over pairs of routed experts (sim.py)"),
+    ("similarity_cka_rbf", "expert-output RBF CKA, mean over pairs of routed experts (sim.py)"),
+    ("lens_cosine", "cosine of the residual with only the top-1 expert kept against the full run's (logit_lens.py)"),
+    ("ablation_importance", "ΔNLL of the costliest single-expert ablation (interv.py dataset mode)"),
 )
 
 # fmt: off
@@ -56,13 +62,16 @@ OUTPUTS: tuple[Output, ...] = (
            "run, metric, layer and domain (probing: per concept, units, selection and probe k); every figure is "
            "drawn from it", ANCHOR, COMPARE,
            columns={**METADATA,
-                    "table": "the compared runs' CSV the value comes from (file name without .csv)",
+                    "table": "the compared runs' CSV the value comes from (file name without .csv; <L> = the layer)",
                     "metric": "per-layer metric: entropy_normalized, topk_entropy_normalized, top1_prob, "
                               "top1_top2_margin, topk_mass (router_decisive: the mean over tokens of "
                               "entropy_summary.csv); load_balance_cv, max_over_mean (load_balance.csv), "
                               "jsd_specialization (mean jsd_bits over chosen experts), coverage50 "
                               "(fraction_of_experts), frequency_spread (CV of freq_topk over experts) "
-                              "(router_metrics); best_layer_f1 (probing)",
+                              "(router_metrics); similarity_<method> (sim: mean_offdiag of similarity_summary.csv); "
+                              "lens_cosine (logit_lens: mean cosine at the smallest k′ of cosine_summary.csv); "
+                              "ablation_importance (interv: delta_nll_max of importance_summary_layer<L>.csv); "
+                              "best_layer_f1 (probing)",
                     "layer": "decoder-layer index (0-based; probing: the layer where the best F1 is reached)",
                     "relative_depth": "layer / (layers − 1): 0 = first decoder layer, 1 = last (fraction)",
                     "domain": DOMAIN,
@@ -93,6 +102,30 @@ OUTPUTS: tuple[Output, ...] = (
     *(Output(f"figures/by_depth_{metric}.{{ext}}", f"{text} of every compared run per layer (all domains pooled), "
              "against relative depth and against absolute layer; legend = models", ANCHOR, COMPARE)
       for metric, text in METRIC_FIGURES),
+    *(Output(f"figures/over_training_{metric}.{{ext}}", f"{text} of a checkpoint series (runs of one model that "
+             "differ only in revision) in training order, one line per layer, all domains pooled", ANCHOR, COMPARE)
+      for metric, text in METRIC_FIGURES),
+    Output("perplexity_by_k.csv", "logit_lens runs: every run's perplexity.csv (top-k′ restriction) with its model "
+           "metadata", ANCHOR, COMPARE,
+           columns={**METADATA, "table": "perplexity (the compared runs' CSV)", "metric": "normalized_log_ppl",
+                    "domain": DOMAIN, "k_prime": "experts kept per token k′ (count)",
+                    "ppl": "perplexity exp(nll) with k′ experts kept",
+                    "normalized_log_ppl": "log PPL(k′) / log PPL(k) (ratio, 1 at k′ = k)",
+                    "k_fraction": "k′ / k: the share of the model's experts per token kept (fraction)"},
+           integers=METADATA_INTEGERS | {"k_prime"}),
+    Output("figures/perplexity_vs_k.{ext}", "logit_lens runs: normalised log-perplexity against k′ and against k′ / "
+           "k, one line per model (MoE Lens Figure 3 left, across models)", ANCHOR, COMPARE),
+    Output("saturation_over_training.csv", "a checkpoint series: the saturation.csv of the compared run that measured the most "
+           "checkpoints (router_metrics --revisions), with its label", "router-saturation", COMPARE,
+           columns={"position": "checkpoint index in the order given to --revisions", "revision": "the checkpoint",
+                    "final": "the checkpoint compared with (the last)", "layer": "decoder-layer index",
+                    "topk_overlap": "share of the top-k the two checkpoints have in common (fraction)",
+                    "top1_agreement": "share of tokens with the same top-1 expert (fraction)",
+                    "tokens": "tokens compared (count)", "label": RUN_LABEL,
+                    "run_id": "run id of the router_metrics run it comes from"},
+           integers=frozenset({"position", "layer", "tokens"})),
+    Output("figures/saturation_over_training.{ext}", "a checkpoint series: router saturation per checkpoint and layer (from the "
+           "run that measured it)", "router-saturation", COMPARE),
     Output("figures/gap_vs_sparsity.{ext}", "median best-layer F1 gap over concepts against routing sparsity k / E "
            "(log axis), one marker per model, colour per probe k, dashed least-squares lines, Spearman's ρ and p in "
            "the legend; one panel per baseline (dense, random control)", ANCHOR, COMPARE),
