@@ -54,7 +54,6 @@ def build_parser():
                         "where they go; the plan is in run.json)")
     parser.add_argument("--host_stats_memory", type=positive_float, default=None, metavar="GIB",
                         help="host memory budget of token tables moved off the device, in GiB (default: half the RAM)")
-    parser.add_argument("--no-figures", dest="figures", action="store_false", help="write the data files only")
     return parser
 
 

@@ -41,7 +41,6 @@ def build_parser():
                         help="random unit directions of the router-expert alignment control")
     parser.add_argument("--routers-only", dest="routers_only", action="store_true",
                         help="skip the expert weights (expert similarity and router-expert alignment)")
-    parser.add_argument("--no-figures", dest="figures", action="store_false", help="write the data files only")
     return parser
 
 

@@ -76,6 +76,7 @@ class RunSpec:
     arguments: tuple[tuple[str, Any], ...] = field(default=())  # every flag as given, for run.json
     command: tuple[str, ...] | None = None  # the command line (None: this process's own sys.argv)
     wandb: str | None = None  # Weights & Biases project to log the finished run to (optional)
+    figures: bool = True  # False (--no-figures): the data files only
 
     @property
     def argument_dict(self) -> dict[str, Any]:

@@ -46,9 +46,10 @@ def planted_run(tmp_path_factory):
     out = root / "results"
     argv = ["--model", str(model_dir), "--data", *specs, "--num_tokens", str(NUM_TOKENS), "--seq_len", str(SEQ_LEN),
             "--batch_size", "4", "--out", str(out), "--no-progress", "--num_experts", str(NUM_EXPERTS), "--topk", str(TOP_K),
-            "--revisions", str(perturbed_dir), str(model_dir)]
+            "--revisions", str(perturbed_dir), str(model_dir), "--no-figures"]  # numbers only: figures cost 80%
     assert router_metrics.main(argv) == 0
     run_dir = next(p for p in out.glob("router_metrics/*/*/*") if p.is_dir())
+    assert not (run_dir / "figures").exists() and json.loads((run_dir / "run.json").read_text())["arguments"]["figures"] is False
     # The counted tokens, from the data layer alone (same arguments as the script).
     from common.model import tiny_tokenizer
 

@@ -370,6 +370,9 @@ def base_parser(description: str, *, layers: bool = True, data: bool = True) -> 
                         help="CPU threads torch may use (torch.set_num_threads); default: torch's own, one per core. "
                         "On a shared box give your share of the cores: threads beyond the free cores wait on each other")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    parser.add_argument("--no-figures", dest="figures", action="store_false",
+                        help="write the data files only (tables, arrays, JSON), no figures/: for batch runs whose "
+                        "numbers are read by compare.py or your own code")
     parser.add_argument("--wandb", metavar="PROJECT", type=_wandb_project, default=None,
                         help="also log the finished run (metadata, tables, figures) to this Weights & Biases project; "
                         "needs the wandb package")
@@ -430,7 +433,7 @@ def config(args: argparse.Namespace, script: str, *, layers: Sequence[int | str]
         model=model_spec(args),
         run=RunSpec(script=script, out=Path(args.out), seed=args.seed, progress=args.progress,
                     arguments=tuple(arguments.items()), command=getattr(args, "_command", None),
-                    wandb=getattr(args, "wandb", None)),
+                    wandb=getattr(args, "wandb", None), figures=getattr(args, "figures", True)),
         data=data_spec(args),
         layers=tuple(str(item) for item in chosen) if chosen is not None else None,
     )

@@ -126,6 +126,7 @@ class Run:
         script = spec.script
         self.script, self.args = script, spec.argument_dict
         self.wandb_project = spec.wandb
+        self.draw = spec.figures
         self.started = time.time()
         # Under torchrun only rank 0 publishes; the others write into a scratch folder that is deleted.
         self.scratch = distributed.rank() != 0
@@ -244,7 +245,8 @@ class Run:
     def save_figure(self, fig, name: str) -> list[Path]:
         from common.plots import plt, save_figure
 
-        if self.scratch:  # torchrun: only rank 0 publishes, so the others skip the rendering
+        # torchrun: only rank 0 publishes, so the others skip the rendering; --no-figures: nobody renders
+        if self.scratch or not self.draw:
             plt.close(fig)
             return []
 
