@@ -7,7 +7,10 @@ A page holds the run's metadata (script, model, data, command, date, git commit,
 figure (PNG embedded, so the page needs no network and can be mailed), every CSV as a sortable table (the first
 `--rows` rows, a click on a column header sorts it, with a link to the full file and the description of each column
 from the registry of `common/run/outputs.py`), and the JSON and npy files with their descriptions. The index lists the
-runs by script, model, data, tokens and date. Nothing heavy is imported: pandas only.
+runs by script, model, data, tokens and date. A comparison folder (compare.py, `<out>/compare/...`) gets the same
+page, headed by the script whose runs it compared and the list of those runs (label, model, revision, folder, linked
+to their pages where they are found), and its own "Comparisons" table in the index. Nothing heavy is imported:
+pandas only.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import base64
 import html
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -157,8 +161,55 @@ def _csv_section(path: Path, relative: str, rows: int) -> str:
             f"<div class=scroll><table class='sortable data'><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table></div>")
 
 
-def run_page(run: Path, info: dict, rows: int) -> str:
-    parts = [f"<h1>{_esc(info.get('script'))} — {_esc(info.get('model'))}</h1>", _metadata(info)]
+COMPARE = "compare"  # the script name compare.py records in its run.json
+
+
+def _compared_run_folder(comparison: Path, info: dict, folder: str) -> Path | None:
+    """Where a run compare.py compared lies now (it holding run.json), or None. compare.py records each folder as it
+    was given: absolute, or relative to where compare.py ran (often the repository root, as `results/...`); the
+    latter is tried from here and under the comparison's own results root (`<out>/compare/<models>/<script>/<id>`)."""
+    path = Path(folder)
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path]
+    given_out = (info.get("arguments") or {}).get("out") if isinstance(info.get("arguments"), dict) else None
+    if not path.is_absolute() and given_out and len(comparison.parents) > 3 and path.is_relative_to(given_out):
+        candidates.append(comparison.parents[3] / path.relative_to(given_out))
+    return next((c for c in candidates if (c / "run.json").is_file()), None)
+
+
+def _compared_runs(comparison: Path, info: dict) -> list[dict]:
+    """run.json's `runs` of a comparison, each with `found`: the folder it lies in now (or None)."""
+    runs = info.get("runs") if isinstance(info.get("runs"), list) else []
+    return [{**item, "found": _compared_run_folder(comparison, info, str(item.get("folder", "")))}
+            for item in runs if isinstance(item, dict)]
+
+
+def _compared_section(comparison: Path, info: dict, pages: set[Path]) -> str:
+    """The list of runs a comparison compared, each linked to its page where it has one (or gets one now)."""
+    rows = []
+    for item in _compared_runs(comparison, info):
+        found, folder = item["found"], str(item.get("folder", ""))
+        if found is not None and (found.resolve() in pages or (found / "report.html").is_file()):
+            target = os.path.relpath(found.resolve() / "report.html", comparison.resolve())
+            cell = f"<a href='{_esc(Path(target).as_posix())}'>{_esc(folder)}</a>"
+        else:
+            cell = _esc(folder) + ("" if found is not None else " <span class=desc>(not found from here)</span>")
+        rows.append("<tr>" + "".join(f"<td class=t>{_esc(item.get(key) or '—')}</td>"
+                                     for key in ("label", "model", "revision", "run_id"))
+                    + f"<td class=t>{cell}</td></tr>")
+    header = "".join(f"<th class=t>{c}</th>" for c in ("label", "model", "revision", "run id", "folder"))
+    return (f"<h2>Compared runs</h2><p class=desc>{len(rows)} {_esc(info.get('compared_script'))} runs; the label "
+            "is each run's name in the tables and figures below.</p>"
+            f"<table class=sortable><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def run_page(run: Path, info: dict, rows: int, pages: Sequence[Path] = ()) -> str:
+    """The page of a run folder; `pages`: the run folders getting a page in the same pass (links to compared runs)."""
+    if info.get("script") == COMPARE:
+        models = ", ".join(dict.fromkeys(str(item.get("model")) for item in _compared_runs(run, info))) or "—"
+        parts = [f"<h1>Comparison of {_esc(info.get('compared_script'))} runs — {_esc(models)}</h1>",
+                 _compared_section(run, info, {p.resolve() for p in pages}), "<h2>This comparison</h2>", _metadata(info)]
+    else:
+        parts = [f"<h1>{_esc(info.get('script'))} — {_esc(info.get('model'))}</h1>", _metadata(info)]
     figures = sorted((run / "figures").glob("*.png"), key=_natural) if (run / "figures").is_dir() else []
     if figures:
         parts.append("<h2>Figures</h2>")
@@ -215,7 +266,37 @@ def _tokens(info: dict) -> str:
     return f"{read:,}" if read is not None else "—"
 
 
-def index_page(root: Path, runs: Sequence[tuple[Path, dict]]) -> str:
+def _comparisons_table(root: Path, comparisons: Sequence[tuple[Path, dict]]) -> str:
+    """The index's table of comparison folders: what was compared, which runs, on which data."""
+    columns = ("compared script", "runs", "data", "started", "comparison")
+    rows = []
+    for folder, info in comparisons:
+        relative = folder.relative_to(root).as_posix()
+        compared = _compared_runs(folder, info)
+        labels = ", ".join(str(item.get("label") or item.get("model")) for item in compared)
+        data = []
+        for item in compared:  # the compared runs' --data (one value: compare.py refuses runs on different data)
+            if item["found"] is not None:
+                try:
+                    value = (_run_record(item["found"]).get("arguments") or {}).get("data")
+                except InputError:
+                    continue
+                text = " ".join(map(str, value)) if isinstance(value, list) else str(value or "")
+                if text and text not in data:
+                    data.append(text)
+        cells = [info.get("compared_script"), f"{len(compared)}: {labels}", " | ".join(data) or "—", info.get("started")]
+        rows.append("<tr>" + "".join(f"<td class=t>{_esc(c)}</td>" for c in cells)
+                    + f"<td class=t><a href='{_esc(relative)}/report.html' title='{_esc(info.get('command', ''))}'>"
+                      f"{_esc(relative)}</a></td></tr>")
+    header = "".join(f"<th class=t>{_esc(c)}</th>" for c in columns)
+    return (f"<h2>Comparisons</h2><p class=desc>{len(comparisons)} comparison{'s' if len(comparisons) != 1 else ''} "
+            "across runs (compare.py): a page each with the compared runs, their tables and figures.</p>"
+            f"<table class='sortable data'><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def index_page(root: Path, found: Sequence[tuple[Path, dict]]) -> str:
+    runs = [(run, info) for run, info in found if info.get("script") != COMPARE]
+    comparisons = [(run, info) for run, info in found if info.get("script") == COMPARE]
     columns = ("script", "model", "data", "layers", "tokens", "started", "wall time (s)", "run")
     numeric = {"tokens", "wall time (s)"}
     rows = []
@@ -236,7 +317,8 @@ def index_page(root: Path, runs: Sequence[tuple[Path, dict]]) -> str:
                  "click on a column header sorts by it; hover a run for its command. <i>tokens</i>: the counted "
                  "tokens read, summed over the domains; a run that analyses a token sample (sim.py) shows the "
                  "sample's size and, in brackets, the tokens read to draw it (each domain is read up to the largest "
-                 "domain's share, so a little more than the sample).</p>" + table)
+                 "domain's share, so a little more than the sample).</p>" + table
+                 + (_comparisons_table(root, comparisons) if comparisons else ""))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -257,7 +339,7 @@ def run(args: argparse.Namespace) -> None:
                 raise
             print(f"report: skipped {error}", file=sys.stderr)  # one broken run does not cost the others' pages
             continue
-        page = run_page(folder, info, args.rows)
+        page = run_page(folder, info, args.rows, runs)
         atomic_write(folder / "report.html", lambda p, text=page: p.write_text(text, encoding="utf-8"))
         written.append((folder, info))
     if runs != [root]:

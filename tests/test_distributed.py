@@ -103,14 +103,14 @@ def two_domains(tmp_path_factory) -> list[str]:
 
 def _common(specs: list[str], model: str) -> list[str]:
     return ["--model", model, "--data", *specs, "--num_tokens", str(NUM_TOKENS), "--seq_len", "32", "--batch_size", "4",
-            "--no-progress"]
+            "--no-progress", "--no-figures"]  # the numbers are compared
 
 
 def test_two_processes_equal_one(tmp_path):
     data = tmp_path / "a.txt"
     data.write_text("alpha beta gamma delta epsilon " * 150)
     common = ["--model", "random:olmoe", "--data", f"a={data}", "--num_tokens", "600", "--seq_len", "32",
-              "--batch_size", "4", "--no-progress"]
+              "--batch_size", "4", "--no-progress", "--no-figures"]  # the numbers are compared
     two = _torchrun("router_stats.py", [*common, "--out", str(tmp_path / "two")], tmp_path / "torchrun.log")
     assert router_stats.main([*common, "--out", str(tmp_path / "one")]) == 0
     _finish(two, tmp_path / "torchrun.log")

@@ -147,6 +147,53 @@ def test_a_sampled_run_shows_its_sample_size_not_the_tokens_read_to_draw_it(tmp_
     assert "token sample" in page and "10,000 of the 10,002 tokens read (code: 1667, " in page and "math: 1666" in page
 
 
+def test_a_comparison_gets_a_page_listing_the_compared_runs_and_its_own_index_section(tmp_path, monkeypatch, capsys):
+    """A compare.py folder (fabricated here: run.json, comparison.csv, one figure) renders like a run, headed by the
+    compared script and the compared runs linked to their pages, and the index lists it under Comparisons. One
+    compared folder is recorded absolute, the other relative to where compare.py ran (`--out results`)."""
+    monkeypatch.chdir(tmp_path)  # report.py runs elsewhere than compare.py did: the relative folder is not found here
+    results = tmp_path / "elsewhere" / "results"
+    runs = {"demo": results / "router_decisive" / "demo" / "demo" / "r1",
+            "random:mixtral": results / "router_decisive" / "random-mixtral" / "demo" / "r2"}
+    for model, folder in runs.items():
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({"script": "router_decisive", "model": model, "run_id": folder.name,
+                                                     "arguments": {"data": ["demo"]}}))
+    comparison = results / "compare" / "demo+random-mixtral" / "router_decisive" / "r3"
+    (comparison / "figures").mkdir(parents=True)
+    recorded = [str(runs["demo"]), "results/router_decisive/random-mixtral/demo/r2"]
+    (comparison / "run.json").write_text(json.dumps({
+        "script": "compare", "model": "demo+random:mixtral", "run_id": "r3", "started": "2026-12-05T10:00:00",
+        "arguments": {"runs": recorded, "out": "results"}, "compared_script": "router_decisive",
+        "runs": [{"folder": folder, "label": model, "model": model, "revision": None, "run_id": Path(folder).name}
+                 for folder, model in zip(recorded, runs, strict=True)]}))
+    (comparison / "comparison.csv").write_text("label,layer,relative_depth,entropy_normalized_mean\n"
+                                               "demo,0,0.0,0.8123456\ndemo,1,1.0,0.75\nrandom:mixtral,0,0.0,0.99\n")
+    Image.new("RGB", (40, 30), "white").save(comparison / "figures" / "by_depth_entropy_normalized_mean.png")
+
+    assert report.main([str(results)]) == 0
+    assert capsys.readouterr().err.strip().endswith("(3 runs)")
+    index = (results / "index.html").read_text()
+    runs_table, comparisons = index.split("<h2>Comparisons</h2>")
+    assert "2 runs;" in runs_table and "compare/" not in runs_table  # the comparison is not one of the runs
+    row = next(row for row in comparisons.split("<tr>") if "r3/report.html" in row)
+    assert "href='compare/demo+random-mixtral/router_decisive/r3/report.html'" in row
+    assert "<td class=t>router_decisive</td>" in row and "<td class=t>2: demo, random:mixtral</td>" in row
+    assert "<td class=t>demo</td>" in row  # the compared runs' data
+
+    page = (comparison / "report.html").read_text()
+    assert "<h1>Comparison of router_decisive runs — demo, random:mixtral</h1>" in page
+    compared = page.split("<h2>Compared runs</h2>")[1].split("</table>")[0]
+    for model in runs:  # each compared run listed by label, model and folder, linked to its page
+        assert f"<td class=t>{model}</td>" in compared
+    for folder in (runs["demo"], runs["random:mixtral"]):
+        link = "../../../../" + folder.relative_to(results).as_posix() + "/report.html"
+        assert f"href='{link}'" in compared and (comparison / link).resolve() == (folder / "report.html").resolve()
+        assert (folder / "report.html").is_file()
+    assert "alt='by_depth_entropy_normalized_mean' src='data:image/png;base64," in page
+    assert "<h3>comparison.csv</h3>" in page and "<td class=n>0.812346</td>" in page and "3 rows" in page
+
+
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("MOESCOPE_REQUIRE_CHROMIUM"),
                     reason="Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
 def test_every_figure_loads_and_every_table_has_rows_in_chromium(results, tmp_path):

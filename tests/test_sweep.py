@@ -3,6 +3,9 @@ finish; one job per GPU sees only its GPU."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -144,10 +147,23 @@ def _record_runs(out: Path, argv: list[str], data: str) -> set[str]:
             if (out / ".sweep" / f"{job.key}.json").is_file()}
 
 
-def test_compare_makes_one_comparison_per_data_value_of_this_sweeps_runs(tmp_path, capsys):
-    """--compare: compare.py over the runs this sweep's jobs wrote, one comparison per --data value; another sweep's
-    run of the same model on the same data (same .sweep folder) is left out; a failed job leaves the others
-    compared and the exit code 1; a data value with one run is skipped with a note."""
+def _in_process(job: sweep.Job, gpu: str | None) -> tuple[int, str]:
+    """A job run by the script's own main() in this process (imports paid once: a job's process spends ~15 s
+    importing torch and transformers on a shared 2-core box); its exit code and stderr, as sweep.execute gives."""
+    module = importlib.import_module(Path(job.script).stem)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = module.main(list(job.argv))
+    return code, stderr.getvalue()
+
+
+@pytest.mark.slow  # ~50 s: two real compare.py subprocesses (about 20 s each here); the fast tests below cover the rest
+def test_compare_makes_one_comparison_per_data_value_of_this_sweeps_runs(tmp_path, monkeypatch, capsys):
+    """--compare: compare.py (its own process) over the runs this sweep's jobs wrote, one comparison per --data
+    value; another sweep's run of the same model on the same data (same .sweep folder) is left out; a failed job
+    leaves the others compared and the exit code 1; a data value with one run is skipped with a note. The jobs run
+    in-process (the subprocess path is tested above)."""
+    monkeypatch.setattr(sweep, "execute", _in_process)
     out, missing = tmp_path / "out", tmp_path / "no-such-model"
     tiny = ["--", "--num_tokens", "64", "--seq_len", "32", "--layers", "0"]
     # Another sweep first: one job, so nothing to compare; its run is of a model and data the next sweep also runs.
@@ -169,8 +185,14 @@ def test_compare_makes_one_comparison_per_data_value_of_this_sweeps_runs(tmp_pat
                       f"results under {out / 'compare'}" for d in data]
     assert not (out / "compare").exists()
 
+    # The jobs first, without --compare; then the same sweep with --compare: its jobs are done (skipped), the
+    # missing model's fail again, and the runs that exist are compared.
+    without = [item for item in argv if item != "--compare"]
+    assert sweep.main(without) == 1
+    assert "\ncompare" not in capsys.readouterr().out and not (out / "compare").exists()
     assert sweep.main(argv) == 1  # the missing model's jobs failed: still 1, the comparisons made
     report = capsys.readouterr().out
+    assert "sweep: 6 jobs, 4 already done, 2 to run" in report
     comparisons = _comparisons(out)
     assert len(comparisons) == 2
     for value in data:
@@ -187,10 +209,6 @@ def test_compare_makes_one_comparison_per_data_value_of_this_sweeps_runs(tmp_pat
         assert "random:mixtral" in table and "random:olmoe" in table
         assert list((folder / "figures").glob("*.png"))
 
-    # Again: every job is done (the failed ones fail again), and the same runs are compared once more.
-    assert sweep.main(argv) == 1
-    assert len(_comparisons(out)) == 4
-
 
 def test_compare_is_refused_for_a_script_compare_does_not_compare(tmp_path, capsys):
     script = tmp_path / "fake.py"
@@ -200,3 +218,20 @@ def test_compare_is_refused_for_a_script_compare_does_not_compare(tmp_path, caps
     assert stop.value.code == 2
     assert "--compare: compare.py compares runs of router_decisive, " in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_skips_a_data_value_with_fewer_than_two_runs_and_keeps_the_exit_code(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "scripts"
+    folder.mkdir()
+    script, log, crash = folder / "router_decisive.py", tmp_path / "calls.jsonl", tmp_path / "crash-now"
+    script.write_text(FAKE)  # a stand-in named as a script compare.py compares: nothing gets as far as comparing
+    crash.touch()
+    monkeypatch.setenv("SWEEP_LOG", str(log))
+    monkeypatch.setenv("SWEEP_CRASH", str(crash))
+    out = tmp_path / "out"
+    assert sweep.main([str(script), "--models", "a", "crash", "--data", "x", "y z", "--out", str(out), "--compare"]) == 1
+    report = capsys.readouterr().out.splitlines()
+    assert [line for line in report if line.startswith("compare")] == [
+        f"compare: data {d!r}: 1 run(s) (1 of 2 job(s) failed); a comparison needs two or more, skipped"
+        for d in ("x", "y z")]
+    assert len(_calls(log)) == 4 and not (out / "compare").exists()

@@ -105,16 +105,22 @@ def completed(out: Path, job: Job) -> bool:
     return recorded_run(out, job) is not None
 
 
-def run_job(job: Job, out: Path, gpu: str | None) -> tuple[bool, str]:
-    """(succeeded, the job's last stderr line); on success the job is recorded as completed."""
+def execute(job: Job, gpu: str | None) -> tuple[int, str]:
+    """Run the job's command line in its own process (seeing only `gpu`); its exit code and stderr."""
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     process = subprocess.run([sys.executable, job.script, *job.argv], cwd=ROOT, env=env, capture_output=True, text=True)
-    lines = process.stderr.strip().splitlines()
-    match = _RESULTS_LINE.search(process.stderr)
-    if process.returncode != 0 or match is None:
-        return False, lines[-1] if lines else f"exit code {process.returncode}"
+    return process.returncode, process.stderr
+
+
+def run_job(job: Job, out: Path, gpu: str | None) -> tuple[bool, str]:
+    """(succeeded, the job's last stderr line); on success the job is recorded as completed."""
+    returncode, stderr = execute(job, gpu)
+    lines = stderr.strip().splitlines()
+    match = _RESULTS_LINE.search(stderr)
+    if returncode != 0 or match is None:
+        return False, lines[-1] if lines else f"exit code {returncode}"
     record = _record(out, job)
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"job": job.describe(), "run": match.group(1).strip()}, indent=2) + "\n")
