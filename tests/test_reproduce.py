@@ -74,13 +74,16 @@ def _rows_with(flag: str) -> list[str]:
 def test_router_saturation_compares_every_checkpoint_with_the_final_model():
     """As the OLMoE study did: router_metrics compares each --revisions item with the last one, so the final model
     (the hub's main branch of allenai/OLMoE-1B-7B-0924) must come last, after the intermediate checkpoints."""
-    (row,) = _rows_with("--revisions")
-    argv = next(argv for argv in commands() if "--revisions" in argv)
-    revisions = argv[argv.index("--revisions") + 1:]
-    assert revisions[-1] == "main" and len(revisions) >= 2, revisions
-    steps = [int(re.match(r"step(\d+)-tokens\d+B$", r).group(1)) for r in revisions[:-1]]
-    assert steps == sorted(steps)  # intermediate checkpoints in training order
+    (row,) = _rows_with("--revisions")  # the table's row; the compare.py section has more, in code blocks
     assert "final" in row and "main" in row
+    runs = [argv for argv in commands() if "--revisions" in argv]
+    assert len(runs) >= 3, runs  # the table's, the hub series' and the demo's
+    for argv in runs:
+        revisions = argv[argv.index("--revisions") + 1:]
+        revisions = revisions[:next((i for i, r in enumerate(revisions) if r.startswith("-")), len(revisions))]
+        assert revisions[-1] == "main" and len(revisions) >= 2, revisions
+        steps = [int(m.group(1)) for r in revisions[:-1] if (m := re.match(r"step(\d+)", r))]
+        assert steps == sorted(steps), revisions  # intermediate checkpoints in training order
 
 
 def test_commands_with_token_positions_say_they_depend_on_the_tokenizer():

@@ -231,11 +231,13 @@ def _lens_cosine(table: pd.DataFrame) -> pd.DataFrame:
     return part[["layer", "domain"]].assign(value=part["mean"].to_numpy())
 
 
-SIMILARITY_METHODS = ("cosine", "cka", "cka-debiased", "cka-rbf")  # sim.py --method
+# sim.py --method -> its name on axes
+SIMILARITY_METHODS = {"cosine": "cosine similarity", "cka": "linear CKA", "cka-debiased": "debiased linear CKA",
+                      "cka-rbf": "RBF CKA"}
 SIM_METRICS = tuple(
     Metric(f"similarity_{method.replace('-', '_')}", "similarity_summary.csv",
-           f"expert-output {method} similarity, mean over expert pairs", _similarity(method))
-    for method in SIMILARITY_METHODS)
+           f"expert-output {name}, mean over pairs of routed experts", _similarity(method))
+    for method, name in SIMILARITY_METHODS.items())
 LENS_METRICS = (Metric("lens_cosine", "cosine_summary.csv", "cosine of the residual keeping the fewest experts "
                        "(k′ = 1) with the full run's (mean over tokens)", _lens_cosine),)
 INTERV_METRICS = (Metric("ablation_importance", "importance_summary_layer*.csv",

@@ -47,7 +47,7 @@ def plot_metric_by_depth(table: pd.DataFrame, metric: str, description: str, lab
     for ax in axes:
         ax.grid(linewidth=0.4, alpha=0.5)
     _legend_below(fig, axes[0], len(labels))
-    fig.suptitle(f"{description}: {len(labels)} models, all domains pooled")
+    fig.suptitle(textwrap.fill(f"{description}: {len(labels)} models, all domains pooled", 90))
     return fig
 
 
@@ -118,7 +118,7 @@ def plot_metric_over_training(table: pd.DataFrame, metric: str, description: str
     label(ax, "checkpoint (training order)", textwrap.fill(description, 40), None)
     ax.grid(linewidth=0.4, alpha=0.5)
     ax.legend(fontsize=7, ncols=min(len(layers), 4), loc="best", frameon=False)
-    fig.suptitle(f"{description}\nover {model}'s {len(labels)} checkpoints, all domains pooled")
+    fig.suptitle(textwrap.fill(f"{description} over {model}'s {len(labels)} checkpoints, all domains pooled", 80))
     return fig
 
 
