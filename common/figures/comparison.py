@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from common.plots import PAGE_WIDTH, a4_grid, label, plt
 
@@ -78,6 +79,10 @@ def plot_gap_vs_sparsity(points: pd.DataFrame, fits: pd.DataFrame, labels: Seque
             ax.plot([], [], color=colours[probe_k], marker="o", linestyle="--", label=text)
         ax.axhline(0, color="grey", linewidth=0.6)
         ax.set_xscale("log")
+        # 1-2-5 ticks as plain numbers: a range under a decade otherwise labels every minor tick in 10^x notation
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         label(ax, "routing sparsity k / E (log)", "best-layer F1 gap\n(median over concepts)", BASELINE_TITLES[baseline])
         ax.grid(linewidth=0.4, alpha=0.5)
         # below the panel, so that the points (whose place is the result) are never hidden behind it
