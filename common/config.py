@@ -12,10 +12,9 @@ from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODELS = {"demo": PROJECT_ROOT / "data" / "demo-moe", "demo-dense": PROJECT_ROOT / "data" / "demo-dense"}
-# Intermediate training checkpoints shipped beside a model, reachable as its --revision stepN (data/demo-moe/TRAINING.md);
-# "main" and the final step are the shipped model itself.
+# Training checkpoints shipped beside a model, reachable as its --revision stepN; "main" is the shipped model itself
+# (data/demo-moe/TRAINING.md says which training run each comes from).
 SHIPPED_CHECKPOINTS = {"demo": PROJECT_ROOT / "data" / "demo-moe-checkpoints"}
-SHIPPED_FINAL_STEP = {"demo": 2000}
 RANDOM_PREFIX = "random:"
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
@@ -26,8 +25,6 @@ def shipped_revisions(name: str) -> dict[str, Path]:
     found = sorted(((int(p.name[4:]), p) for p in folder.glob("step*") if p.name[4:].isdigit()
                     and (p / "config.json").is_file()), key=lambda item: item[0]) if folder and folder.is_dir() else []
     revisions = {f"step{step}": path for step, path in found}
-    if name in SHIPPED_FINAL_STEP:
-        revisions[f"step{SHIPPED_FINAL_STEP[name]}"] = SHIPPED_MODELS[name]
     revisions["main"] = SHIPPED_MODELS[name]
     return revisions
 

@@ -8,6 +8,7 @@ only the definition of the held-out sample (`heldout_windows`) is shared, and it
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -280,3 +281,26 @@ def test_parameter_counts_of_the_demo_pair():
     dense = inspect_model(ModelSpec(model="demo-dense")).describe()
     assert moe["total_parameters"] == 3_942_528 and dense["total_parameters"] == 1_180_800
     assert moe["active_parameters"] == dense["total_parameters"] + 4 * 16 * 128 + 4 * 2 * 128
+
+
+def test_the_shipped_checkpoints_are_revisions_of_demo():
+    """The demo's training checkpoints load as `--revision stepN` (`main` is the shipped model), each holds other
+    weights than the next, and an unknown revision is refused with the list of those shipped."""
+    from safetensors.torch import load_file
+
+    from common.config import SHIPPED_MODELS, ModelSpec, shipped_revisions
+    from common.errors import InputError
+    from common.model.config_facts import model_source
+
+    revisions = shipped_revisions("demo")
+    assert list(revisions) == ["step100", "step500", "step1000", "step2000", "main"]
+    assert revisions["main"] == SHIPPED_MODELS["demo"]
+    assert model_source(ModelSpec(model="demo", revision="step500")) == revisions["step500"]
+    weights = [load_file(path / "model.safetensors") for path in revisions.values()]
+    for earlier, later in itertools.pairwise(weights):
+        assert earlier.keys() == later.keys()
+        assert any(not (earlier[name] == later[name]).all() for name in later if "gate" in name)
+    with pytest.raises(InputError, match="ships the revisions step100, step500, step1000, step2000, main"):
+        model_source(ModelSpec(model="demo", revision="step7"))
+    with pytest.raises(InputError, match="applies to hub ids and shipped models only"):
+        model_source(ModelSpec(model="random:olmoe", revision="step7"))

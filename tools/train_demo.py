@@ -484,7 +484,22 @@ Measured with this script (seed 0, 1 thread), on the same held-out sample:
   is visible in the table: weaker balancing lets some experts serve several English domains at once (lift near 1)
   and leaves a few experts lightly used (min load).
 """
-    path.write_text(text)
+    path.write_text(text + checkpoints_section(a.get("checkpoints") or [], a["steps"]))
+
+
+def checkpoints_section(steps_saved: Sequence[int], steps: int) -> str:
+    """TRAINING.md's account of the intermediate checkpoints (`--checkpoints`), empty without any."""
+    if not steps_saved:
+        return ""
+    names = " ".join(f"step{n}" for n in steps_saved)
+    return f"""
+## Training checkpoints
+
+`OUT/demo-moe-checkpoints/step<N>/` holds the MoE after N optimizer steps of this run ({names}; bf16, with the
+tokenizer), saved by `--checkpoints {" ".join(map(str, steps_saved))}` from a copy of the model, so the run goes on
+unchanged: its step-{steps} weights are those written to `OUT/demo-moe/`. Shipped in `data/demo-moe-checkpoints/`,
+they load as revisions of `demo` (`--revision step500`; `--revisions {names} ...` for router saturation).
+"""
 
 
 # ---------------------------------------------------------------------------------------------------------------

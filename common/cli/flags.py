@@ -337,7 +337,8 @@ def base_parser(description: str, *, layers: bool = True, data: bool = True) -> 
         help="'demo' (shipped, offline), 'random:<model_type>' (tiny random MoE of any transformers architecture), "
         "a local directory, or a hub id",
     )
-    model.add_argument("--revision", default=None, help="hub branch, tag or commit of --model (hub ids), or a shipped checkpoint of demo: step100 step250 step500 step1000 main")
+    model.add_argument("--revision", default=None, help="hub branch, tag or commit of --model (hub ids), or a shipped checkpoint of demo: step100 step500 step1000 "
+                       "step2000 (main = the shipped model)")
     model.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on CUDA, float32 on CPU")
     model.add_argument("--device", default="auto", type=_device, help="auto = cuda if available, else cpu")
     model.add_argument("--device_map", default=None, choices=("auto",),
