@@ -44,7 +44,12 @@ def plot_metric_by_depth(table: pd.DataFrame, metric: str, description: str, lab
     label(axes[0], "relative depth  layer / (layers − 1)", textwrap.fill(description, 36), "by relative depth")
     label(axes[1], "decoder layer", None, "by layer")
     axes[0].set_xlim(-0.05, 1.05)
-    axes[1].xaxis.get_major_locator().set_params(integer=True)
+    layers = sorted(rows["layer"].unique())
+    if len(layers) <= 16:  # a tick per layer compared (one layer: an axis of fractions otherwise)
+        axes[1].set_xticks(layers)
+        axes[1].set_xlim(layers[0] - 0.6, layers[-1] + 0.6)
+    else:
+        axes[1].xaxis.get_major_locator().set_params(integer=True)
     for ax in axes:
         ax.grid(linewidth=0.4, alpha=0.5)
     _legend_below(fig, axes[0], len(labels))
