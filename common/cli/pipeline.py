@@ -113,7 +113,7 @@ def check_config(config: Config, early: EarlyCheck | None = None, *, need_moe: b
     if facts is None:
         return None
     if need_moe and facts.dense is not None:  # the adapter's words, for the class it would have built
-        raise InputError(f"{facts.dense} has no MoE layers (a dense model?)")
+        raise InputError(f"--model {config.model.model}: {facts.dense} has no MoE layers (a dense model?)")
     if config.layers is not None and not any(str(item).lower() == "all" for item in config.layers):
         for item in config.layers:
             facts.resolve_layer(item)
