@@ -149,25 +149,33 @@ class Result:
     problem: str | None  # why the answer is not the expected one-line error (None: it is)
 
 
+def problem_of(case: Case, done: subprocess.CompletedProcess, out: Path) -> str | None:
+    """Why one run's answer is not the expected one-line error (None: it is): exit code 2, exactly one non-empty line
+    on stderr, `<script>: error: ` followed by a message that contains `case.expected`, and no --out folder left."""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    if done.returncode != 2:
+        return f"exit code {done.returncode}: {(lines or ['(no output)'])[-1][:200]}"
+    if len(lines) != 1:
+        return f"{len(lines)} lines on stderr, not one: {lines[-1][:200] if lines else ''}"
+    if not lines[0].startswith(f"{case.script}: error: ") or case.expected not in lines[0]:
+        return f"another error than expected: {lines[0][:200]}"
+    if out.exists():
+        return f"left {out} behind"
+    return None
+
+
 def run_case(case: Case, moe: Path, dense: Path, scratch: Path, env: dict[str, str], repeats: int) -> Result:
+    """Runs the case `repeats` times; its problem is the last one any run had (a run that passes clears none)."""
     flags = [f.format(dense=dense, tmp=scratch) for f in case.flags]
     model = [] if "--model" in flags else ["--model", str(moe)]
-    out = scratch / "results"
-    command = ["uv", "run", case.script, *model, *flags, "--out", str(out), "--no-progress"]
     seconds, problem = [], None
     for _ in range(repeats):
+        out = Path(tempfile.mkdtemp(dir=scratch)) / "results"  # its own: a folder another run left is not blamed here
+        command = ["uv", "run", case.script, *model, *flags, "--out", str(out), "--no-progress"]
         started = time.perf_counter()
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         seconds.append(time.perf_counter() - started)
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        if done.returncode != 2:
-            problem = f"exit code {done.returncode}: {(lines or ['(no output)'])[-1][:200]}"
-        elif len(lines) != 1:
-            problem = f"{len(lines)} lines on stderr, not one: {lines[-1][:200]}"
-        elif not lines[0].startswith(f"{case.script}: error: ") or case.expected not in lines[0]:
-            problem = f"another error than expected: {lines[0][:200]}"
-        elif out.exists():
-            problem = f"left {out} behind"
+        problem = problem_of(case, done, out) or problem
     return Result(case, seconds, problem)
 
 
@@ -210,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             slow = median > args.limit
             verdict = "ok" if result.problem is None and not slow else "FAIL"
             failures += verdict == "FAIL"
-            where = "before torch" if case.torch_free else "config+tokenizer"
+            where = "data spec" if case.torch_free else "config+tokenizer"  # what the case checks, not measured here
             note = result.problem or (f"over {args.limit:g} s" if slow else "")
             print(f"{verdict:4} {median:6.2f} s  {case.name:40} ({case.script}, {where}) {note}".rstrip(), flush=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -13,26 +13,36 @@ linear CKA and debiased CKA for every pair i < j:
   K = YᵢYᵢᵀ, L = YⱼYⱼᵀ, the biased HSIC from the centred Grams HKH and HLH, the unbiased HSIC from Song et al.'s
   formula on K̃, L̃, then CKA.
 
-Prints both times (wall; on CPU also process CPU time, steadier on a shared machine), the speed-up, the largest
-difference between the two results, and the all-pairs computation's peak memory above its inputs against the
-bound: torch.cuda.max_memory_allocated on GPU, the resident-set high-water mark (reset through
-/proc/self/clear_refs) on CPU. Not a test: the loop takes minutes on a CPU.
+Prints both times (wall; on CPU also process CPU time, steadier on a shared machine), the speed-up against its goal
+(≥ 20x), the largest difference between the two results over the pairs the loop computed (the all-pairs result read
+from `SimilarityResult.matrices`; at most 1e-5 allowed, a NaN on either side is a difference), and the all-pairs
+computation's peak memory above its inputs against the bound: torch.cuda.max_memory_allocated on GPU, the
+resident-set high-water mark (reset through /proc/self/clear_refs) on CPU. Exit status 1, naming it, if the results
+differ, the speed-up misses its goal or the peak exceeds --block_mb. Not a test: the loop takes minutes on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.analysis.similarity import TensorOutputs, expert_similarities, plan_blocks
+from common.analysis.similarity import SimilarityResult, TensorOutputs, expert_similarities, plan_blocks
+
+GOAL = 20.0  # speed-up of all pairs over the per-pair loop, wall clock
+# Largest |all pairs - per pair| allowed for linear and debiased CKA: both ways build float32 Grams of the same outputs
+# (the all-pairs sums in float64), so they differ by float32 rounding only. Measured: at most 1e-7 (CPU, defaults).
+TOLERANCE = 1e-5
+METHODS = ("cka", "cka-debiased")  # the per-pair loop's (linear, debiased) in this order
 
 
 def pair_cka(yi: torch.Tensor, yj: torch.Tensor) -> tuple[float, float]:
@@ -58,6 +68,28 @@ def pair_cka(yi: torch.Tensor, yj: torch.Tensor) -> tuple[float, float]:
     return float(biased), float(debiased)
 
 
+def largest_difference(result: SimilarityResult, reference: dict[tuple[int, int], tuple[float, float]]) -> float:
+    """max over the pairs (i, j) of `reference` and both methods of |result - reference|; NaN if either side is NaN
+    (not finite) anywhere, so that an undefined value cannot hide behind a smaller finite one."""
+    worst = 0.0
+    for (i, j), values in reference.items():
+        for method, expected in zip(METHODS, values, strict=True):
+            difference = abs(float(result.matrices[method][i, j]) - expected)
+            if not math.isfinite(difference):
+                return math.nan
+            worst = max(worst, difference)
+    return worst
+
+
+def agreement_failure(worst: float, pairs: int) -> str | None:
+    """Why the two ways disagree (None when they agree within TOLERANCE)."""
+    if math.isnan(worst):
+        return f"results: a value is NaN or infinite on one side (over {pairs} pairs)"
+    if worst > TOLERANCE:
+        return f"results: largest |difference| {worst:.2e} > {TOLERANCE:g} (over {pairs} pairs)"
+    return None
+
+
 def rss_reset() -> int | None:
     """Current resident set (bytes) after resetting the kernel's high-water mark; None where that is impossible."""
     try:
@@ -80,7 +112,7 @@ def clocks() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=2048)
@@ -90,7 +122,7 @@ def main() -> None:
                         help="time this many random pairs of the per-pair loop and extrapolate (0 = every pair)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     E, n, H = args.experts, args.tokens, args.width
@@ -114,7 +146,7 @@ def main() -> None:
     else:
         base = rss_reset()
     wall, cpu = clocks()
-    result = expert_similarities(TensorOutputs(y), ["cka", "cka-debiased"], block=plan.block,
+    result = expert_similarities(TensorOutputs(y), list(METHODS), block=plan.block,
                                  token_block=plan.token_block, device=device)
     if cuda:
         torch.cuda.synchronize()
@@ -129,11 +161,7 @@ def main() -> None:
         timed = [pairs[int(p)] for p in chosen]
     pair_cka(y[0], y[1])  # warm-up
     wall, cpu = clocks()
-    worst = 0.0
-    for i, j in timed:
-        linear, debiased = pair_cka(y[i], y[j])
-        worst = max(worst, abs(linear - float(result.matrices["cka"][i, j])),
-                    abs(debiased - float(result.matrices["cka-debiased"][i, j])))
+    reference = {(i, j): pair_cka(y[i], y[j]) for i, j in timed}
     if cuda:
         torch.cuda.synchronize()
     scale = len(pairs) / len(timed)
@@ -142,10 +170,18 @@ def main() -> None:
 
     print(f"all pairs (blocked):  wall {all_wall:8.2f} s" + ("" if cuda else f", CPU {all_cpu:8.2f} s"))
     print(f"per-pair loop:        wall {loop_wall:8.2f} s" + ("" if cuda else f", CPU {loop_cpu:8.2f} s") + note)
+    failures = []
     ratio = loop_wall / all_wall
     line = f"speed-up: {ratio:.1f}x wall" + ("" if cuda else f", {loop_cpu / all_cpu:.1f}x CPU time")
-    print(f"{line}  (goal ≥ 20x: {'PASS' if ratio >= 20 else 'FAIL'})")
-    print(f"largest |difference| between the two, over {len(timed)} pairs: {worst:.2e}")
+    print(f"{line}  (goal ≥ {GOAL:g}x: {'PASS' if ratio >= GOAL else 'FAIL'})")
+    if ratio < GOAL:
+        failures.append(f"speed-up: {ratio:.1f}x wall < {GOAL:g}x")
+    worst = largest_difference(result, reference)
+    disagreement = agreement_failure(worst, len(timed))
+    print(f"largest |difference| between the two (linear and debiased CKA), over {len(timed)} pairs: {worst:.2e} "
+          f"(≤ {TOLERANCE:g} allowed: {'PASS' if disagreement is None else 'FAIL'})")
+    if disagreement is not None:
+        failures.append(disagreement)
     if peak is None:
         print("peak memory: not measurable here (/proc/self/clear_refs not writable)")
     else:
@@ -153,7 +189,12 @@ def main() -> None:
         verdict = "PASS" if peak / 2**20 <= args.block_mb else "FAIL"
         print(f"peak memory above the inputs ({what}): {peak / 2**20:.0f} MiB; bound --block_mb {args.block_mb:g} "
               f"MiB: {verdict}")
+        if verdict == "FAIL":
+            failures.append(f"peak memory: {peak / 2**20:.0f} MiB > --block_mb {args.block_mb:g}")
+    for failure in failures:
+        print(f"FAIL {failure}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

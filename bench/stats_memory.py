@@ -5,7 +5,9 @@
 Each configuration is built on the meta device from its published vocabulary, routed-expert count and number of MoE
 layers (no download, no weights), and sized by the same `plan_routing_counts` the script runs before loading a
 model. Printed: the old layout (float64 token tables on the device) beside the new plan (int32 tables; moved to the
-host when they do not fit the default device budget of 4 GiB), and whether each fits. Not a test.
+host when they do not fit the default device budget of 4 GiB), and whether the plan's bytes (`StatsPlan.to_dict`)
+fit those budgets; a configuration the planner refuses (the script's one-line error) is printed as not fitting,
+with the reason. Exit status 1 if a plan the planner returned exceeds the budgets it was made for. Not a test.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: m
 
 from common.analysis.memory import DEFAULT_DEVICE_BUDGET_GIB, GiB, plan_routing_counts
 from common.analysis.specialization import RoutingCounts
+from common.errors import InputError
 from common.model import MoEModel
 
 # name: (vocab, routed experts, MoE layers), from the published configurations.
@@ -42,20 +45,30 @@ def skeleton(vocab: int, experts: int, layers: int) -> MoEModel:
         return MoEModel(OlmoeForCausalLM(config))
 
 
-def main() -> None:
+def main() -> int:
     device = torch.device("cuda")  # the plan for a GPU run (nothing is allocated: sizes come from the meta device)
     print(f"{'model':18} {'old: device':>12} {'new: device':>12} {'new: host':>10}  fits (device ≤ {DEFAULT_DEVICE_BUDGET_GIB:g} GiB,"
           f" host ≤ {HOST_BUDGET_GIB:g} GiB)")
+    over = []
     for name, (vocab, experts, layers) in CONFIGS.items():
         moe = skeleton(vocab, experts, layers)
         old = RoutingCounts(moe.layers, DOMAINS, vocab, torch.device("meta"), table_dtype="float64").nbytes()
-        plan = plan_routing_counts(moe.layers, DOMAINS, vocab, device, host_budget_gib=HOST_BUDGET_GIB)
+        try:
+            plan = plan_routing_counts(moe.layers, DOMAINS, vocab, device, host_budget_gib=HOST_BUDGET_GIB)
+        except InputError as refused:
+            print(f"{name:18} {sum(old.values()) / GiB:10.2f} G {'-':>12} {'-':>10}  NO, the planner refuses: {refused}")
+            continue
         info = plan.to_dict()
         fits = info["device_bytes"] <= DEFAULT_DEVICE_BUDGET_GIB * GiB and info["host_bytes"] <= HOST_BUDGET_GIB * GiB
+        if not fits:
+            over.append(name)
         print(f"{name:18} {sum(old.values()) / GiB:10.2f} G {info['device_bytes'] / GiB:10.2f} G "
-              f"{info['host_bytes'] / GiB:8.2f} G  {'yes' if fits else 'NO'}"
+              f"{info['host_bytes'] / GiB:8.2f} G  {'yes' if fits else 'NO, over the budgets the plan was made for'}"
               f"{'  (token tables on the host)' if plan.tables_on_host else ''}")
+    if over:
+        print(f"FAIL plans over their budgets: {', '.join(over)}")
+    return 1 if over else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

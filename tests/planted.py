@@ -2,8 +2,8 @@
 
 The residual stream never changes (attention output and expert down-projections are zero), the embedding of a
 token is a one-hot of its id plus a strong one-hot of its *group*, and each router reads only the group
-coordinates. So at layer ℓ every token of group g goes to experts PLANTED[ℓ][g] = (first, second) with the first
-taking the larger weight, whatever its context. The output head copies the embedding, so the model predicts the
+coordinates. So at layer ℓ every token of group g goes to experts planted_experts(ℓ, g) = (first, second) with the
+first taking the larger weight, whatever its context. The output head copies the embedding, so the model predicts the
 current token. Domains are letters: domain d uses the 8 letters of RANGES[d], split into two groups of 4.
 """
 

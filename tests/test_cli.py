@@ -103,14 +103,15 @@ def test_a_stop_prints_one_line_exits_128_plus_signal_and_leaves_nothing(tmp_pat
     assert not out.exists()
 
 
-@pytest.mark.parametrize(("umask", "readable"), [(0o022, True), (0o077, False)])
-def test_written_files_follow_the_umask(tmp_path, umask, readable):
+@pytest.mark.parametrize(("umask", "readable", "figures"), [(0o022, True, True), (0o077, False, False)])
+def test_written_files_follow_the_umask(tmp_path, umask, readable, figures):
     out = tmp_path / "results"
     argv = [sys.executable, "router_decisive.py", "--model", "random:olmoe", "--data", f"a={_data_file(tmp_path)}",
             "--num_tokens", "200", "--seq_len", "32", "--out", str(out), "--no-progress", "--layers", "0"]
+    argv += [] if figures else ["--no-figures"]  # one run draws, to check the figures' modes too
     subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, preexec_fn=lambda: os.umask(umask))
     written = [p for p in out.rglob("*")]
-    assert any(p.suffix == ".csv" for p in written) and any(p.suffix == ".png" for p in written)
+    assert any(p.suffix == ".csv" for p in written) and any(p.suffix == ".png" for p in written) == figures
     for path in written:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert bool(mode & 0o044 == 0o044) == readable, (path, oct(mode))

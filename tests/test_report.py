@@ -39,7 +39,7 @@ SCRIPTS: dict[str, list[str]] = {
     "sim": [], "dim_reduc": [], "weights": [], "interv": ["--layer", "1"], "logit_lens": [], "probing": [],
     "cluster": [], "label": ["--layer", "1", "--top", "4", "--llm", "stub", "--api-key-env", "none"],
 }
-NUM_TOKENS = 1200
+NUM_TOKENS = 600
 # The default run renders the scripts that take seconds here; `-m slow` renders every script (router_stats,
 # router_metrics, dim_reduc, weights and interv take 30-80 s each on the 2-core box; their figures are also checked
 # by tests/test_figures.py, test_dim_reduc.py, test_weights.py and test_interv.py).
@@ -80,9 +80,9 @@ def test_pages_are_self_contained_and_list_every_file(results):
     index = (results / "index.html").read_text()
     assert index.count("/report.html'") == len(scripts) and all(script in index for script in scripts)
     assert "demo" in index
-    # label ran on layer 1 with 1,200 tokens per domain of the demo data (6 domains); weights reads no data
+    # label ran on layer 1 with NUM_TOKENS tokens per domain of the demo data (6 domains); weights reads no data
     label_row = next(row for row in index.split("<tr>") if "label/demo" in row)
-    assert "<td class=t>1</td>" in label_row and "<td class=n>7,200</td>" in label_row
+    assert "<td class=t>1</td>" in label_row and f"<td class=n>{6 * NUM_TOKENS:,}</td>" in label_row
     if "weights" in scripts:
         assert "<td class=n>—</td>" in next(row for row in index.split("<tr>") if "weights/demo" in row)
 
