@@ -109,6 +109,12 @@ def build_parser():
     dataset = parser.add_argument_group("dataset mode")
     dataset.add_argument("--experts", type=at_least(0), nargs="+", default=None,
                          help="ablate only these experts (default: every expert of the layer)")
+    dataset.add_argument("--ablations_per_forward", type=at_least(1), default=None, metavar="N",
+                         help="ablation variants of a batch carried side by side in one forward (default: all the "
+                         "experts, as many as keep their float32 logits within 1 GiB)")
+    dataset.add_argument("--full_forwards", action="store_true",
+                         help="run every ablation as a whole forward from the embeddings (the plain way; default: "
+                         "start at the ablated layer from the unedited forward's residual, the same numbers)")
     return parser
 
 
@@ -479,7 +485,12 @@ def run_dataset(args: argparse.Namespace) -> None:
     # imported once the input is known to be good: a refused run does not pay for them
     from tqdm import tqdm
 
-    from common.analysis.importance import ImportanceAccumulator, accumulate_importance, importance_tables
+    from common.analysis.importance import (
+        ImportanceAccumulator,
+        ablations_per_forward,
+        accumulate_importance,
+        importance_tables,
+    )
     from common.figures.interventions import plot_importance_heatmap, plot_importance_scatter
 
     layer = s.layers[0]
@@ -492,9 +503,14 @@ def run_dataset(args: argparse.Namespace) -> None:
         total = s.config.data.num_tokens * len(domains) * (len(experts) + 1)
         with tqdm(total=total, unit="tok", unit_scale=True, disable=not args.progress,
                   desc=f"layer {layer.layer}: base + {len(experts)} ablations per batch") as bar:
-            accumulate_importance(s.moe, acc, stream, args.renormalize, progress=bar)
+            variants = args.ablations_per_forward or ablations_per_forward(
+                s.config.data.batch_size, s.seq_len, s.moe.vocab_size, len(experts))
+            how = accumulate_importance(s.moe, acc, stream, args.renormalize, progress=bar, variants=variants,
+                                        resume=not args.full_forwards)
         acc.all_reduce()
-        out.record(tokens=stream.report.to_dict(), experts=experts, forwards_per_batch=len(experts) + 1)
+        out.record(tokens=stream.report.to_dict(), experts=experts,
+                   forwards_per_batch=1 + math.ceil(len(experts) / how["variants_per_forward"]),
+                   ablations_per_forward=how["variants_per_forward"], resumed_at_ablated_layer=how["resumed"])
         arrays = acc.arrays()
         result = importance_tables(arrays, layer, experts, domains)
         L = layer.layer

@@ -200,3 +200,36 @@ def test_profiles_two_processes_equal_one(tmp_path, two_domains):
         x, y = (json.loads((run / name).read_text()) for run in (one, two))
         assert x["top_contexts"], name
         _assert_same_json(x, y, name)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_on_the_loopback_equal_one_process(tmp_path, two_domains):
+    """Multi-node is torchrun's: two "nodes" of one process each (`--nnodes 2 --node_rank i`, static rendezvous on the
+    loopback, as on two Slurm nodes with MASTER_ADDR set) write the numbers of one process (CSVs to 1e-9), and only
+    global rank 0 publishes."""
+    argv = [*_common(two_domains, "random:olmoe"), "--layers", "0", "1"]
+    port, env = _free_port(), {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = []
+    for node in (0, 1):
+        log = (tmp_path / f"node{node}.log").open("w")
+        nodes.append((subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+             "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+             str(ROOT / "router_stats.py"), *argv, "--out", str(tmp_path / "two")],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), tmp_path / f"node{node}.log"))
+    assert router_stats.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    for process, log in nodes:
+        _finish(process, log)
+    one, two = (_published(tmp_path / w) for w in ("one", "two"))
+    assert _world_size(two) == 2 and _world_size(one) == 1
+    for table in ("distribution_summary.csv", "distribution_histograms.csv"):
+        _assert_same_table(*(pd.read_csv(run / table) for run in (one, two)), table)
+    for name in ("logit", "softmax", "weight"):
+        np.testing.assert_array_equal(*(np.load(run / f"{name}_hist.npy") for run in (one, two)), err_msg=name)

@@ -20,6 +20,8 @@ labels = input_ids where counted, -100 elsewhere.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from common import distributed
 from common.analysis import ALL_DOMAINS
 from common.data import Batch
-from common.hooks import RoutingEdit, capture, intervene
+from common.hooks import RoutingEdit, capture, intervene, layer_input, start_at
 from common.model import MoELayer, MoEModel
 
 # -------------------------------------------------------------------------------------- next-token distributions
@@ -237,33 +239,65 @@ def ablation_edit(layer: MoELayer, expert: int, renormalize: bool) -> RoutingEdi
     return RoutingEdit(layer.layer, expert, "scale", 0.0, positions=None, renormalize=renormalize)
 
 
-@torch.inference_mode()
-def accumulate_importance(moe: MoEModel, acc: ImportanceAccumulator, batches, renormalize: bool, progress=None) -> None:
-    """For every batch: the unedited forward (NLL + routing), then one forward per ablated expert.
+ABLATION_LOGITS_BUDGET = 1 << 30  # bytes of float32 logits [variants · B, S, V] one batched ablation forward may hold
 
-    `progress`: a tqdm bar advanced by the counted tokens of each forward ((E+1) forwards per batch).
+
+def ablations_per_forward(rows: int, seq_len: int, vocab: int, experts: int, budget: int = ABLATION_LOGITS_BUDGET) -> int:
+    """How many ablation variants of a batch one forward carries side by side: as many as the experts, within a
+    memory bound on their float32 logits (the largest tensor a forward makes); at least 1."""
+    per_variant = max(1, rows * seq_len * vocab * 4)
+    return max(1, min(experts, budget // per_variant))
+
+
+@torch.inference_mode()
+def accumulate_importance(
+    moe: MoEModel, acc: ImportanceAccumulator, batches, renormalize: bool, progress=None, *,
+    variants: int = 1, resume: bool = True,
+) -> dict:
+    """For every batch: the unedited forward (NLL, routing, and the residual entering the ablated layer), then the
+    ablations, `variants` of them per forward (the batch repeated, each copy with its own expert ablated: rows
+    [j·B, (j+1)·B)). With `resume`, an ablation forward starts at the ablated layer from the recorded residual
+    (the layers below it are the same in every variant); where that is not exact (a layer below returns a tuple) the
+    forwards run whole. Returns how the work was done: {"variants_per_forward", "resumed"}.
+
+    `progress`: a tqdm bar advanced by the counted tokens of each variant ((E+1) per batch).
     """
     layer = acc.layer
+    layers = moe.decoder_layers()
+    resumed = resume and layer.layer > 0
     for batch in batches:
         batch = batch.to(moe.device)
-        with capture(moe, [layer], ("topk",)) as records:
+        with capture(moe, [layer], ("topk",)) as records, layer_input(layers, layer.layer) as entering:
             logits = moe.forward(batch.input_ids, batch.attention_mask).logits
             record = records[layer.layer]
             base_nll = next_token_nll(logits, batch.input_ids)
             acc.update_base(batch, base_nll, record.topk_index, record.topk_weight)
         del logits
-        counted = batch.num_counted
+        resumed = resumed and entering["plain"]
+        counted, rows = batch.num_counted, batch.input_ids.shape[0]
         if progress is not None:
             progress.update(counted)
-        for position, expert in enumerate(acc.experts):
+        jobs = list(enumerate(acc.experts))
+        for start in range(0, len(jobs), variants):
+            group = jobs[start : start + variants]
             if progress is not None:
-                progress.set_postfix_str(f"{acc.domains[int(batch.domain_ids[0])]}, expert {expert}", refresh=False)
-            with intervene(moe, [ablation_edit(layer, expert, renormalize)]):
-                logits = moe.forward(batch.input_ids, batch.attention_mask).logits
-            acc.update_ablated(position, batch, next_token_nll(logits, batch.input_ids), base_nll)
+                names = ", ".join(str(expert) for _, expert in group)
+                progress.set_postfix_str(f"{acc.domains[int(batch.domain_ids[0])]}, expert {names}", refresh=False)
+            edits = [dataclasses.replace(ablation_edit(layer, expert, renormalize), rows=(j * rows, (j + 1) * rows))
+                     for j, (_, expert) in enumerate(group)]
+            repeat = len(group)
+            hidden = entering["hidden"]
+            start_here = (start_at(layers, layer.layer, hidden.repeat(repeat, *[1] * (hidden.dim() - 1)))
+                          if resumed else contextlib.nullcontext())
+            with intervene(moe, edits), start_here:
+                logits = moe.forward(batch.input_ids.repeat(repeat, 1), batch.attention_mask.repeat(repeat, 1)).logits
+            for j, (position, _) in enumerate(group):
+                part = logits[j * rows : (j + 1) * rows]
+                acc.update_ablated(position, batch, next_token_nll(part, batch.input_ids), base_nll)
             del logits
             if progress is not None:
-                progress.update(counted)
+                progress.update(counted * repeat)
+    return {"variants_per_forward": variants, "resumed": bool(resumed)}
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:

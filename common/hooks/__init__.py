@@ -1,7 +1,8 @@
 """Capture and intervention on a model's layers, as context managers that always remove their hooks.
 
 This package is the only place that knows where hooks go: `capture` (what layers see and produce), `intervene`
-(routing edits and top-k restriction); `routing` holds the per-architecture routing encodings both rely on.
+(routing edits and top-k restriction), `resume` (a forward started at a decoder layer from recorded states);
+`routing` holds the per-architecture routing encodings both rely on.
 """
 
 from common.hooks.capture import Capturable, Capture, LayerRecord, capture
@@ -14,6 +15,7 @@ from common.hooks.intervene import (
     registered_hook_count,
     restrict_topk,
 )
+from common.hooks.resume import layer_input, start_at
 
 __all__ = [  # noqa: RUF022 (grouped by use, not sorted)
     "capture",  # with capture(model, layers, what) as records: records[layer] is the LayerRecord of the last forward
@@ -27,4 +29,6 @@ __all__ = [  # noqa: RUF022 (grouped by use, not sorted)
     "edit_routing",  # the RoutingEdit arithmetic on (index, weight) tensors, without hooks
     "restrict_topk",  # the TopKRestriction arithmetic on (index, weight) tensors, without hooks
     "registered_hook_count",  # hooks left on a module (0 after every block: tests use it)
+    "layer_input",  # with layer_input(layers, l) as found: found["hidden"] = what decoder layer l received
+    "start_at",  # with start_at(layers, l, hidden): forwards skip the layers below l and feed `hidden` to l
 ]

@@ -36,7 +36,8 @@ class RoutingEdit:
     scale: w_e *= value (0 ablates); set: w_e = value; force: route to the expert even if not selected, replacing
     the lowest-weighted slot, with weight `value` (None: the replaced slot's weight); logit: z_e += value before
     selection. `positions`: sequence positions (negatives count from the end of the forward's input); None = all.
-    `renormalize` rescales each edited token's weights to their original sum.
+    `renormalize` rescales each edited token's weights to their original sum. `rows`: the batch rows [start, stop)
+    the edit applies to (None = all), so that one forward can carry several variants of a batch side by side.
     """
 
     layer: int
@@ -45,15 +46,18 @@ class RoutingEdit:
     value: float | None = 0.0
     positions: Sequence[int] | None = None
     renormalize: bool = False
+    rows: tuple[int, int] | None = None
 
 
 def _token_mask(edit: RoutingEdit, batch_shape: dict, num_tokens: int, device: torch.device) -> torch.Tensor | None:
     """[T] bool mask of the tokens an edit applies to; None = all tokens."""
-    if edit.positions is None:
+    if edit.positions is None and edit.rows is None:
         return None
     batch, seq = batch_shape.get("shape", (1, num_tokens))
     if batch * seq != num_tokens:  # a call outside the recorded forward (e.g. a direct block call)
         batch, seq = 1, num_tokens
+    if edit.positions is None:
+        return _row_mask(edit.rows, batch, seq, device)
     # Absolute positions of this forward's tokens: cached generation feeds one new token at position p, given as
     # cache_position [S] or (transformers 5.x generate) position_ids [B, S]; a plain forward starts at 0.
     absolute = batch_shape.get("cache_position")
@@ -64,7 +68,15 @@ def _token_mask(edit: RoutingEdit, batch_shape: dict, num_tokens: int, device: t
         absolute = torch.arange(seq, device=device)
     absolute = absolute.to(device).reshape(-1, seq).expand(batch, seq)
     wanted = torch.tensor([p if p >= 0 else seq + p for p in edit.positions], device=device)
-    return (absolute.unsqueeze(-1) == wanted.view(1, 1, -1)).any(dim=-1).reshape(-1)
+    mask = (absolute.unsqueeze(-1) == wanted.view(1, 1, -1)).any(dim=-1).reshape(-1)
+    return mask if edit.rows is None else mask & _row_mask(edit.rows, batch, seq, device)
+
+
+def _row_mask(rows: tuple[int, int] | None, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    """[batch · seq] bool: the tokens of rows [start, stop)."""
+    index = torch.arange(batch, device=device)
+    start, stop = rows if rows is not None else (0, batch)
+    return ((index >= start) & (index < stop)).repeat_interleave(seq)
 
 
 def edit_routing(
