@@ -308,3 +308,21 @@ def test_help_and_flag_errors_never_import_torch():
         result, heavy = run_script("logit_lens.py", *args)
         assert result.returncode == code, result.stderr
         assert heavy == [], (args, heavy)
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v3", "jamba"])
+def test_restricted_runs_resumed_at_the_first_moe_layer_equal_whole_forwards(arch, saved_tiny_model, data_files):
+    """The top-k′ runs started at the first restricted layer from the full run's residual give the perplexities and
+    cosine histograms of whole forwards, bit for bit (DeepSeek-V3's first layer is dense: it is skipped too)."""
+    moe = _load(saved_tiny_model, arch)
+    first = min(m.layer for m in moe.layers)
+    sweeps = {resume: TopkSweep(moe, moe.layers, ["prose", "code"], ks=[1], resume=resume) for resume in (False, True)}
+    for batch in _batches(moe, data_files):
+        for sweep in sweeps.values():
+            sweep.update(batch)
+    assert sweeps[True].resumed == (first > 0) and not sweeps[False].resumed
+    (nll_whole, counts_whole), (nll_resumed, counts_resumed) = (sweeps[r].nll_arrays() for r in (False, True))
+    np.testing.assert_array_equal(nll_resumed, nll_whole)
+    np.testing.assert_array_equal(counts_resumed, counts_whole)
+    for whole, resumed in zip(sweeps[False].cosine_histogram(), sweeps[True].cosine_histogram(), strict=True):
+        np.testing.assert_array_equal(resumed, whole)

@@ -38,6 +38,7 @@ the number of tokens.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 from common.analysis import ALL_DOMAINS
 from common.data import Batch
 from common.errors import InputError
-from common.hooks import RoutingEdit, TopKRestriction, capture, intervene
+from common.hooks import RoutingEdit, TopKRestriction, capture, intervene, layer_input, start_at
 from common.model import LanguageModel, MoELayer, MoEModel
 from common.stats import DEFAULT_QUANTILES, Distribution, Moments
 
@@ -347,6 +348,9 @@ class TopkSweep:
 
     `ks`: the k′ of the restricted runs (any of 1..k; k itself is bit-identical to the full run, which is always
     run and reported as k′ = k). Cosines compare each restricted run with the full run, at every decoder layer.
+    With `resume`, a restricted run starts at the first restricted layer from the full run's residual there (the
+    layers below it are the full run's, bit for bit, and so are their cosines); where that is not exact (a layer
+    below returns a tuple) every run is a whole forward.
     """
 
     def __init__(
@@ -357,8 +361,11 @@ class TopkSweep:
         ks: Sequence[int],
         renormalize: bool = False,
         bins: int = 400,
+        resume: bool = True,
     ) -> None:
         self.moe, self.layers, self.domains = moe, list(layers), list(domains)
+        self.first = min(m.layer for m in self.layers)
+        self.resumed = resume and self.first > 0  # becomes False if a layer below returns a tuple
         self.k = max(m.top_k for m in self.layers)
         self.ks, self.renormalize = list(ks), renormalize
         self.decoder_layers = list(range(moe.num_decoder_layers))
@@ -380,21 +387,28 @@ class TopkSweep:
         batch = batch.to(self.moe.device)
         labels = next_token_labels(batch)
         row_domain = batch.domain_ids.view(-1, 1)
-        with self._residuals() as full:
+        decoder = self.moe.decoder_layers()
+        with self._residuals() as full, layer_input(decoder, self.first) as entering:
             logits = self.moe.forward(batch.input_ids, batch.attention_mask).logits
+        self.resumed = self.resumed and entering["plain"]
         self._add_nll(len(self.ks), logits, labels, row_domain)
         del logits
         token_domain = batch.token_domains().view(1, -1)
         counted = batch.token_weights().view(1, -1)
         for run, keep in enumerate(self.ks):
             restriction = [TopKRestriction(m.layer, keep, self.renormalize) for m in self.layers]
-            with intervene(self.moe, restriction), self._residuals() as restricted:
+            start_here = start_at(decoder, self.first, entering["hidden"]) if self.resumed else contextlib.nullcontext()
+            with intervene(self.moe, restriction), start_here, self._residuals() as restricted:
                 logits = self.moe.forward(batch.input_ids, batch.attention_mask).logits
             self._add_nll(run, logits, labels, row_domain)
             del logits
+            # Below the first restricted layer a resumed run did not run the layers: their residuals are the full
+            # run's, bit for bit, as a whole forward would have computed them.
+            same = self.first if self.resumed else 0
             cosines = torch.stack([
                 F.cosine_similarity(
-                    restricted[i].residual.flatten(1).float(), full[i].residual.flatten(1).float(), dim=-1, eps=1e-12
+                    (full if i < same else restricted)[i].residual.flatten(1).float(),
+                    full[i].residual.flatten(1).float(), dim=-1, eps=1e-12,
                 )
                 for i in self.decoder_layers
             ])  # [L, T]
