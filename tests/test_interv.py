@@ -595,3 +595,32 @@ def test_batched_ablations_resumed_at_the_layer_equal_whole_forwards(model_type,
     per_token = (fast["delta"] - plain["delta"]) / plain["tokens"]
     assert np.abs(per_token).max() <= 1e-6, per_token
     assert np.abs(plain["delta"]).max() > 1e-3  # the ablations change something to agree on
+
+
+def test_replaced_forwards_are_restored_to_what_was_there_before(moe):
+    """A forward replaced by an edit or a resumed forward is restored on exit to what the module had, an instance
+    wrapper included (accelerate's offloading hook under device_map is one): not deleted."""
+    from common.hooks import layer_input, start_at
+    from common.hooks.intervene import registered_hook_count
+
+    layer = moe.layers[-1]
+    decoder = moe.decoder_layers()
+
+    def wrapper(*args, **kwargs):
+        return type(decoder[0]).forward(decoder[0], *args, **kwargs)
+
+    decoder[0].forward = wrapper  # stands for accelerate's instance-level forward
+    router_before = moe.layer(layer.layer).router.__dict__.get("forward")
+    baseline = registered_hook_count(moe.model)
+    try:
+        ids = _ids()
+        with layer_input(decoder, layer.layer) as entering:
+            moe.forward(ids)
+        edits = [RoutingEdit(layer.layer, 0, "logit", 1.0), RoutingEdit(layer.layer, 1, "logit", -1.0)]
+        with intervene(moe, edits), start_at(decoder, layer.layer, entering["hidden"]):
+            moe.forward(ids)
+        assert decoder[0].__dict__.get("forward") is wrapper
+        assert moe.layer(layer.layer).router.__dict__.get("forward") is router_before
+        assert registered_hook_count(moe.model) == baseline
+    finally:
+        del decoder[0].forward

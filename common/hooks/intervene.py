@@ -211,8 +211,7 @@ def _register_edit(moe_layer: MoELayer, edit: RoutingEdit, batch_shape: dict, ho
             with _ShiftLogit(moe_layer.num_choices, edit.expert, float(edit.value or 0.0), mask_for):
                 return original_forward(*args, **kwargs)
 
-        router.forward = shifted_forward
-        hooks.restore.append(lambda: delattr(router, "forward"))
+        hooks.replace_forward(router, shifted_forward)
         return
 
     def rewrite(index: torch.Tensor, weight: torch.Tensor, num_tokens: int, device: torch.device):

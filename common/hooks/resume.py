@@ -60,8 +60,7 @@ def start_at(layers: torch.nn.ModuleList, layer: int, hidden: torch.Tensor) -> I
 
     try:
         for below in layers[:layer]:
-            below.forward = passthrough  # an instance attribute over the class's forward, deleted on exit
-            hooks.restore.append(lambda module=below: delattr(module, "forward"))
+            hooks.replace_forward(below, passthrough)
         hooks.add(layers[layer].register_forward_pre_hook(feed, with_kwargs=True))
         yield
     finally:

@@ -35,10 +35,20 @@ class Hooks:
     def add(self, handle: torch.utils.hooks.RemovableHandle) -> None:
         self.handles.append(handle)
 
+    def replace_forward(self, module: torch.nn.Module, forward: Callable) -> None:
+        """`module.forward = forward` until `remove`, which puts back what was there: the class's forward, or an
+        instance attribute of its own (accelerate's offloading wrapper under `device_map`, which must survive)."""
+        previous = module.__dict__.get("forward")
+        module.forward = forward
+        if previous is None:
+            self.restore.append(lambda: module.__dict__.pop("forward", None))
+        else:
+            self.restore.append(lambda: setattr(module, "forward", previous))
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-        for undo in self.restore:
+        for undo in reversed(self.restore):  # last change first: two replacements of one forward unwind in order
             undo()
         self.handles.clear()
         self.restore.clear()
