@@ -36,13 +36,18 @@ def default_model() -> str:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which model to load and how (`--model --revision --dtype --device --device_map --trust_remote_code`)."""
+    """Which model to load and how (`--model --revision --dtype --device --device_map --max_memory --offload_folder
+    --trust_remote_code`)."""
 
     model: str
     revision: str | None = None
     dtype: str = "auto"
     device: str = "auto"
     device_map: str | None = None
+    # With device_map: the most each device may hold, e.g. (("0", "20GiB"), ("cpu", "64GiB")); the rest is
+    # offloaded to `offload_folder` (accelerate's disk offload).
+    max_memory: tuple[tuple[str, str], ...] = ()
+    offload_folder: str | None = None
     trust_remote_code: bool = False
     seed: int = 0  # initialises `random:<arch>` models
 

@@ -114,3 +114,21 @@ def test_a_short_domain_still_runs_warned_and_recorded(tmp_path, data_files, cap
     tokens = json.loads((run / "run.json").read_text())["tokens"]["domains"]
     assert (tokens["short"]["counted"], tokens["short"]["complete"]) == (22, False)
     assert (tokens["prose"]["counted"], tokens["prose"]["complete"]) == (200, True)
+
+
+def test_a_model_offloaded_to_disk_gives_the_numbers_of_one_device(tmp_path, capsys):
+    """--device_map auto with a --max_memory the CPU cannot hold the demo in: its decoder layers are offloaded to
+    --offload_folder (accelerate's disk offload, a second "device" on a CPU-only machine), and router_decisive
+    writes the same tables as on one device; a --max_memory without --device_map is refused in one line."""
+    import router_decisive
+
+    common = ["--model", "demo", "--data", "demo:code", "--num_tokens", "200", "--no-progress", "--no-figures"]
+    assert router_decisive.main([*common, "--out", str(tmp_path / "one")]) == 0
+    assert router_decisive.main([*common, "--device_map", "auto", "--max_memory", "cpu=6MB", "--offload_folder",
+                                 str(tmp_path / "offload"), "--out", str(tmp_path / "offloaded")]) == 0
+    (one,), (offloaded,) = (list((tmp_path / w).rglob("entropy_summary.csv")) for w in ("one", "offloaded"))
+    pd.testing.assert_frame_equal(pd.read_csv(offloaded), pd.read_csv(one))
+    assert any((tmp_path / "offload").iterdir())  # the layers really went to disk
+    capsys.readouterr()
+    assert router_decisive.main([*common, "--max_memory", "cpu=6MB", "--out", str(tmp_path / "refused")]) == 2
+    assert "--max_memory and --offload_folder apply with --device_map auto only" in capsys.readouterr().err

@@ -342,7 +342,12 @@ def base_parser(description: str, *, layers: bool = True, data: bool = True) -> 
     model.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on CUDA, float32 on CPU")
     model.add_argument("--device", default="auto", type=_device, help="auto = cuda if available, else cpu")
     model.add_argument("--device_map", default=None, choices=("auto",),
-                       help="'auto' spreads a model too large for one GPU over all GPUs")
+                       help="'auto' spreads a model too large for one GPU over all GPUs (then CPU memory, then disk)")
+    model.add_argument("--max_memory", nargs="+", default=None, type=_memory_limit, metavar="DEVICE=SIZE",
+                       help="with --device_map auto: the most each device may hold, e.g. 0=20GiB 1=20GiB cpu=64GiB; "
+                       "what does not fit goes to --offload_folder")
+    model.add_argument("--offload_folder", default=None, metavar="DIR",
+                       help="with --device_map auto: where weights that fit no device are kept (disk offload)")
     model.add_argument("--trust_remote_code", action="store_true", help="allow the model repository's own code")
     if layers:
         parser.add_argument(
@@ -389,13 +394,29 @@ def _wandb_project(text: str) -> str:
     return text
 
 
+_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
+
+
+def _memory_limit(text: str) -> tuple[str, str]:
+    """'0=20GiB' / 'cpu=64GiB' / 'mps=8GB' -> (device, size), as accelerate's max_memory takes them."""
+    device, sep, size = text.partition("=")
+    device, size = device.strip(), size.strip()
+    if not sep or not (device.isdigit() or device in ("cpu", "mps", "disk")) or not _SIZE.match(size):
+        raise argparse.ArgumentTypeError(f"{text!r}: give DEVICE=SIZE, e.g. 0=20GiB or cpu=64GiB")
+    return device, size
+
+
 def model_spec(args: argparse.Namespace) -> ModelSpec:
+    if (args.max_memory or args.offload_folder) and args.device_map != "auto":
+        raise InputError("--max_memory and --offload_folder apply with --device_map auto only")
     return ModelSpec(
         model=args.model,
         revision=args.revision,
         dtype=args.dtype,
         device=args.device,
         device_map=args.device_map,
+        max_memory=tuple(args.max_memory or ()),
+        offload_folder=args.offload_folder,
         trust_remote_code=args.trust_remote_code,
         seed=args.seed,
     )

@@ -189,6 +189,10 @@ def load_model_and_tokenizer(spec: ModelSpec):
     kwargs: dict = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code, **hub_kwargs}
     if spec.device_map:
         kwargs["device_map"] = spec.device_map
+        if spec.max_memory:
+            kwargs["max_memory"] = {int(device) if device.isdigit() else device: size for device, size in spec.max_memory}
+        if spec.offload_folder:
+            kwargs["offload_folder"] = spec.offload_folder
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **hub_kwargs)

@@ -252,7 +252,12 @@ class LanguageModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embeddings' device (under device_map, accelerate moves them on from there);
+        the CPU when those weights are offloaded (their parameters then sit on the meta device)."""
+        embeddings = self.model.get_input_embeddings()
+        weight = getattr(embeddings, "weight", None)
+        device = weight.device if isinstance(weight, torch.Tensor) else next(self.model.parameters()).device
+        return torch.device("cpu") if device.type == "meta" else device
 
     @property
     def dtype(self) -> torch.dtype:
