@@ -1,5 +1,5 @@
-"""Stops asked for from outside (Ctrl-C, SIGTERM from `timeout`, Slurm or a container stop, SIGHUP), told apart
-from failures.
+"""Stops asked for from outside (Ctrl-C, SIGTERM from `timeout`, Slurm or a container stop, SIGHUP, SIGUSR1 from
+Slurm's `--signal` warning), told apart from failures.
 
 A stop raises `KeyboardInterrupt` where the program happens to be. When that moment is inside an import, some
 libraries turn the interrupt into another error on its way out (a RecursionError from transformers' lazy modules
@@ -14,7 +14,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
-STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")  # SIGUSR1: Slurm's warning before a time limit
 _received: list[int] = []  # the signals received while `handled()` is active, in order
 
 
@@ -32,8 +32,8 @@ def _record_and_interrupt(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
-    """While active, SIGINT, SIGTERM and SIGHUP record themselves and raise KeyboardInterrupt in the main thread
-    (Python's default for SIGTERM and SIGHUP is to die at once, leaving a half-written staging folder behind); the
+    """While active, SIGINT, SIGTERM, SIGHUP and SIGUSR1 record themselves and raise KeyboardInterrupt in the main
+    thread (Python's default for the last three is to die at once, leaving a half-written staging folder behind); the
     previous handlers come back afterwards."""
     _received.clear()
     if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there

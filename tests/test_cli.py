@@ -71,10 +71,11 @@ STOPS = {  # signal -> (exit code, the one line): Ctrl-C, and what timeout, Slur
     "SIGINT": (130, "router_metrics.py: interrupted; nothing written"),
     "SIGTERM": (143, "router_metrics.py: stopped by SIGTERM; nothing written"),
     "SIGHUP": (129, "router_metrics.py: stopped by SIGHUP; nothing written"),
+    "SIGUSR1": (138, "router_metrics.py: stopped by SIGUSR1; nothing written"),  # Slurm's --signal warning
 }
 
 
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", pytest.param("SIGHUP", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", *(pytest.param(s, marks=pytest.mark.slow) for s in ("SIGHUP", "SIGUSR1"))])
 @pytest.mark.parametrize("when", ["while importing", "mid-run"])
 def test_a_stop_prints_one_line_exits_128_plus_signal_and_leaves_nothing(tmp_path, when, stop):
     out = tmp_path / "results"
