@@ -9,7 +9,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,19 @@ class RunRecord:
 
     folder: Path
     info: dict
+    # The run's CSVs read so far, by name: every table is read once per comparison (the metric choice reads them first)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict, compare=False, repr=False)
+
+    def table(self, name: str) -> pd.DataFrame:
+        """A CSV of the run; a glob pattern (interv's one table per layer) reads every match, stacked."""
+        if name not in self.tables:
+            paths = sorted(self.folder.glob(name)) if "*" in name else [self.folder / name]
+            paths = [path for path in paths if path.is_file()]
+            if not paths:
+                raise InputError(f"{self.folder} has no {name}")
+            self.tables[name] = pd.concat([pd.read_csv(path, keep_default_na=False, na_values=[""]) for path in paths],
+                                          ignore_index=True)
+        return self.tables[name]
 
     @property
     def script(self) -> str:
@@ -251,19 +264,10 @@ def metric_names(script: str) -> list[str]:
     return [metric.name for metric in METRICS.get(script, ())]
 
 
-def _read_csv(run: RunRecord, table: str) -> pd.DataFrame:
-    """A CSV of the run; a glob pattern (interv's one table per layer) reads every match, stacked."""
-    paths = sorted(run.folder.glob(table)) if "*" in table else [run.folder / table]
-    paths = [path for path in paths if path.is_file()]
-    if not paths:
-        raise InputError(f"{run.folder} has no {table}")
-    return pd.concat([pd.read_csv(path, keep_default_na=False, na_values=[""]) for path in paths], ignore_index=True)
-
-
 def readable(run: RunRecord, metric: Metric) -> bool:
     """Whether `metric` can be read from `run` (its table exists and has the metric's rows)."""
     try:
-        return not metric.read(_read_csv(run, metric.table)).empty
+        return not metric.read(run.table(metric.table)).empty
     except (InputError, KeyError):
         return False
 
@@ -279,12 +283,9 @@ def layer_table(runs: Sequence[RunRecord], labels: Sequence[str], metrics: Seque
     layer's relative depth. A run that lacks a metric's table or rows is an InputError naming both."""
     parts = []
     for run, label in zip(runs, labels, strict=True):
-        cached: dict[str, pd.DataFrame] = {}
         for metric in metrics:
-            if metric.table not in cached:
-                cached[metric.table] = _read_csv(run, metric.table)
             try:
-                values = metric.read(cached[metric.table])
+                values = metric.read(run.table(metric.table))
             except KeyError as missing:
                 raise InputError(f"{run.folder}/{metric.table} lacks {missing} (metric {metric.name})") from None
             if values.empty:
@@ -294,7 +295,6 @@ def layer_table(runs: Sequence[RunRecord], labels: Sequence[str], metrics: Seque
                                    relative_depth=relative_depth(values["layer"], meta["layers"] or 1))
             parts.append(_with_metadata(values[["table", "metric", "layer", "relative_depth", "domain", "value"]]
                                         .reset_index(drop=True), run, label))
-
     return pd.concat(parts, ignore_index=True)
 
 
@@ -306,7 +306,7 @@ def probing_table(runs: Sequence[RunRecord], labels: Sequence[str]) -> pd.DataFr
     dense), selection and probe k."""
     parts = []
     for run, label in zip(runs, labels, strict=True):
-        best = _read_csv(run, PROBING_TABLE).rename(columns={"model": "units", "k": "probe_k"})
+        best = run.table(PROBING_TABLE).rename(columns={"model": "units", "k": "probe_k"})
         missing = {"concept", "units", "selection", "probe_k", "f1"} - set(best.columns)
         if missing:
             raise InputError(f"{run.folder}/{PROBING_TABLE} lacks {', '.join(sorted(missing))}")
@@ -371,7 +371,7 @@ def lens_perplexity_table(runs: Sequence[RunRecord], labels: Sequence[str]) -> p
     run, domain and k′, with k′ / k beside k′ (models with different k share one axis on it)."""
     parts = []
     for run, label in zip(runs, labels, strict=True):
-        table = _read_csv(run, "perplexity.csv")
+        table = run.table("perplexity.csv")
         missing = {"domain", "k_prime", "ppl", "normalized_log_ppl"} - set(table.columns)
         if missing:
             raise InputError(f"{run.folder}/perplexity.csv lacks {', '.join(sorted(missing))}")
@@ -422,7 +422,7 @@ def checkpoint_series(runs: Sequence[RunRecord]) -> list[RunRecord] | None:
 def saturation_table(runs: Sequence[RunRecord], labels: Sequence[str]) -> pd.DataFrame | None:
     """Router saturation (router_metrics --revisions: saturation.csv) of the run that compared the most checkpoints,
     with its label; None when no run has one."""
-    found = [(run, label, _read_csv(run, "saturation.csv")) for run, label in zip(runs, labels, strict=True)
+    found = [(run, label, run.table("saturation.csv")) for run, label in zip(runs, labels, strict=True)
              if (run.folder / "saturation.csv").is_file()]
     if not found:
         return None
