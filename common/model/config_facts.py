@@ -59,23 +59,20 @@ def _looks_like_path(name: str) -> bool:
 def model_source(spec: ModelSpec) -> str | Path:
     """Where `from_pretrained` reads the model: a shipped folder, a local folder, or a hub id."""
     name = spec.model
-    if spec.revision and name in SHIPPED_MODELS:
-        revisions = shipped_revisions(name)
-        if spec.revision not in revisions:
-            raise InputError(f"--revision {spec.revision}: --model {name} ships the revisions "
-                             f"{', '.join(revisions)}")
-        source = revisions[spec.revision]
+    if name in SHIPPED_MODELS:
+        source = SHIPPED_MODELS[name]
+        if spec.revision:
+            revisions = shipped_revisions(name)
+            if spec.revision not in revisions:
+                raise InputError(f"--revision {spec.revision}: --model {name} ships the revisions "
+                                 f"{', '.join(revisions)}")
+            source = revisions[spec.revision]
         if not (source / "config.json").is_file():
             raise InputError(f"--model {name}: the shipped model is missing from {source}")
         return source
     if spec.revision and (name.startswith(RANDOM_PREFIX) or _looks_like_path(name)):
         raise InputError(f"--revision applies to hub ids and shipped models only; --model {name} is neither "
                          "(drop --revision)")
-    if name in SHIPPED_MODELS:
-        source = SHIPPED_MODELS[name]
-        if not (source / "config.json").is_file():
-            raise InputError(f"--model {name}: the shipped model is missing from {source}")
-        return source
     if _looks_like_path(name):
         source = Path(name).expanduser()
         if not source.exists():
