@@ -183,10 +183,11 @@ def _compared_runs(comparison: Path, info: dict) -> list[dict]:
             for item in runs if isinstance(item, dict)]
 
 
-def _compared_section(comparison: Path, info: dict, pages: set[Path]) -> str:
-    """The list of runs a comparison compared, each linked to its page where it has one (or gets one now)."""
+def _compared_section(comparison: Path, info: dict, compared: list[dict], pages: set[Path]) -> str:
+    """The list of runs a comparison compared (`_compared_runs`), each linked to its page where it has one (or gets
+    one now)."""
     rows = []
-    for item in _compared_runs(comparison, info):
+    for item in compared:
         found, folder = item["found"], str(item.get("folder", ""))
         if found is not None and (found.resolve() in pages or (found / "report.html").is_file()):
             target = os.path.relpath(found.resolve() / "report.html", comparison.resolve())
@@ -205,9 +206,11 @@ def _compared_section(comparison: Path, info: dict, pages: set[Path]) -> str:
 def run_page(run: Path, info: dict, rows: int, pages: Sequence[Path] = ()) -> str:
     """The page of a run folder; `pages`: the run folders getting a page in the same pass (links to compared runs)."""
     if info.get("script") == COMPARE:
-        models = ", ".join(dict.fromkeys(str(item.get("model")) for item in _compared_runs(run, info))) or "—"
+        compared = _compared_runs(run, info)
+        models = ", ".join(dict.fromkeys(str(item.get("model")) for item in compared)) or "—"
         parts = [f"<h1>Comparison of {_esc(info.get('compared_script'))} runs — {_esc(models)}</h1>",
-                 _compared_section(run, info, {p.resolve() for p in pages}), "<h2>This comparison</h2>", _metadata(info)]
+                 _compared_section(run, info, compared, {p.resolve() for p in pages}), "<h2>This comparison</h2>",
+                 _metadata(info)]
     else:
         parts = [f"<h1>{_esc(info.get('script'))} — {_esc(info.get('model'))}</h1>", _metadata(info)]
     figures = sorted((run / "figures").glob("*.png"), key=_natural) if (run / "figures").is_dir() else []
