@@ -157,12 +157,12 @@ def _in_process(job: sweep.Job, gpu: str | None) -> tuple[int, str]:
     return code, stderr.getvalue()
 
 
-@pytest.mark.slow  # ~50 s: two real compare.py subprocesses (about 20 s each here); the fast tests below cover the rest
+@pytest.mark.slow  # real runs and comparisons of tiny models; the fast tests below cover the rest
 def test_compare_makes_one_comparison_per_data_value_of_this_sweeps_runs(tmp_path, monkeypatch, capsys):
-    """--compare: compare.py (its own process) over the runs this sweep's jobs wrote, one comparison per --data
+    """--compare: compare.py (run through `sweep.execute`, like a job) over the runs this sweep's jobs wrote, one comparison per --data
     value; another sweep's run of the same model on the same data (same .sweep folder) is left out; a failed job
-    leaves the others compared and the exit code 1; a data value with one run is skipped with a note. The jobs run
-    in-process (the subprocess path is tested above)."""
+    leaves the others compared and the exit code 1; a data value with one run is skipped with a note. The jobs and
+    the comparisons run in-process here (the subprocess path is tested above)."""
     monkeypatch.setattr(sweep, "execute", _in_process)
     out, missing = tmp_path / "out", tmp_path / "no-such-model"
     tiny = ["--", "--num_tokens", "64", "--seq_len", "32", "--layers", "0"]

@@ -295,10 +295,6 @@ def _data_name(data: str | None) -> str:
     return f"data {data!r}" if data is not None else "the script's default data"
 
 
-def _compare_command(runs: Sequence[Path | str], out: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "compare.py"), *map(str, runs), "--out", str(out)]
-
-
 def dry_run_comparisons(all_jobs: Sequence[Job], out: Path) -> None:
     """What --compare would do after the sweep: one comparison per --data value with two jobs or more."""
     for data, group in _by_data(all_jobs).items():
@@ -326,15 +322,16 @@ def run_comparisons(all_jobs: Sequence[Job], out: Path) -> int:
             continue
         if missing:
             print(f"compare: {name}: {failed_jobs}; comparing the {len(runs)} runs that exist", flush=True)
-        process = subprocess.run(_compare_command(runs, out), cwd=ROOT, capture_output=True, text=True)
-        match = _RESULTS_LINE.search(process.stderr)
-        lines = process.stderr.strip().splitlines()
+        # compare.py run like a job (its own process, from the repository root)
+        returncode, stderr = execute(Job(str(ROOT / "compare.py"), (*map(str, runs), "--out", str(out))), None)
+        match = _RESULTS_LINE.search(stderr)
+        lines = stderr.strip().splitlines()
         for line in lines:  # compare.py's warnings (different --num_tokens, ...) reach the user as they are
-            if not _RESULTS_LINE.match(line) and (process.returncode == 0 or line != lines[-1]):
+            if not _RESULTS_LINE.match(line) and (returncode == 0 or line != lines[-1]):
                 print(line, file=sys.stderr, flush=True)
-        if process.returncode != 0 or match is None:
+        if returncode != 0 or match is None:
             failed += 1
-            reason = lines[-1] if lines else f"exit code {process.returncode}"
+            reason = lines[-1] if lines else f"exit code {returncode}"
             print(f"compare FAILED: {name}: {len(runs)} runs -> {reason}", flush=True)
             continue
         print(f"compare: {name}: {len(runs)} runs -> results: {match.group(1).strip()}", flush=True)
