@@ -49,7 +49,6 @@ from common.cli import at_least, base_parser, positive_float, run_main
 from common.errors import InputError
 
 if TYPE_CHECKING:
-
     from common.model import MoELayer, MoEModel
     from common.model.config_facts import ConfigFacts
 
