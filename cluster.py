@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> None:
 
         inputs = RoutingCounts(layers, domains, moe.vocab_size, moe.device, seed=args.seed, table_device=plan.table_device)
         outputs = cl.ExpertOutputTokens(moe, layers, plan.table_device)
-        for records, batch, logits in pipeline.captured_batches(moe, stream, layers, ("logits", "topk", "input")):
+        batches = pipeline.resumable(out, s, stream, inputs=inputs, outputs=outputs)
+        for records, batch, logits in pipeline.captured_batches(moe, batches, layers, ("logits", "topk", "input")):
             inputs.update(records, batch, predicted=logits.argmax(-1))
             outputs.update(records, batch)
         inputs.all_reduce()

@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> None:
     with pipeline.start_run(s) as out:
         # Every counted token is kept (per_domain = num_tokens), on the CPU: the per-expert cap picks among them.
         sample_acc = TokenSample(s.layers, len(domains), args.num_tokens, args.seed, torch.device("cpu"))
-        for records, batch, _ in pipeline.captured_batches(s.moe, stream, s.layers, ("topk", "input")):
+        batches = pipeline.resumable(out, s, stream, sample=sample_acc)
+        for records, batch, _ in pipeline.captured_batches(s.moe, batches, s.layers, ("topk", "input")):
             sample_acc.update(records, batch)
         out.record(tokens=stream.report.to_dict())
         if sample_acc.kept is None:

@@ -507,7 +507,8 @@ def run_dataset(args: argparse.Namespace) -> None:
             variants = args.ablations_per_forward or (ablations_per_forward(
                 s.config.data.batch_size, s.seq_len, s.moe.vocab_size, len(experts))
                 if s.moe.device.type == "cuda" else 1)
-            how = accumulate_importance(s.moe, acc, stream, args.renormalize, progress=bar, variants=variants,
+            batches = pipeline.resumable(out, s, stream, importance=acc)
+            how = accumulate_importance(s.moe, acc, batches, args.renormalize, progress=bar, variants=variants,
                                         resume=not args.full_forwards)
         acc.all_reduce()
         out.record(tokens=stream.report.to_dict(), experts=experts,

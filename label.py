@@ -189,7 +189,8 @@ def run(args: argparse.Namespace) -> None:
     with pipeline.start_run(s) as out:
         acc = lab.LabelWindows(s.moe, layer, tracked, top_n=args.top, window=args.window,
                                lens_experts=tracked if args.shuffle_windows else experts)
-        for records, batch, _ in pipeline.captured_batches(s.moe, stream, [layer], ("topk", "input")):
+        batches = pipeline.resumable(out, s, stream, windows=acc)
+        for records, batch, _ in pipeline.captured_batches(s.moe, batches, [layer], ("topk", "input")):
             acc.update(records[layer.layer], batch)
         acc.all_reduce()
         out.record(tokens=stream.report.to_dict())

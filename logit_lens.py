@@ -187,7 +187,7 @@ def run_data(args: argparse.Namespace) -> None:
     stream = pipeline.batches(s)
     with pipeline.start_run(s) as out:
         sweep = TopkSweep(s.moe, s.layers, domains, ks, renormalize=args.renormalize, bins=args.bins)
-        for batch in stream:
+        for batch in pipeline.resumable(out, s, stream, sweep=sweep):
             sweep.update(batch)
         sweep.all_reduce()
         out.record(tokens=stream.report.to_dict(), k=k, k_primes=sweep.k_primes,

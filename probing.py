@@ -217,13 +217,17 @@ def run(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         sampler = ConceptSampler(len(concepts), args.max_examples, device)
         labeller = WindowLabeller(s.moe.tokenizer, concepts)
-        gather(s.moe, stream, labeller, sampler, moe_layers=s.layers, ffns=dense_ffns if choice == "same" else (),
-               seed=args.seed, negatives=args.negatives)
+        # the dense model's own objects: the checkpoint refers to them, never saves them
+        live = ([("dense", dense), ("dense_model", getattr(dense, "model", None)),
+                 ("dense_tokenizer", getattr(dense, "tokenizer", None))] if dense not in (None, s.moe) else [])
+        gather(s.moe, pipeline.resumable(out, s, stream, live=live, sampler=sampler), labeller, sampler,
+               moe_layers=s.layers, ffns=dense_ffns if choice == "same" else (), seed=args.seed, negatives=args.negatives)
         timings["gather_moe_s"] = round(time.perf_counter() - started, 2)
         record = {"tokens": stream.report.to_dict()}
         if dense_stream is not None:
             started = time.perf_counter()
-            gather(dense, dense_stream, WindowLabeller(dense.tokenizer, concepts), sampler, ffns=dense_ffns,
+            gather(dense, pipeline.resumable(out, s, dense_stream, name="dense", live=live, sampler=sampler),
+                   WindowLabeller(dense.tokenizer, concepts), sampler, ffns=dense_ffns,
                    seed=args.seed, negatives=args.negatives)
             timings["gather_dense_s"] = round(time.perf_counter() - started, 2)
             record["dense_tokens"] = dense_stream.report.to_dict()

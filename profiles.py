@@ -86,9 +86,10 @@ def run(args: argparse.Namespace) -> None:
     stream = pipeline.batches(s)
     with pipeline.start_run(s) as out:
         counts_acc = RoutingCounts(count_layers, domains, s.moe.vocab_size, s.moe.device, seed=args.seed)
-        captured = pipeline.captured_batches(s.moe, stream, count_layers, ("logits", "topk", "input"))
         # The weight histogram grows its range with the data (common/stats), so every rank bins alike.
         activity = ExpertActivity(layer, experts, s.moe.device, hidden_size=s.moe.hidden_size, top_n=args.top)
+        batches = pipeline.resumable(out, s, stream, counts=counts_acc, activity=activity)
+        captured = pipeline.captured_batches(s.moe, batches, count_layers, ("logits", "topk", "input"))
         for records, batch, logits in captured:
             counts_acc.update(records, batch, predicted=logits.argmax(-1))
             activity.update(records[layer.layer], batch)

@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> None:
         counts_acc = RoutingCounts(s.layers, domains, s.moe.vocab_size, s.moe.device, olmoe_compat=args.olmoe_compat,
                                    token_tables=args.token_tables, seed=args.seed, table_device=plan.table_device)
         # routing counts are sums over rows: a batch that does not fit is forwarded in parts
-        for records, batch, logits in pipeline.captured_batches(s.moe, stream, s.layers, ("logits", "topk"),
+        batches = pipeline.resumable(out, s, stream, counts=counts_acc)
+        for records, batch, logits in pipeline.captured_batches(s.moe, batches, s.layers, ("logits", "topk"),
                                                                 split_on_oom=True):
             counts_acc.update(records, batch, predicted=logits.argmax(-1))
         counts_acc.all_reduce()

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> None:
     stream = pipeline.batches(s)
     with pipeline.start_run(s) as out:
         acc = DistributionStats(s.layers, [d.name for d in s.domains], s.moe.device, bins=args.bins)
-        pipeline.accumulate_routing(acc, s, stream)
+        pipeline.accumulate_routing(acc, s, pipeline.resumable(out, s, stream, acc=acc))
         out.record(tokens=stream.report.to_dict())
 
         out.save_table(acc.summary(), "distribution_summary")

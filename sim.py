@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> None:
     what = ("input", "topk", "shared_output") if with_shared else ("input", "topk")
     with pipeline.start_run(s) as out:
         sample = TokenSample(s.layers, len(domains), per_domain, args.seed, s.moe.device)
-        for records, batch, _ in pipeline.captured_batches(s.moe, stream, s.layers, what):
+        batches = pipeline.resumable(out, s, stream, sample=sample)
+        for records, batch, _ in pipeline.captured_batches(s.moe, batches, s.layers, what):
             sample.update(_with_shared(records, s.layers), batch)
         kept = _trim(sample.all_reduce().result(), quotas)
         n = int(kept["domain"].numel())

@@ -79,6 +79,11 @@ class RunSpec:
     command: tuple[str, ...] | None = None  # the command line (None: this process's own sys.argv)
     wandb: str | None = None  # Weights & Biases project to log the finished run to (optional)
     figures: bool = True  # False (--no-figures): the data files only
+    # Checkpoints (scripts that stream data): minutes between saves of the streaming state (0: after every batch);
+    # None: this script does not checkpoint
+    checkpoint_every: float | None = None
+    resume: Path | None = None  # --resume: the stopped run to continue (else a matching one is found, unless `fresh`)
+    fresh: bool = False  # --no-resume: start afresh even when a stopped run of the same command exists
 
     @property
     def argument_dict(self) -> dict[str, Any]:

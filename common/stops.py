@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")  # SIGUSR1: Slurm's warning before a time limit
 _received: list[int] = []  # the signals received while `handled()` is active, in order
+_deferring: list[bool] = [False]  # inside `deferred()`: the first stop waits for the end of the batch
+_resume_hint: list[str] = []  # set by a run that kept a checkpoint: how to continue it, for the stop's one line
 
 
 def requested() -> int | None:
@@ -24,10 +26,40 @@ def requested() -> int | None:
 
 
 def _record_and_interrupt(signum: int, frame: object) -> None:
-    first = not _received
     _received.append(signum)
-    if first:  # one interrupt: a second signal during the clean-up must not cut the clean-up short
+    if _deferring[0]:
+        if len(_received) == 1:  # the batch in progress finishes and its state is saved; asked twice: now
+            import signal
+            import sys
+
+            if signum == signal.SIGINT:  # someone at a terminal: say that it was heard (a scheduler reads one line)
+                print("stopping after this batch, once its checkpoint is written (send the signal again to stop now)",
+                      file=sys.stderr)
+            return
+        if len(_received) == 2:
+            raise KeyboardInterrupt
+        return
+    if len(_received) == 1:  # one interrupt: a second signal during the clean-up must not cut the clean-up short
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """While active (a checkpointed stream between two batches' ends), a stop signal is recorded and takes effect at
+    the next batch's end (`requested()` is checked there), so that the state saved is that of whole batches."""
+    previous, _deferring[0] = _deferring[0], True
+    try:
+        yield
+    finally:
+        _deferring[0] = previous
+
+
+def set_resume_hint(text: str | None) -> None:
+    _resume_hint[:] = [text] if text else []
+
+
+def resume_hint() -> str | None:
+    return _resume_hint[0] if _resume_hint else None
 
 
 @contextlib.contextmanager
@@ -36,6 +68,7 @@ def handled() -> Iterator[None]:
     thread (Python's default for the last three is to die at once, leaving a half-written staging folder behind); the
     previous handlers come back afterwards."""
     _received.clear()
+    _resume_hint.clear()
     if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
         yield
         return

@@ -369,6 +369,18 @@ def base_parser(description: str, *, layers: bool = True, data: bool = True) -> 
         group.add_argument("--batch_size", type=at_least(1), default=16, help="windows per forward pass")
         group.add_argument("--keep-special", dest="keep_special", action="store_true", help="count BOS/special tokens too")
         group.add_argument("--pack", action="store_true", help="let windows cross document boundaries")
+        resume = parser.add_argument_group(
+            "checkpoints", "a stopped run (SIGTERM, SIGINT, SIGHUP, SIGUSR1: the state after the batch in progress is "
+            "saved; SIGKILL or a crash: the last checkpoint) continues where it stopped when the same command runs "
+            "again, to results identical to an uninterrupted run's")
+        resume.add_argument("--checkpoint_every", type=_non_negative_float, default=10.0, metavar="MINUTES",
+                            help="save the streaming state (accumulators or sample, data position, RNGs) in the run's "
+                            "staging folder at most this often; 0 = after every batch")
+        resume.add_argument("--resume", metavar="RUN_FOLDER", default=None,
+                            help="continue this stopped run (its .<run-id>.partial or <run-id>.failed folder); default: "
+                            "the newest stopped run of the same command under --out, if any")
+        resume.add_argument("--no-resume", dest="fresh", action="store_true",
+                            help="start afresh even when a stopped run of the same command exists")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order, sampling and random models")
     parser.add_argument("--out", default="results", type=output_root,
                         help="root folder of run outputs (created if missing; refused at once if a file or not writable)")
@@ -383,6 +395,16 @@ def base_parser(description: str, *, layers: bool = True, data: bool = True) -> 
                         help="also log the finished run (metadata, tables, figures) to this Weights & Biases project; "
                         "needs the wandb package")
     return parser
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of minutes >= 0, got {text!r}")
+    return value
 
 
 def _wandb_project(text: str) -> str:
@@ -455,7 +477,10 @@ def config(args: argparse.Namespace, script: str, *, layers: Sequence[int | str]
         model=model_spec(args),
         run=RunSpec(script=script, out=Path(args.out), seed=args.seed, progress=args.progress,
                     arguments=tuple(arguments.items()), command=getattr(args, "_command", None),
-                    wandb=getattr(args, "wandb", None), figures=getattr(args, "figures", True)),
+                    wandb=getattr(args, "wandb", None), figures=getattr(args, "figures", True),
+                    checkpoint_every=getattr(args, "checkpoint_every", None),
+                    resume=Path(args.resume).expanduser() if getattr(args, "resume", None) else None,
+                    fresh=getattr(args, "fresh", False)),
         data=data_spec(args),
         layers=tuple(str(item) for item in chosen) if chosen is not None else None,
     )
@@ -505,10 +530,8 @@ def _torch_threads(count: int | None) -> Iterator[None]:
 def _stopped(parser: argparse.ArgumentParser) -> int:
     """One line and the exit code of a stop: 130 for Ctrl-C, 128 + the signal's number otherwise (143 for SIGTERM)."""
     signum = stops.requested() or signal.SIGINT
-    if signum == signal.SIGINT:
-        print(f"{parser.prog}: interrupted; nothing written", file=sys.stderr)
-    else:
-        print(f"{parser.prog}: stopped by {signal.Signals(signum).name}; nothing written", file=sys.stderr)
+    what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    print(f"{parser.prog}: {what}; {stops.resume_hint() or 'nothing written'}", file=sys.stderr)
     return 128 + signum
 
 

@@ -62,6 +62,10 @@ def setup(config: Config, preflight: Preflight | None = None, early: EarlyCheck 
     """Everything checkable from the data specs, the model's config and its tokenizer (`inspect_run`, with the
     script's `early` checks and `preflight`), then the model itself."""
     inspection = inspect_run(config, preflight, early)
+    if config.run.resume is not None and config.run.checkpoint_every is not None:  # refused before the model loads
+        from common.run.checkpoint import check_resume_folder, fingerprint
+
+        check_resume_folder(config.run.resume, fingerprint(config.run.script, config.run.argument_dict))
     from transformers.utils import logging as hf_logging
 
     from common import distributed
@@ -175,6 +179,16 @@ def batches(s: Setup, split: str = "train", data: DataSpec | None = None) -> Tok
         progress=s.config.run.progress,
         shard=(distributed.rank(), distributed.world_size()),
     )
+
+
+def resumable(run: Run, s: Setup, stream: Iterator[Batch], *, name: str = "data", live: Sequence[tuple[str, object]] = (),
+              **state: object) -> Iterator[Batch]:
+    """`stream` with checkpoints (`Run.resumable`): `state` (what the batches update) is saved after whole batches and
+    restored on resume; the model, its tokenizer, its MoE views and the run's setup are referred to, never saved
+    (`live` adds other objects of this process the state may hold, such as a second model)."""
+    known = [("setup", s), ("config", s.config), ("moe", s.moe), ("model", s.moe.model), ("tokenizer", s.moe.tokenizer),
+             *((f"moe_layer{i}", layer) for i, layer in enumerate(s.moe.layers)), *live]
+    return run.resumable(stream, name=name, live=known, **state)
 
 
 def captured_batches(

@@ -133,16 +133,39 @@ class Run:
         root = Path(tempfile.mkdtemp(prefix="moescope-rank")) if self.scratch else Path(spec.out)
         # Folders this run creates, deepest first, so a refused or interrupted run removes exactly those.
         parent = root / script / model_slug(model) / slug(data)
-        self._created = [p for p in (parent, parent.parent, parent.parent.parent, root) if not p.exists()]
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_id, n = stamp, 1
-        while (parent / run_id).exists() or (parent / f".{run_id}.partial").exists():
-            n += 1
-            run_id = f"{stamp}-{n}"
-        self.run_id = run_id
-        self.final_dir = parent / run_id
-        self.dir = parent / f".{run_id}.partial"
-        self.dir.mkdir(parents=True)
+        adopted = self._resumable(spec, parent)
+        if adopted is not None:  # a stopped run of this command: continue in its folder
+            from common.run.checkpoint import run_id_of
+
+            run_id = run_id_of(adopted)
+            self.dir = adopted.with_name(f".{run_id}.partial")
+            if adopted != self.dir:  # a crashed run's <id>.failed folder becomes a staging folder again
+                os.replace(adopted, self.dir)
+            self._created = []
+            self.run_id, self.final_dir = run_id, self.dir.with_name(run_id)
+        else:
+            self._created = [p for p in (parent, parent.parent, parent.parent.parent, root) if not p.exists()]
+            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            run_id, n = stamp, 1
+            while (parent / run_id).exists() or (parent / f".{run_id}.partial").exists():
+                n += 1
+                run_id = f"{stamp}-{n}"
+            self.run_id = run_id
+            self.final_dir = parent / run_id
+            self.dir = parent / f".{run_id}.partial"
+            self.dir.mkdir(parents=True)
+        self.checkpointer = None
+        self._lock = None
+        if self._fingerprint is not None:
+            from common.run.checkpoint import Checkpointer, FolderLock
+
+            try:
+                self._lock = FolderLock(self.dir)
+            except OSError:
+                raise InputError(f"{self.dir}: another process is running in this folder") from None
+            self.checkpointer = Checkpointer(self.dir, self._fingerprint, 60 * float(spec.checkpoint_every or 0),
+                                             resuming=adopted is not None)
+        previous = _read_json(self.dir / "run.json") if adopted is not None else {}
         self.info: dict[str, Any] = {
             "script": script,
             "run_id": run_id,
@@ -152,12 +175,43 @@ class Run:
             "world_size": distributed.world_size(),
             "torch_threads": torch.get_num_threads(),  # what --threads gave, or torch's default: explains wall times
             "command": shlex.join(spec.command or [Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "started": dt.datetime.now().isoformat(timespec="seconds"),
+            "started": previous.get("started") or dt.datetime.now().isoformat(timespec="seconds"),
             "git_commit": git_commit(),
             "packages": package_versions(),
             "platform": platform.platform(),
         }
+        if adopted is not None:
+            batches = self.checkpointer.positions if self.checkpointer else {}
+            self.info["resumed"] = [*previous.get("resumed", []),
+                                    {"at": dt.datetime.now().isoformat(timespec="seconds"), "batches_done": dict(batches)}]
+            print(f"resuming the stopped run in {self.dir} from its checkpoint ({_positions(batches)})",
+                  file=sys.stderr)
         self._write_info()
+
+    def _resumable(self, spec: RunSpec, parent: Path) -> Path | None:
+        """The stopped run this one continues (--resume, else the newest of the same command unless --no-resume);
+        sets the fingerprint checkpoints are written with (None: this run does not checkpoint)."""
+        self._fingerprint = None
+        # torchrun: each rank's state would need the others' to resume; such runs start afresh when stopped
+        if spec.checkpoint_every is None or distributed.world_size() > 1:
+            return None
+        from common.run import checkpoint
+
+        self._fingerprint = checkpoint.fingerprint(spec.script, spec.argument_dict)
+        if spec.resume is not None:
+            return checkpoint.check_resume_folder(spec.resume, self._fingerprint)
+        return None if spec.fresh else checkpoint.find_resumable(parent, self._fingerprint)
+
+    def resumable(self, batches, *, name: str = "data", live=(), **objects):
+        """`batches` as this run reads them with checkpoints: `objects` (the state that batches update: accumulators,
+        samples, their RNGs) are saved after whole batches and put back on resume, with the stream's position; `live`
+        ((key, object) pairs: the model, its tokenizer) are the objects that state may refer to, saved by reference.
+        Without checkpoints (torchrun, a script that does not stream): `batches` unchanged."""
+        if self.checkpointer is None:
+            return batches
+        from common.run.checkpoint import live_registry
+
+        return self.checkpointer.stream(batches, name, objects, live_registry(live))
 
     # -- context management
     def __enter__(self) -> Run:
@@ -166,15 +220,28 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.finish()
+        elif ((issubclass(exc_type, (InputError, KeyboardInterrupt, SystemExit)) or stops.requested() is not None)
+              and self.checkpointer is not None and self.checkpointer.exists):
+            # stopped with work saved: the folder stays, for the same command (or --resume) to continue
+            done = self.checkpointer.saved_positions
+            stops.set_resume_hint(f"checkpoint ({_positions(done)}) kept in {self.dir}: run the same command again to "
+                                  f"continue (or add --resume {self.dir})")
+            self._release()
         elif issubclass(exc_type, (InputError, KeyboardInterrupt, SystemExit)) or stops.requested() is not None:
+            self._release()
             shutil.rmtree(self.dir, ignore_errors=True)
             self._remove_empty_parents()
         else:
+            self._release()
             self.info["error"] = f"{exc_type.__name__}: {exc}"
             self._write_info()
             failed = self.final_dir.with_name(f"{self.run_id}.failed")
             os.replace(self.dir, failed)
             print(f"run failed; what was written is kept in {failed}", file=sys.stderr)
+
+    def _release(self, *, remove: bool = False) -> None:
+        if self._lock is not None:
+            self._lock.release(remove=remove)
 
     def _remove_empty_parents(self) -> None:
         for folder in self._created:
@@ -197,6 +264,9 @@ class Run:
         if self.scratch:
             shutil.rmtree(self.dir.parents[3], ignore_errors=True)
             return self.dir
+        if self.checkpointer is not None:  # finished: its state is in the results now
+            shutil.rmtree(self.checkpointer.dir, ignore_errors=True)
+            self._release(remove=True)
         self.info["wall_time_s"] = round(time.time() - self.started, 3)
         self.info["finished"] = dt.datetime.now().isoformat(timespec="seconds")
         self._write_info()
@@ -251,6 +321,21 @@ class Run:
             return []
 
         return save_figure(fig, self.dir / "figures" / name)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _positions(done: dict[str, int]) -> str:
+    if not done:
+        return "no batch done"
+    return ", ".join(f"{n} batch{'es' if n != 1 else ''}" + (f" of {name}" if name != "data" else "")
+                     for name, n in done.items()) + " done"
 
 
 # ------------------------------------------------------------------------------------------------ README
