@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from common import cli
-from common.cli import at_least, base_parser, run_main
+from common.cli import at_least, base_parser, positive_float, run_main
 from common.errors import InputError
 
 if TYPE_CHECKING:
@@ -56,6 +56,9 @@ def build_parser():
                       help="largest k' (experts kept); default: the model's k (data: restricted runs up to k - 1)")
     lens.add_argument("--renormalize", action="store_true", help="data: rescale the kept weights to their original sum")
     lens.add_argument("--bins", type=at_least(10), default=400, help="data: histogram bins of the cosine over [-1, 1]")
+    lens.add_argument("--logits_mb", type=positive_float, default=256.0, metavar="MiB",
+                      help="data: the output head is applied to as many positions at a time as fit float32 logits of "
+                      "this size (a 150k vocabulary at 4k tokens per row would be 2.4 GB per row at once)")
     return parser
 
 
@@ -186,7 +189,8 @@ def run_data(args: argparse.Namespace) -> None:
     domains = [d.name for d in s.domains]
     stream = pipeline.batches(s)
     with pipeline.start_run(s) as out:
-        sweep = TopkSweep(s.moe, s.layers, domains, ks, renormalize=args.renormalize, bins=args.bins)
+        sweep = TopkSweep(s.moe, s.layers, domains, ks, renormalize=args.renormalize, bins=args.bins,
+                          logits_mb=args.logits_mb)
         for batch in pipeline.resumable(out, s, stream, sweep=sweep):
             sweep.update(batch)
         sweep.all_reduce()

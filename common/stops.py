@@ -1,20 +1,25 @@
-"""Stops asked for from outside (Ctrl-C, SIGTERM from `timeout`, Slurm or a container stop, SIGHUP, SIGUSR1 from
-Slurm's `--signal` warning), told apart from failures.
+"""Stops asked for from outside (Ctrl-C, SIGTERM from `timeout`, Slurm or a container stop, SIGHUP, SIGUSR1 or
+SIGUSR2 from Slurm's `--signal` warning, submitit's pre-emption signal), told apart from failures.
+
+While a checkpointed stream runs (`deferred()`), a stop waits for the end of the batch in progress, whose state is
+then saved (`common.run.checkpoint`); a second Ctrl-C stops at once.
 
 A stop raises `KeyboardInterrupt` where the program happens to be. When that moment is inside an import, some
 libraries turn the interrupt into another error on its way out (a RecursionError from transformers' lazy modules
 was seen); `requested()` says that a stop was asked for, so the run folder and the command line treat whatever
-error follows as the stop it is: folders removed, one line, exit 128 + the signal's number.
+error follows as the stop it is: folders removed (kept when they hold a checkpoint), one line, exit 128 + the
+signal's number.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
-STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")  # SIGUSR1: Slurm's warning before a time limit
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")  # USR1/USR2: Slurm's warning (submitit: USR2)
 _received: list[int] = []  # the signals received while `handled()` is active, in order
 _deferring: list[bool] = [False]  # inside `deferred()`: the first stop waits for the end of the batch
 _resume_hint: list[str] = []  # set by a run that kept a checkpoint: how to continue it, for the stop's one line
@@ -28,17 +33,14 @@ def requested() -> int | None:
 def _record_and_interrupt(signum: int, frame: object) -> None:
     _received.append(signum)
     if _deferring[0]:
-        if len(_received) == 1:  # the batch in progress finishes and its state is saved; asked twice: now
-            import signal
-            import sys
-
-            if signum == signal.SIGINT:  # someone at a terminal: say that it was heard (a scheduler reads one line)
+        if len(_received) == 1:  # the batch in progress finishes and its state is saved
+            if signum == signal.SIGINT and sys.stderr.isatty():  # someone at a terminal: say that it was heard
                 print("stopping after this batch, once its checkpoint is written (send the signal again to stop now)",
                       file=sys.stderr)
             return
-        if len(_received) == 2:
+        if signum == signal.SIGINT and len(_received) > 1:  # Ctrl-C twice: now, losing the batch in progress
             raise KeyboardInterrupt
-        return
+        return  # a scheduler's second signal (Slurm signals every process of a step): the stop is under way
     if len(_received) == 1:  # one interrupt: a second signal during the clean-up must not cut the clean-up short
         raise KeyboardInterrupt
 

@@ -4,6 +4,7 @@ one-line errors, Ctrl-C that leaves nothing behind, and result files readable by
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -67,41 +68,48 @@ def _data_file(tmp_path: Path, repeats: int = 400) -> Path:
     return path
 
 
-STOPS = {  # signal -> (exit code, the one line): Ctrl-C, and what timeout, Slurm and container stops send
-    "SIGINT": (130, "router_metrics.py: interrupted; nothing written"),
-    "SIGTERM": (143, "router_metrics.py: stopped by SIGTERM; nothing written"),
-    "SIGHUP": (129, "router_metrics.py: stopped by SIGHUP; nothing written"),
-    "SIGUSR1": (138, "router_metrics.py: stopped by SIGUSR1; nothing written"),  # Slurm's --signal warning
+STOPS = {  # signal -> exit code: Ctrl-C, and what timeout, Slurm (its --signal warning), submitit and containers send
+    "SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129, "SIGUSR1": 138, "SIGUSR2": 140,
 }
 
 
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", *(pytest.param(s, marks=pytest.mark.slow) for s in ("SIGHUP", "SIGUSR1"))])
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM",
+                                  *(pytest.param(s, marks=pytest.mark.slow) for s in ("SIGHUP", "SIGUSR1", "SIGUSR2"))])
 @pytest.mark.parametrize("when", ["while importing", "mid-run"])
-def test_a_stop_prints_one_line_exits_128_plus_signal_and_leaves_nothing(tmp_path, when, stop):
+def test_a_stop_prints_one_line_and_exits_128_plus_signal(tmp_path, when, stop):
+    """Before any work: nothing is left. Mid-run: the batch in progress finishes, its state is saved, and the one
+    line says how to resume."""
     out = tmp_path / "results"
     # data for far longer than the test waits (900,000 tokens), so the run is mid-stream when interrupted on any
     # machine, never already past the end of its data (which would add the "ran out of data" warning)
     argv = [sys.executable, "router_metrics.py", "--model", "random:olmoe", "--data",
-            f"a={_data_file(tmp_path, repeats=20_000)}", "--num_tokens", "1000000", "--seq_len", "64", "--batch_size", "2", "--out", str(out), "--no-progress"]
+            f"a={_data_file(tmp_path, repeats=20_000)}", "--num_tokens", "1000000", "--seq_len", "64", "--batch_size", "2",
+            "--out", str(out), "--no-progress", "--checkpoint_every", "0"]
     process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         if when == "while importing":
             time.sleep(1.0)
-        else:  # wait for the staging folder: the run has started and is computing
+        else:  # wait for a first checkpoint: the run is streaming
             deadline = time.monotonic() + 60
-            while not list(out.glob("**/.*.partial")) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert list(out.glob("**/.*.partial")), "the run never started"
-            time.sleep(1.0)
+            while not list(out.glob("**/.*.partial/checkpoint/state.pt")) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert list(out.glob("**/.*.partial/checkpoint/state.pt")), "the run never started"
         process.send_signal(getattr(signal, stop))
         _, err = process.communicate(timeout=60)
     finally:
         process.kill()
-    code, line = STOPS[stop]
-    assert process.returncode == code, err
-    assert err.strip().splitlines()[-1] == line
+    assert process.returncode == STOPS[stop], err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert not out.exists()
+    what = "interrupted" if stop == "SIGINT" else f"stopped by {stop}"
+    if when == "while importing":
+        assert err.strip() == f"router_metrics.py: {what}; nothing written"
+        assert not out.exists()
+        return
+    (staging,) = out.glob("router_metrics/*/*/.*.partial")
+    match = re.fullmatch(rf"router_metrics.py: {what}; checkpoint \((\d+) batch(es)? done\) kept in (.+): run the same "
+                         r"command again to continue \(or add --resume (.+)\)", err.strip())
+    assert match and match[3] == match[4] == str(staging), err
+    assert int(match[1]) >= 1 and (staging / "checkpoint" / "state.pt").is_file()
 
 
 @pytest.mark.parametrize(("umask", "readable", "figures"), [(0o022, True, True), (0o077, False, False)])

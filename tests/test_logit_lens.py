@@ -326,3 +326,26 @@ def test_restricted_runs_resumed_at_the_first_moe_layer_equal_whole_forwards(arc
     np.testing.assert_array_equal(counts_resumed, counts_whole)
     for whole, resumed in zip(sweeps[False].cosine_histogram(), sweeps[True].cosine_histogram(), strict=True):
         np.testing.assert_array_equal(resumed, whole)
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "granitemoe", "qwen3_moe", "mixtral"])
+def test_head_applied_in_chunks_gives_the_whole_logits_perplexities(arch, saved_tiny_model, data_files):
+    """The head applied to a few positions at a time, from the residual entering the final norm (Granite's logits
+    divided by its scale as its own head does), gives the NLL of the model's whole logits; chunks of 1 and 7
+    positions, with the model's vocabulary (a 1 MiB bound: whole rows at once)."""
+    moe = _load(saved_tiny_model, arch)
+    if arch == "granitemoe":
+        moe.model.config.logits_scaling = 4.0  # the tiny config's 1.0 would leave the division untested
+    row_bytes = 4 * moe.vocab_size
+    bounds = {"whole": None, "1": row_bytes / 2**20, "7": 7 * row_bytes / 2**20}
+    sweeps = {name: TopkSweep(moe, moe.layers, ["prose", "code"], ks=[1], logits_mb=mb) for name, mb in bounds.items()}
+    assert sweeps["1"].chunk_rows == 1 and sweeps["7"].chunk_rows == 7 and sweeps["whole"].chunk_rows is None
+    for batch in _batches(moe, data_files):
+        for sweep in sweeps.values():
+            sweep.update(batch)
+    whole, counts = sweeps["whole"].nll_arrays()
+    assert np.isfinite(whole).all() and (counts > 0).all()
+    for name in ("1", "7"):
+        nll, chunk_counts = sweeps[name].nll_arrays()
+        np.testing.assert_allclose(nll, whole, rtol=1e-6, atol=0)
+        np.testing.assert_array_equal(chunk_counts, counts)

@@ -235,3 +235,67 @@ def test_compare_skips_a_data_value_with_fewer_than_two_runs_and_keeps_the_exit_
         f"compare: data {d!r}: 1 run(s) (1 of 2 job(s) failed); a comparison needs two or more, skipped"
         for d in ("x", "y z")]
     assert len(_calls(log)) == 4 and not (out / "compare").exists()
+
+
+# ------------------------------------------------------------------------------------------------ Slurm (submitit)
+
+
+def _signal_task(job_id: str, signum: int) -> None:
+    """Send `signum` to the task process of submitit local job `job_id` (found in /proc by its environment)."""
+    import os
+
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            command = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"SUBMITIT_LOCAL_JOB_ID={job_id}".encode() in environ and b"submitit.core._submit" in command:
+            os.kill(int(proc.name), signum)
+            return
+    raise AssertionError(f"no task process of job {job_id}")
+
+
+@pytest.mark.slow  # ~40 s: three job processes and three reference runs
+def test_submitit_sweep_with_a_preempted_job_equals_an_uninterrupted_sweep(tmp_path):
+    """The `--executor slurm` path on submitit's local executor (real processes): three jobs, the second pre-empted
+    (its task sent submitit's pre-emption signal, as Slurm does) once it has saved a checkpoint; submitit requeues
+    it, it resumes, and all three runs' data files equal the same commands run uninterrupted."""
+    import signal
+    import time
+
+    import submitit
+
+    import router_decisive
+
+    data = {}
+    for name, text in {"a": "alpha beta gamma delta. ", "b": "one two three four five. ", "c": "red green blue. "}.items():
+        (tmp_path / f"{name}.txt").write_text(text * 3000)
+        data[name] = f"{name}={tmp_path / f'{name}.txt'}"
+    flags = ["--num_tokens", "12000", "--seq_len", "32", "--batch_size", "2", "--layers", "0", "--threads", "1",
+             "--checkpoint_every", "0", "--no-figures"]
+    out = tmp_path / "out"
+    all_jobs = sweep.jobs("router_decisive.py", ["random:olmoe"], [None], list(data.values()), str(out), flags)
+
+    executor = submitit.LocalExecutor(folder=out / ".sweep" / "submitit" / "%j")
+    executor.update_parameters(timeout_min=10)
+    submitted = sweep.submit(all_jobs, out, executor, stop_wait_s=60)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("router_decisive/*/b/.*.partial/checkpoint/state.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(out.glob("router_decisive/*/b/.*.partial/checkpoint/state.pt")), "job b never checkpointed"
+    _signal_task(submitted[1][1].job_id, signal.SIGUSR2)  # what Slurm does to a task it pre-empts (submitit's signal)
+    assert sweep.wait_for(submitted) == 0
+
+    for job, name in zip(all_jobs, data, strict=True):
+        run = sweep.recorded_run(out, job)
+        assert run is not None and run.parent.name == name
+        info = json.loads((run / "run.json").read_text())
+        assert ("resumed" in info) == (name == "b"), info.get("resumed")
+        reference = tmp_path / "reference" / name
+        argv = [a if a != str(out) else str(reference) for a in job.argv]
+        assert router_decisive.main(argv) == 0
+        (expected,) = reference.glob("router_decisive/*/*/*")
+        for path in expected.glob("*.*"):
+            if path.suffix in {".csv", ".npy"}:
+                assert (run / path.name).read_bytes() == path.read_bytes(), (name, path.name)

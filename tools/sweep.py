@@ -1,14 +1,23 @@
-"""Run one script over models × layer sets × data presets, sequentially or one job per GPU, resuming after a crash.
+"""Run one script over models × layer sets × data presets: sequentially, one job per GPU, or on Slurm; resumable.
 
     uv run tools/sweep.py router_metrics.py --models allenai/OLMoE-1B-7B-0924 demo --layers all "1 7 15" \\
         --data olmoe pile --gpus 0 1 2 3 -- --num_tokens 100000
+    uv run tools/sweep.py interv.py --models allenai/OLMoE-1B-7B-0924 --executor slurm --partition gpu --time 180 \\
+        --data demo -- --layer 7 --num_tokens 20000
     uv run tools/sweep.py router_decisive.py --models demo random:mixtral --dry-run
     uv run tools/sweep.py router_decisive.py --models demo random:mixtral --data demo "demo:code demo:math" --compare
 
 Every job is the script's own command line (its flags after `--` are passed to every job). A job that finishes is
 recorded in `<out>/.sweep/<job key>.json` with the run folder it wrote; running the same sweep again skips every job
 whose record and run folder exist, so a sweep killed halfway resumes without recomputing. A failed job is reported
-and left unrecorded (the next sweep runs it again); the sweep's exit code is 1 if any job failed.
+and left unrecorded (the next sweep runs it again); the sweep's exit code is 1 if any job failed. A job stopped
+halfway (pre-empted, timed out, killed) resumes from its own checkpoint when it runs again (the scripts'
+`--checkpoint_every`).
+
+`--executor slurm` submits the jobs not done as one Slurm array job through submitit (partition, GPUs, CPUs, memory,
+time limit as flags or `--slurm_config FILE`) and waits for them; a job that Slurm pre-empts or that reaches its
+time limit is told to stop (it saves its state after the batch in progress), requeued by submitit and resumes from
+that checkpoint. Logs: `<out>/.sweep/submitit/` and `<out>/.sweep/logs/`.
 
 `--dry-run` lists every job as done, todo or invalid, and checks each job's inputs without running it or reading a
 weight: its flags and data specs (the script's own parser), its model (a folder that exists, a config that loads;
@@ -35,9 +44,11 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -116,7 +127,11 @@ def execute(job: Job, gpu: str | None) -> tuple[int, str]:
 
 def run_job(job: Job, out: Path, gpu: str | None) -> tuple[bool, str]:
     """(succeeded, the job's last stderr line); on success the job is recorded as completed."""
-    returncode, stderr = execute(job, gpu)
+    return finish_job(job, out, *execute(job, gpu))
+
+
+def finish_job(job: Job, out: Path, returncode: int, stderr: str) -> tuple[bool, str]:
+    """(succeeded, the run folder or the job's last stderr line); on success the job is recorded as completed."""
     lines = stderr.strip().splitlines()
     match = _RESULTS_LINE.search(stderr)
     if returncode != 0 or match is None:
@@ -274,6 +289,141 @@ def sweep(all_jobs: Sequence[Job], out: Path, gpus: Sequence[str] | None) -> int
     return 1 if failures else 0
 
 
+# ------------------------------------------------------------------------------------------------ Slurm (submitit)
+
+SLURM_FLAGS = ("partition", "gpus_per_job", "cpus_per_job", "mem_gb", "time", "max_parallel", "signal_delay_s",
+               "max_timeouts")
+
+
+class ClusterJob:
+    """A sweep job as submitit runs it on a cluster node: the script in a child process, its stderr appended to
+    `<out>/.sweep/logs/<job key>.err`. On pre-emption or the time limit, submitit's signal calls `checkpoint`: the
+    script is asked to stop (SIGTERM: it saves its state after the batch in progress) and the same job is requeued;
+    when it starts again, the script finds its checkpoint and resumes. Returns the run folder; raises when the
+    script fails (submitit reports the error)."""
+
+    def __init__(self, job: Job, out: str, stop_wait_s: float) -> None:
+        self.job, self.out, self.stop_wait_s = job, out, stop_wait_s
+        self._process: subprocess.Popen | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_process": None}  # a process does not travel with the pickled job
+
+    def __call__(self) -> str:
+        log = Path(self.out) / ".sweep" / "logs" / f"{self.job.key}.err"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        start = log.stat().st_size if log.exists() else 0
+        with open(log, "a") as err:
+            self._process = subprocess.Popen([sys.executable, self.job.script, *self.job.argv], cwd=ROOT,
+                                             stdout=subprocess.DEVNULL, stderr=err)
+            while self._process.poll() is None:  # polled, not waited: submitit's signal handler runs in this thread
+                time.sleep(0.2)
+        with open(log) as f:
+            f.seek(start)
+            stderr = f.read()
+        ok, message = finish_job(self.job, Path(self.out), self._process.returncode, stderr)
+        if not ok:
+            raise RuntimeError(f"{self.job.describe()} failed: {message} (log: {log})")
+        return message
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # the script saves its state after the batch in progress and exits
+            deadline = time.monotonic() + self.stop_wait_s
+            while process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+        return submitit.helpers.DelayedSubmission(ClusterJob(self.job, self.out, self.stop_wait_s))
+
+
+def slurm_parameters(args: argparse.Namespace) -> dict:
+    """submitit's executor parameters from the sweep's Slurm flags, over those of `--slurm_config FILE` (TOML: the
+    same names, and a table `[additional]` of any other sbatch option, e.g. account, qos, constraint)."""
+    import tomllib
+
+    settings: dict = {}
+    if args.slurm_config:
+        try:
+            settings = tomllib.loads(Path(args.slurm_config).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise SystemExit(f"sweep: error: --slurm_config {args.slurm_config}: {err}") from None
+        unknown = set(settings) - {*SLURM_FLAGS, "additional"}
+        if unknown:
+            raise SystemExit(f"sweep: error: --slurm_config {args.slurm_config}: unknown key(s) {', '.join(sorted(unknown))}"
+                             f" (known: {', '.join(SLURM_FLAGS)}, [additional])")
+    for name in SLURM_FLAGS:
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    defaults = {"gpus_per_job": 1, "cpus_per_job": 8, "time": 240, "signal_delay_s": 120, "max_timeouts": 3}
+    settings = {**defaults, **settings}
+    parameters = {"timeout_min": int(settings["time"]), "gpus_per_node": int(settings["gpus_per_job"]),
+                  "cpus_per_task": int(settings["cpus_per_job"]), "tasks_per_node": 1, "nodes": 1,
+                  "slurm_signal_delay_s": int(settings["signal_delay_s"]), "slurm_max_num_timeout": int(settings["max_timeouts"])}
+    if settings.get("partition"):
+        parameters["slurm_partition"] = settings["partition"]
+    if settings.get("mem_gb"):
+        parameters["mem_gb"] = float(settings["mem_gb"])
+    if settings.get("max_parallel"):
+        parameters["slurm_array_parallelism"] = int(settings["max_parallel"])
+    if settings.get("additional"):
+        parameters["slurm_additional_parameters"] = dict(settings["additional"])
+    return parameters
+
+
+def submit_sweep(all_jobs: Sequence[Job], out: Path, executor, stop_wait_s: float) -> int:
+    """The jobs not done yet, submitted through a submitit executor as one array job; waits for them, reporting each
+    as it ends. Pre-empted jobs are requeued by submitit and resume from their checkpoints."""
+    pending = [job for job in all_jobs if not completed(out, job)]
+    print(f"sweep: {len(all_jobs)} jobs, {len(all_jobs) - len(pending)} already done, {len(pending)} to submit",
+          flush=True)
+    return wait_for(submit(pending, out, executor, stop_wait_s))
+
+
+def submit(pending: Sequence[Job], out: Path, executor, stop_wait_s: float) -> list[tuple[Job, object]]:
+    """(job, submitit job) pairs: `pending` submitted as one array job."""
+    if not pending:
+        return []
+    with executor.batch():
+        submitted = [(job, executor.submit(ClusterJob(job, str(out), stop_wait_s))) for job in pending]
+    print(f"sweep: submitted {len(submitted)} job(s): {', '.join(str(j.job_id) for _, j in submitted)}; logs in "
+          f"{out / '.sweep'}", flush=True)
+    return submitted
+
+
+def wait_for(submitted: Sequence[tuple[Job, object]]) -> int:
+    """Waits for every submitted job, reporting each; 1 if any failed."""
+    failures = 0
+    for job, handle in submitted:
+        try:
+            message = handle.result()
+            print(f"done: {job.describe()} -> {message}", flush=True)
+        except Exception as err:  # the job's own error, raised again by submitit; the others go on
+            failures += 1
+            lines = str(err).strip().splitlines()
+            print(f"FAILED: {job.describe()} -> {lines[-1] if lines else repr(err)}", flush=True)
+    if failures:
+        print(f"sweep: {failures} job(s) failed; run the same command again to retry them", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def make_executor(args: argparse.Namespace, out: Path):
+    """submitit's executor for `--executor slurm` (or `submitit-local`: the same path on this machine's processes)."""
+    try:
+        import submitit
+    except ImportError:
+        raise SystemExit("sweep: error: --executor slurm needs the submitit package (uv sync installs it)") from None
+    folder = out / ".sweep" / "submitit" / "%j"
+    if args.executor == "submitit-local":
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=int(args.time or 240))
+        return executor
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    executor.update_parameters(**slurm_parameters(args))
+    return executor
+
+
 def comparable_scripts() -> tuple[str, ...] | None:
     """The scripts whose runs compare.py compares (its SCRIPTS), or None where it does not say."""
     spec = importlib.util.spec_from_file_location("_sweep_compare", ROOT / "compare.py")
@@ -352,6 +502,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", nargs="+", default=None, help="--data of each job (a preset, or sources in one string)")
     parser.add_argument("--out", default="results", help="results root of every job (and of the sweep's records)")
     parser.add_argument("--gpus", nargs="+", default=None, help="run one job per listed GPU at a time")
+    parser.add_argument("--executor", choices=("local", "slurm", "submitit-local"), default="local",
+                        help="local: this machine, one job per --gpus entry at a time; slurm: one Slurm array job "
+                        "through submitit (pre-empted or timed-out jobs are requeued and resume from their "
+                        "checkpoints); submitit-local: the slurm path on this machine's processes, to rehearse")
+    slurm = parser.add_argument_group("slurm", "with --executor slurm (also read from --slurm_config FILE, TOML with "
+                                      "these names and an [additional] table of other sbatch options)")
+    slurm.add_argument("--partition", default=None, help="Slurm partition")
+    slurm.add_argument("--gpus_per_job", type=int, default=None, help="GPUs per job (default 1)")
+    slurm.add_argument("--cpus_per_job", type=int, default=None, help="CPU cores per job (default 8)")
+    slurm.add_argument("--mem_gb", type=float, default=None, help="memory per job in GB (default: the partition's)")
+    slurm.add_argument("--time", type=int, default=None, metavar="MINUTES", help="time limit per job (default 240)")
+    slurm.add_argument("--max_parallel", type=int, default=None, help="most jobs of the array running at once")
+    slurm.add_argument("--signal_delay_s", type=int, default=None,
+                       help="seconds before the time limit at which a job is told to stop and save (default 120)")
+    slurm.add_argument("--max_timeouts", type=int, default=None,
+                       help="times a job may hit its time limit and be requeued (default 3; pre-emptions do not count)")
+    slurm.add_argument("--slurm_config", metavar="FILE", default=None, help="TOML file of the options above")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the jobs as done, todo or invalid (each job's flags, data, model, layers and "
                         "--seq_len checked, no weight read), run nothing; exit code 2 if any is invalid")
@@ -371,7 +538,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compare:
             dry_run_comparisons(found, out)
         return code
-    code = sweep(found, out, args.gpus)
+    if args.executor == "local":
+        code = sweep(found, out, args.gpus)
+    else:
+        if args.gpus:
+            parser.error("--gpus is for --executor local; Slurm gives each job --gpus_per_job GPUs")
+        executor = make_executor(args, out)
+        code = submit_sweep(found, out, executor, stop_wait_s=max(10, (args.signal_delay_s or 120) - 30))
     if args.compare and run_comparisons(found, out):
         code = 1
     return code

@@ -343,6 +343,34 @@ def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return nll, targets != IGNORE_INDEX
 
 
+DEFAULT_LOGITS_MB = 256.0
+
+
+def _skips_head(moe: MoEModel) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (its head then runs on the last position only)."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(moe.model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def chunked_next_token_nll(moe: MoEModel, residual: torch.Tensor, labels: torch.Tensor,
+                           chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`next_token_nll` from the residual entering the final norm [B, S, H], through the model's final norm and head
+    (`unembed`) on at most `chunk_rows` positions at a time: memory bounded by chunk_rows × vocabulary floats."""
+    targets = labels[:, 1:]
+    hidden = residual[:, :-1].reshape(-1, residual.shape[-1])
+    flat = targets.reshape(-1)
+    nll = torch.empty(flat.shape, dtype=torch.float32, device=residual.device)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        stop = min(start + chunk_rows, hidden.shape[0])
+        logits = moe.unembed(hidden[start:stop]).float()
+        nll[start:stop] = F.cross_entropy(logits, flat[start:stop], ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.view(targets.shape), targets != IGNORE_INDEX
+
+
 class TopkSweep:
     """Streamed next-token NLL and residual cosines of the full model and of its top-k′-restricted versions.
 
@@ -362,8 +390,13 @@ class TopkSweep:
         renormalize: bool = False,
         bins: int = 400,
         resume: bool = True,
+        logits_mb: float | None = DEFAULT_LOGITS_MB,
     ) -> None:
         self.moe, self.layers, self.domains = moe, list(layers), list(domains)
+        # the head applied to at most this many positions at a time (float32 logits of ≤ logits_mb MiB), from the
+        # residual entering the final norm; None or a model whose forward cannot skip its head: whole logits
+        self.chunk_rows = (max(1, int(logits_mb * 2**20 // (4 * moe.vocab_size)))
+                           if logits_mb is not None and _skips_head(moe) else None)
         self.first = min(m.layer for m in self.layers)
         self.resumed = resume and self.first > 0  # becomes False if a layer below returns a tuple
         self.k = max(m.top_k for m in self.layers)
@@ -389,19 +422,15 @@ class TopkSweep:
         row_domain = batch.domain_ids.view(-1, 1)
         decoder = self.moe.decoder_layers()
         with self._residuals() as full, layer_input(decoder, self.first) as entering:
-            logits = self.moe.forward(batch.input_ids, batch.attention_mask).logits
+            self._forward_nll(len(self.ks), batch, labels, row_domain)
         self.resumed = self.resumed and entering["plain"]
-        self._add_nll(len(self.ks), logits, labels, row_domain)
-        del logits
         token_domain = batch.token_domains().view(1, -1)
         counted = batch.token_weights().view(1, -1)
         for run, keep in enumerate(self.ks):
             restriction = [TopKRestriction(m.layer, keep, self.renormalize) for m in self.layers]
             start_here = start_at(decoder, self.first, entering["hidden"]) if self.resumed else contextlib.nullcontext()
             with intervene(self.moe, restriction), start_here, self._residuals() as restricted:
-                logits = self.moe.forward(batch.input_ids, batch.attention_mask).logits
-            self._add_nll(run, logits, labels, row_domain)
-            del logits
+                self._forward_nll(run, batch, labels, row_domain)
             # Below the first restricted layer a resumed run did not run the layers: their residuals are the full
             # run's, bit for bit, as a whole forward would have computed them.
             same = self.first if self.resumed else 0
@@ -417,8 +446,23 @@ class TopkSweep:
             restricted.clear()
         full.clear()
 
-    def _add_nll(self, run: int, logits: torch.Tensor, labels: torch.Tensor, row_domain: torch.Tensor) -> None:
-        nll, counts = next_token_nll(logits, labels)
+    def _forward_nll(self, run: int, batch: Batch, labels: torch.Tensor, row_domain: torch.Tensor) -> None:
+        """One forward of the batch and its next-token NLL into run `run`: the head applied in chunks of
+        `chunk_rows` positions to the residual entering the final norm (the model's own head on its last position
+        only), or the model's whole logits."""
+        if self.chunk_rows is None:
+            logits = self.moe.forward(batch.input_ids, batch.attention_mask).logits
+            nll, counts = next_token_nll(logits, labels)
+            del logits
+        else:
+            entering: list[torch.Tensor] = []
+            norm = self.moe.final_norm()
+            handle = norm.register_forward_pre_hook(lambda module, args: entering.append(args[0]))
+            try:
+                self.moe.forward(batch.input_ids, batch.attention_mask, logits_to_keep=1)
+            finally:
+                handle.remove()
+            nll, counts = chunked_next_token_nll(self.moe, entering[-1], labels, self.chunk_rows)
         self.nll.update(nll, {"run": run, "domain": row_domain}, counts)
 
     def all_reduce(self) -> None:

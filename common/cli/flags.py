@@ -370,7 +370,7 @@ def base_parser(description: str, *, layers: bool = True, data: bool = True) -> 
         group.add_argument("--keep-special", dest="keep_special", action="store_true", help="count BOS/special tokens too")
         group.add_argument("--pack", action="store_true", help="let windows cross document boundaries")
         resume = parser.add_argument_group(
-            "checkpoints", "a stopped run (SIGTERM, SIGINT, SIGHUP, SIGUSR1: the state after the batch in progress is "
+            "checkpoints", "a stopped run (SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2: the state after the batch in progress is "
             "saved; SIGKILL or a crash: the last checkpoint) continues where it stopped when the same command runs "
             "again, to results identical to an uninterrupted run's")
         resume.add_argument("--checkpoint_every", type=_non_negative_float, default=10.0, metavar="MINUTES",

@@ -220,9 +220,10 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.finish()
-        elif ((issubclass(exc_type, (InputError, KeyboardInterrupt, SystemExit)) or stops.requested() is not None)
+        elif ((issubclass(exc_type, KeyboardInterrupt) or stops.requested() is not None)
               and self.checkpointer is not None and self.checkpointer.exists):
-            # stopped with work saved: the folder stays, for the same command (or --resume) to continue
+            # stopped with work saved: the folder stays, for the same command (or --resume) to continue (refused
+            # input is removed below: the same command would be refused again)
             done = self.checkpointer.saved_positions
             stops.set_resume_hint(f"checkpoint ({_positions(done)}) kept in {self.dir}: run the same command again to "
                                   f"continue (or add --resume {self.dir})")
