@@ -1,4 +1,4 @@
-"""What does collecting routing statistics cost over a bare forward pass? (the project's goal: ≤ 1.10×.)
+"""What does collecting routing statistics cost over a bare forward pass? (the goal: ≤ 1.05×, and below the naive way.)
 
     uv run bench/capture_overhead.py                              # CPU defaults: 1 thread, 4 × 256 tokens, 7 repeats
     uv run bench/capture_overhead.py --device cuda --batch_size 16 --seq_len 512
@@ -51,7 +51,7 @@ from common.measure import count_ops
 from common.model import MoELayer, MoEModel
 from common.stats import Accumulator, BinCount
 
-GOAL = 1.10  # the speed goal: routing statistics cost at most 10% over a bare forward pass
+GOAL = 1.05  # the speed goal: routing statistics cost at most 5% over a bare forward pass (issue 20)
 DOMAINS = ("domain_a", "domain_b")  # rows alternate between two domains, so (layer, domain) groups are exercised
 MODES = ("bare", "capture", "stats", "naive")
 
@@ -480,7 +480,8 @@ def run(args: argparse.Namespace) -> int:
             f"naive / bare = {naive_ratio:.3f} (paired {median['naive paired']:.3f})"
         )
         verdict = "PASS" if stats_ratio <= GOAL else "FAIL"
-        print(f"statistics ≤ {GOAL:.2f}× bare forward: {verdict} ({stats_ratio:.3f}×)")
+        print(f"statistics ≤ {GOAL:.2f}× bare forward: {verdict} ({stats_ratio:.3f}×); below the naive way: "
+              f"{'PASS' if stats_ratio < naive_ratio else 'FAIL'} ({stats_ratio:.3f}× vs {naive_ratio:.3f}×)")
 
         # Selection counts are reported, not required: with bf16 logits, ties are broken differently.
         failures = agreement.histogram_failures()

@@ -398,3 +398,52 @@ def test_all_reduce_two_processes_equals_one(tmp_path: Path) -> None:
         single.all_reduce()
     with pytest.raises(RuntimeError, match="double-count"):
         _fill(single["moments"], x, grp, mask)
+
+
+def _rows_case(kind: str, seed: int = 0):
+    """Values [R, C] with per-row groups and weights: plain (all finite, unit weights) or awkward (NaN, ±inf, values
+    on and one ulp off bin edges, out of range, weights 0, fractional and whole, an out-of-range group)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, choices = 600, 16
+    values = torch.rand(rows, choices, generator=gen, dtype=torch.float64).to(torch.float32).double()
+    layer = torch.randint(0, 3, (rows,), generator=gen)
+    domain = torch.randint(0, 2, (rows,), generator=gen)
+    weight = torch.ones(rows, dtype=torch.float64)
+    if kind == "awkward":
+        edges = torch.from_numpy(np.linspace(0.0, 1.0, 51))
+        values[:40, 0] = edges[torch.randint(0, 51, (40,), generator=gen)]
+        values[40:80, 1] = torch.nextafter(values[:40, 0], torch.tensor(2.0, dtype=torch.float64))
+        values[80:90, 2] = torch.nextafter(values[:10, 0], torch.tensor(-2.0, dtype=torch.float64))
+        values[5, 3], values[6, 4], values[7, 5], values[8, :] = float("nan"), float("inf"), -float("inf"), float("nan")
+        values[9, 6], values[10, 7] = 1.5, -0.25
+        weight[::7] = 0.0
+        weight[::11] = 2.0
+        weight[::13] = 0.375
+        layer[3] = 99  # out of range: the spare group
+    return values, layer, domain, weight
+
+
+@pytest.mark.parametrize("kind", ["plain", "awkward"])
+@pytest.mark.parametrize("growing", [False, True])
+def test_rows_update_equals_the_elementwise_update(kind, growing) -> None:
+    """`Distribution.update_rows` (values reduced per row first) gives `update`'s histogram, count, min, max,
+    non-finite weight, below and above exactly, and its mean and std to float64 rounding."""
+    from common.analysis.routing import GrowingDistribution
+
+    values, layer, domain, weight = _rows_case(kind)
+    axes = {"layer": [0, 1, 2], "domain": ["a", "b"]}
+    make = (lambda: GrowingDistribution(axes, bins=50)) if growing else (lambda: Distribution(axes, bins=50))
+    rows, elements = make(), make()
+    for half in (slice(0, 300), slice(300, None)):  # two batches: the growing grid moves in between
+        rows.update_rows(values[half], {"layer": layer[half], "domain": domain[half]}, weight[half])
+        elements.update(values[half], {"layer": layer[half].view(-1, 1), "domain": domain[half].view(-1, 1)},
+                        weight[half].view(-1, 1))
+    # states compared directly: result() refuses the out-of-range group's weight (as it should), counted alike here
+    assert rows.invalid == elements.invalid
+    for name in ("histogram.counts", "histogram.extra", "moments.count", "moments.min", "moments.max",
+                 "moments.nonfinite", *(("histogram.span", "histogram.grid") if growing else ())):
+        np.testing.assert_array_equal(rows._state[name].numpy(), elements._state[name].numpy(), err_msg=name)
+    for name, rtol in (("moments.mean", 1e-12), ("moments.m2", 1e-10)):
+        np.testing.assert_allclose(rows._state[name].numpy(), elements._state[name].numpy(), rtol=rtol, atol=1e-13)
+    counts = elements._state["histogram.counts"].numpy()
+    assert counts.sum() > 0 and (kind == "plain") == (elements._state["histogram.extra"].numpy().sum() == 0)

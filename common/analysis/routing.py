@@ -42,14 +42,18 @@ def decisiveness(logits: torch.Tensor, topk_index: torch.Tensor) -> dict[str, to
     mass = p_topk.sum(-1)
     renormalised = p_topk / mass.clamp_min(torch.finfo(p.dtype).tiny).unsqueeze(-1)
     topk_entropy = torch.special.entr(renormalised).sum(-1)
-    top2 = p.topk(min(2, choices), dim=-1).values
-    margin = top2[:, 0] - top2[:, 1] if choices > 1 else top2[:, 0]
+    top1, first = p.max(-1)
+    if choices > 1:  # the largest of the others: topk(2)'s second value (ties included), at a fifth of its cost
+        top2 = p.scatter(-1, first.unsqueeze(-1), -math.inf).amax(-1)
+        margin = top1 - top2
+    else:
+        margin = top1
     return {
         "entropy": entropy,
         "entropy_normalized": entropy / math.log(choices),
         "topk_entropy": topk_entropy,
         "topk_entropy_normalized": topk_entropy / math.log(k) if k > 1 else torch.zeros_like(mass),
-        "top1_prob": top2[:, 0],
+        "top1_prob": top1,
         "top1_top2_margin": margin,
         "topk_mass": mass,
     }
@@ -162,8 +166,8 @@ class DecisivenessStats(_LayerDomainStats):
             layer_of_token = positions.repeat_interleave(token_domain.shape[0])
             groups = {"layer": layer_of_token, "domain": token_domain.repeat(len(positions))}
             weight = token_weight.repeat(len(positions))
-            for name, values in decisiveness(logits, index).items():
-                self.stats[name].update(values, groups, weight)
+            for name, values in decisiveness(logits, index).items():  # one value per token: rows of one
+                self.stats[name].update_rows(values.view(-1, 1), groups, weight)
 
 
 def _rank_sorted(values: torch.Tensor) -> torch.Tensor:
@@ -291,6 +295,23 @@ class GrowingHistogram(Histogram):
         kind = torch.where(nan, 2, torch.where(above, 1, 0))
         self._state["extra"].index_add_(0, g * 3 + kind, w.masked_fill(~(nan | below | above), 0.0))
 
+    def _prepare_rows(self, v: torch.Tensor, w: torch.Tensor, plain: bool) -> None:
+        if not v.numel():
+            return
+        if plain:  # on the CPU, all finite (a finite sum), rows of weight 0 already dropped: the common case
+            batch = torch.stack([v.amin(), -v.amax()])
+        else:
+            live = (w != 0).view(-1, 1) & torch.isfinite(v)
+            batch = torch.stack([v.masked_fill(~live, math.inf).amin(), (-v).masked_fill(~live, math.inf).amin()])
+        self._regrid(torch.minimum(self._state["span"], batch))
+
+    def _row_bins(self, v: torch.Tensor, plain: bool):
+        level, start = self._state["grid"]
+        position = (v * _pow2(-level)).floor_().sub_(start)  # exact: the width is a power of two
+        # plain (all finite, on the CPU): the grid now spans every value, nothing lies outside it
+        outside = None if plain else (position < 0, position >= self.bins)
+        return position.clamp_(0, self.bins - 1), outside
+
     def _all_reduce_state(self, group) -> None:
         span = self._state["span"].clone()
         _all_reduce_(span, "min", group)  # every rank, batches or not: the global (min, -max)
@@ -359,10 +380,14 @@ class DistributionStats(_LayerDomainStats):
             counted = token_weight.repeat(len(positions)).view(-1, 1)
             stacked = LayerRecord(logits=logits, topk_index=index, topk_weight=weight)
             for name, tensor in distribution_values(stacked).items():
-                groups = {"layer": layer_of_token, "domain": domain}
-                if name in self.RANKED:
-                    groups["rank"] = torch.arange(tensor.shape[-1], device=tensor.device).view(1, -1)
-                self.stats[name].update(tensor, groups, counted)
+                if name in self.RANKED:  # each value its own (layer, domain, rank) group: rows of one value
+                    rank = torch.arange(tensor.shape[-1], device=tensor.device).view(1, -1)
+                    flat = self.stats[name].groups.index(layer=layer_of_token, domain=domain, rank=rank)
+                    self.stats[name].update_rows(tensor.reshape(-1, 1), flat.reshape(-1),
+                                                 counted.expand_as(tensor).reshape(-1))
+                else:  # every choice of a token shares its (layer, domain) and weight: reduced per token first
+                    groups = {"layer": layer_of_token.view(-1), "domain": domain.view(-1)}
+                    self.stats[name].update_rows(tensor, groups, counted.view(-1))
 
     def _tidy(self, table: pd.DataFrame) -> pd.DataFrame:
         if "rank" not in table.columns:  # z and p are not ranked: one row per (layer, domain)

@@ -64,6 +64,19 @@ class Distribution(Accumulator):
         self.histogram._accumulate(v, g, w)
 
     @torch.no_grad()
+    def update_rows(self, values: Tensor, groups: GroupsArg, weight: Tensor) -> None:
+        """`update` for values [R, C] whose C values of a row share the row's groups and weight ([R] each): the
+        same histogram, count, min and max, mean and std to float64 rounding, in a fraction of the time (the
+        statistics are reduced per row before they are grouped)."""
+        if self.reduced:
+            raise RuntimeError("update after all_reduce() would double-count; call reset() to start over")
+        v = values.to(self.device).to(torch.float64)
+        rows = torch.Size([v.shape[0]])
+        g, w = self._flat_groups(groups, rows), self._flat_weight(weight, rows)
+        self.moments._accumulate_rows(v, g, w)
+        self.histogram._accumulate_rows(v, g, w)
+
+    @torch.no_grad()
     def merge(self, other: Distribution) -> Distribution:
         self._check_compatible(other)
         self.moments.merge(other.moments)

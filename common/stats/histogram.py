@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from common.stats.axes import AxesSpec
-from common.stats.base import Accumulator, GroupsArg, _zeros
+from common.stats.base import _F64, Accumulator, GroupsArg, _zeros
 
 __all__ = ["Histogram", "HistogramResult", "histogram_quantiles"]
 
@@ -108,6 +108,67 @@ class Histogram(Accumulator):
         self._state["counts"].index_add_(0, flat, w.masked_fill(nan, 0.0))
         kind = torch.where(nan, 2, torch.where(above, 1, 0))
         self._state["extra"].index_add_(0, g * 3 + kind, w.masked_fill(~(nan | below | above), 0.0))
+
+    def _bin_index_rows(self, v: Tensor) -> Tensor:
+        """`_bin_index`'s bins (np.histogram's, clamped), as whole float64 numbers. On the CPU the scaled value's
+        floor, with the values within 1e-6 of a bin's width from an edge (and those out of range) placed again by a
+        binary search on the edges; elsewhere the binary search for all (one op, no host sync)."""
+        B = self.bins
+        if v.device.type != "cpu":
+            return (torch.bucketize(v, self._edges, right=True) - 1).clamp_(0, B - 1).to(_F64)
+        x = (v - self.lo if self.lo else v) * (B / (self.hi - self.lo))
+        floor = x.clamp(0, B - 1).floor_()
+        unsure = x.sub_(floor).sub_(0.5).abs_() > 0.5 - 1e-6  # next to an edge (rounding may cross it) or clamped
+        if bool(unsure.any()):
+            where = unsure.nonzero(as_tuple=True)
+            floor[where] = (torch.bucketize(v[where], self._edges, right=True) - 1).clamp_(0, B - 1).to(_F64)
+        return floor
+
+    def _prepare_rows(self, v: Tensor, w: Tensor, plain: bool) -> None:
+        """Hook run before a rows update (the growing histogram widens its grid here)."""
+
+    def _accumulate_rows(self, v: Tensor, g: Tensor, w: Tensor) -> None:
+        """`_accumulate` for float64 values [R, C] whose C values of a row share its group g [R] and weight w [R],
+        with the same counts (whole-number weights are counted, any order gives the same sums). On the CPU, rows of
+        weight 0 are dropped first and unit weights are counted with one bincount."""
+        G, B = self.num_groups, self.bins
+        cpu = v.device.type == "cpu"
+        if cpu:
+            keep = w != 0
+            if not bool(keep.all()):
+                v, g, w = v[keep], g[keep], w[keep]
+        plain = cpu and bool(torch.isfinite(v.sum()))  # a finite sum: no NaN (nor ±inf) among the values
+        nan = None if plain else torch.isnan(v)
+        self._prepare_rows(v, w, plain)
+        bins, outside = self._row_bins(v if plain else v.masked_fill(nan, self.lo), plain)
+        spare = g >= G  # an out-of-range group: all its values go to the one spare slot
+        if not cpu or bool(spare.any()):
+            bins.masked_fill_(spare.view(-1, 1), 0.0)
+        # bin numbers are whole float64 numbers (exact far beyond any count of bins): offset by the group, then long
+        flat = bins.add_(torch.where(spare, G * B, g * B).to(_F64).view(-1, 1)).long().reshape(-1)
+        if plain and bool((w == 1).all()):
+            self._state["counts"].add_(torch.bincount(flat, minlength=G * B + 1).to(_F64))
+        else:
+            weight = w.view(-1, 1).expand_as(v)
+            self._state["counts"].index_add_(0, flat, (weight if plain else weight.masked_fill(nan, 0.0)).reshape(-1))
+        if outside is None:  # known: nothing below, above or NaN
+            return
+        below, above = outside
+        if nan is None:
+            nan = torch.zeros_like(below)
+        outside = below | above | nan
+        if cpu and not bool(outside.any()):
+            return
+        kind = torch.where(nan, 2, torch.where(above, 1, 0))
+        slot = (g.view(-1, 1) * 3 + kind).reshape(-1)
+        self._state["extra"].index_add_(0, slot, w.view(-1, 1).expand_as(v).masked_fill(~outside, 0.0).reshape(-1))
+
+    def _row_bins(self, v: Tensor, plain: bool) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """(bin of each value as a whole float64 number, (value below the range, value above it)), the second None
+        where `plain` (all values finite, on the CPU) and every value is inside the range."""
+        if plain and bool(v.amin() >= self.lo) and bool(v.amax() <= self.hi):
+            return self._bin_index_rows(v), None
+        return self._bin_index_rows(v), (v < self.lo, v > self.hi)
 
     @property
     def invalid(self) -> float:
