@@ -233,3 +233,30 @@ def test_two_nodes_on_the_loopback_equal_one_process(tmp_path, two_domains):
         _assert_same_table(*(pd.read_csv(run / table) for run in (one, two)), table)
     for name in ("logit", "softmax", "weight"):
         np.testing.assert_array_equal(*(np.load(run / f"{name}_hist.npy") for run in (one, two)), err_msg=name)
+
+
+@pytest.mark.slow  # 30 s on the 2-core box: two torchrun launches
+def test_a_stopped_torchrun_run_resumes_on_every_rank(tmp_path, two_domains):
+    """Each rank checkpoints its own share into rank 0's staging folder; a torchrun run stopped by SIGTERM (every rank
+    during its second batch) and run again resumes on both ranks and gives one process's numbers."""
+    import router_decisive
+
+    argv = [*_common(two_domains, "random:olmoe"), "--checkpoint_every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOESCOPE_FAULT_AT_BATCH": "2:SIGTERM"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "router_decisive.py"),
+               *argv, "--out", str(tmp_path / "two")]
+    stopped = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode != 0
+    (staging,) = (tmp_path / "two").glob("router_decisive/*/*/.*.partial")
+    assert sorted(p.name for p in (staging / "checkpoint").glob("state*.pt")) == ["state.rank0.pt", "state.rank1.pt"]
+    assert "stopped by SIGTERM; checkpoint (2 batches done) kept in" in stopped.stderr
+    env.pop("MOESCOPE_FAULT_AT_BATCH")
+    resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    two = _published(tmp_path / "two")
+    info = json.loads((two / "run.json").read_text())
+    assert info["world_size"] == 2 and [r["batches_done"] for r in info["resumed"]] == [{"data": 2}]
+    assert router_decisive.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    one = _published(tmp_path / "one")
+    for name in ("entropy_summary.csv", "entropy_histograms.csv"):
+        _assert_same_table(pd.read_csv(one / name), pd.read_csv(two / name), name)

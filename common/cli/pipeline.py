@@ -62,16 +62,17 @@ def setup(config: Config, preflight: Preflight | None = None, early: EarlyCheck 
     """Everything checkable from the data specs, the model's config and its tokenizer (`inspect_run`, with the
     script's `early` checks and `preflight`), then the model itself."""
     inspection = inspect_run(config, preflight, early)
-    if config.run.resume is not None and config.run.checkpoint_every is not None:  # refused before the model loads
-        from common.run.checkpoint import check_resume_folder, fingerprint
-
-        check_resume_folder(config.run.resume, fingerprint(config.run.script, config.run.argument_dict))
     from transformers.utils import logging as hf_logging
 
     from common import distributed
     from common.model import load_moe
 
     distributed.init_from_env()
+    if config.run.resume is not None and config.run.checkpoint_every is not None:  # refused before the model loads
+        from common.run.checkpoint import check_resume_folder, fingerprint
+
+        wanted = fingerprint(config.run.script, config.run.argument_dict, distributed.world_size())
+        check_resume_folder(config.run.resume, wanted)
 
     if not config.run.progress:
         hf_logging.disable_progress_bar()

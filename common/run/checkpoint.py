@@ -65,11 +65,12 @@ def code_version() -> str | None:
     return f"{head}+{hashlib.sha1(diff).hexdigest()[:12]}" if diff else head
 
 
-def fingerprint(script: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """What must be equal for a checkpoint to be resumed: the script, the flags that decide its numbers, the code."""
+def fingerprint(script: str, arguments: Mapping[str, Any], world_size: int = 1) -> dict[str, Any]:
+    """What must be equal for a checkpoint to be resumed: the script, the flags that decide its numbers, the code,
+    and the number of processes (each torchrun rank reads its own share of the stream)."""
     kept = {k: v for k, v in arguments.items() if k not in PRESENTATION_FLAGS}
-    return json.loads(json.dumps({"format": FORMAT, "script": script, "arguments": kept, "code": code_version()},
-                                 default=str))
+    return json.loads(json.dumps({"format": FORMAT, "script": script, "arguments": kept, "code": code_version(),
+                                  "world_size": world_size}, default=str))
 
 
 def difference(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
@@ -78,6 +79,9 @@ def difference(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | No
         return None
     if saved.get("script") != current.get("script"):
         return f"it is a checkpoint of {saved.get('script')}.py, not {current.get('script')}.py"
+    if saved.get("world_size", 1) != current.get("world_size", 1):
+        return (f"it was written by {saved.get('world_size', 1)} process(es), this run has "
+                f"{current.get('world_size', 1)}")
     if saved.get("code") != current.get("code"):
         return f"it was written by another code version ({saved.get('code')}; this is {current.get('code')})"
     old, new = saved.get("arguments", {}), current.get("arguments", {})
@@ -86,8 +90,13 @@ def difference(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | No
     return "it is a checkpoint of another command: " + "; ".join(flags[:4]) if flags else "its format differs"
 
 
+def state_file(rank: int = 0, world_size: int = 1) -> str:
+    """The state file of a process: one per torchrun rank."""
+    return STATE if world_size == 1 else f"state.rank{rank}.pt"
+
+
 def has_checkpoint(folder: Path) -> bool:
-    return (folder / FOLDER / STATE).is_file() and (folder / FOLDER / FINGERPRINT).is_file()
+    return any((folder / FOLDER).glob("state*.pt")) and (folder / FOLDER / FINGERPRINT).is_file()
 
 
 def read_fingerprint(folder: Path) -> dict[str, Any] | None:
@@ -150,7 +159,7 @@ def find_resumable(parent: Path, wanted: dict[str, Any]) -> Path | None:
     found = [folder for folder in parent.iterdir()
              if folder.is_dir() and run_id_of(folder) and has_checkpoint(folder)
              and read_fingerprint(folder) == wanted and not is_locked(folder)]
-    return max(found, key=lambda f: (f / FOLDER / STATE).stat().st_mtime, default=None)
+    return max(found, key=lambda f: (f / FOLDER / FINGERPRINT).stat().st_mtime, default=None)
 
 
 def check_resume_folder(folder: Path, wanted: dict[str, Any]) -> Path:
@@ -255,8 +264,10 @@ class Checkpointer:
     """The checkpoint of one run folder: saves the named state objects after whole batches, at most every
     `interval_s` seconds (0: after every batch), and puts them back when the run resumes."""
 
-    def __init__(self, folder: Path, wanted: dict[str, Any], interval_s: float, *, resuming: bool) -> None:
+    def __init__(self, folder: Path, wanted: dict[str, Any], interval_s: float, *, resuming: bool, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.dir = folder / FOLDER
+        self.file = self.dir / state_file(rank, world_size)
         self.wanted, self.interval_s = wanted, interval_s
         self.saved: dict[str, Any] | None = self._load_raw() if resuming else None
         self.positions: dict[str, int] = dict(self.saved["positions"]) if self.saved else {}
@@ -270,10 +281,10 @@ class Checkpointer:
 
     @property
     def exists(self) -> bool:
-        return (self.dir / STATE).is_file()
+        return self.file.is_file()
 
     def _load_raw(self) -> dict[str, Any]:
-        return torch.load(self.dir / STATE, weights_only=False)
+        return torch.load(self.file, weights_only=False)
 
     def save(self, objects: Mapping[str, Any], live: Mapping[int, str]) -> None:
         buffer = io.BytesIO()
@@ -285,7 +296,7 @@ class Checkpointer:
         if not (self.dir / FINGERPRINT).is_file():
             text = json.dumps(self.wanted, indent=2) + "\n"
             atomic_write(self.dir / FINGERPRINT, lambda p: p.write_text(text))
-        atomic_write(self.dir / STATE, lambda p: torch.save(payload, p))
+        atomic_write(self.file, lambda p: torch.save(payload, p))
         self.saved_positions = dict(self.positions)
         self.saves += 1
         self._last = time.monotonic()

@@ -133,42 +133,40 @@ class Run:
         root = Path(tempfile.mkdtemp(prefix="moescope-rank")) if self.scratch else Path(spec.out)
         # Folders this run creates, deepest first, so a refused or interrupted run removes exactly those.
         parent = root / script / model_slug(model) / slug(data)
-        adopted = self._resumable(spec, parent)
-        if adopted is not None:  # a stopped run of this command: continue in its folder
-            from common.run.checkpoint import run_id_of
-
-            run_id = run_id_of(adopted)
-            self.dir = adopted.with_name(f".{run_id}.partial")
-            if adopted != self.dir:  # a crashed run's <id>.failed folder becomes a staging folder again
-                os.replace(adopted, self.dir)
-            self._created = []
-            self.run_id, self.final_dir = run_id, self.dir.with_name(run_id)
-        else:
-            self._created = [p for p in (parent, parent.parent, parent.parent.parent, root) if not p.exists()]
-            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            run_id, n = stamp, 1
-            while (parent / run_id).exists() or (parent / f".{run_id}.partial").exists():
-                n += 1
-                run_id = f"{stamp}-{n}"
-            self.run_id = run_id
-            self.final_dir = parent / run_id
-            self.dir = parent / f".{run_id}.partial"
-            self.dir.mkdir(parents=True)
+        self._created = []
         self.checkpointer = None
         self._lock = None
+        self._fingerprint = None
+        try:
+            adopted = self._resumable(spec, Path(spec.out) / script / model_slug(model) / slug(data))
+            self._make_folder(parent, root, adopted)
+            shared = {"folder": str(self.dir), "resuming": adopted is not None} if not self.scratch else None
+        except Exception as err:
+            if self._fingerprint is not None and distributed.world_size() > 1 and not self.scratch:
+                distributed.broadcast({"refused": f"{err}"})  # the other ranks wait for rank 0's folder
+            raise
         if self._fingerprint is not None:
             from common.run.checkpoint import Checkpointer, FolderLock
 
-            try:
-                self._lock = FolderLock(self.dir)
-            except OSError:
-                raise InputError(f"{self.dir}: another process is running in this folder") from None
-            self.checkpointer = Checkpointer(self.dir, self._fingerprint, 60 * float(spec.checkpoint_every or 0),
-                                             resuming=adopted is not None)
-        previous = _read_json(self.dir / "run.json") if adopted is not None else {}
+            if distributed.world_size() > 1:  # every rank checkpoints into rank 0's staging folder (a shared path)
+                decision = distributed.broadcast(shared if not self.scratch else None)
+                if "refused" in decision:
+                    raise InputError(decision["refused"])
+                folder, resuming = Path(decision["folder"]), decision["resuming"]
+            else:
+                folder, resuming = self.dir, adopted is not None
+            if not self.scratch:
+                try:
+                    self._lock = FolderLock(self.dir)
+                except OSError:
+                    raise InputError(f"{self.dir}: another process is running in this folder") from None
+            self.checkpointer = Checkpointer(folder, self._fingerprint, 60 * float(spec.checkpoint_every or 0),
+                                             resuming=resuming, rank=distributed.rank(),
+                                             world_size=distributed.world_size())
+        previous = _read_json(self.dir / "run.json") if adopted is not None and not self.scratch else {}
         self.info: dict[str, Any] = {
             "script": script,
-            "run_id": run_id,
+            "run_id": self.run_id,
             "arguments": _jsonable(self.args),
             "model": model,
             "seed": spec.seed,
@@ -180,24 +178,47 @@ class Run:
             "packages": package_versions(),
             "platform": platform.platform(),
         }
-        if adopted is not None:
-            batches = self.checkpointer.positions if self.checkpointer else {}
+        if self.checkpointer is not None and self.checkpointer.saved is not None and not self.scratch:
+            batches = self.checkpointer.positions
             self.info["resumed"] = [*previous.get("resumed", []),
                                     {"at": dt.datetime.now().isoformat(timespec="seconds"), "batches_done": dict(batches)}]
             print(f"resuming the stopped run in {self.dir} from its checkpoint ({_positions(batches)})",
                   file=sys.stderr)
         self._write_info()
 
+    def _make_folder(self, parent: Path, root: Path, adopted: Path | None) -> None:
+        if adopted is not None:  # a stopped run of this command: continue in its folder
+            from common.run.checkpoint import run_id_of
+
+            run_id = run_id_of(adopted)
+            self.dir = adopted.with_name(f".{run_id}.partial")
+            if adopted != self.dir:  # a crashed run's <id>.failed folder becomes a staging folder again
+                os.replace(adopted, self.dir)
+            self.run_id, self.final_dir = run_id, self.dir.with_name(run_id)
+            return
+        self._created = [p for p in (parent, parent.parent, parent.parent.parent, root) if not p.exists()]
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_id, n = stamp, 1
+        while (parent / run_id).exists() or (parent / f".{run_id}.partial").exists():
+            n += 1
+            run_id = f"{stamp}-{n}"
+        self.run_id = run_id
+        self.final_dir = parent / run_id
+        self.dir = parent / f".{run_id}.partial"
+        self.dir.mkdir(parents=True)
+
     def _resumable(self, spec: RunSpec, parent: Path) -> Path | None:
-        """The stopped run this one continues (--resume, else the newest of the same command unless --no-resume);
-        sets the fingerprint checkpoints are written with (None: this run does not checkpoint)."""
+        """The stopped run this one continues (--resume, else the newest of the same command unless --no-resume),
+        chosen by rank 0 (the others learn it from rank 0); sets the fingerprint checkpoints are written with (None:
+        this run does not checkpoint)."""
         self._fingerprint = None
-        # torchrun: each rank's state would need the others' to resume; such runs start afresh when stopped
-        if spec.checkpoint_every is None or distributed.world_size() > 1:
+        if spec.checkpoint_every is None:
             return None
         from common.run import checkpoint
 
-        self._fingerprint = checkpoint.fingerprint(spec.script, spec.argument_dict)
+        self._fingerprint = checkpoint.fingerprint(spec.script, spec.argument_dict, distributed.world_size())
+        if self.scratch:
+            return None
         if spec.resume is not None:
             return checkpoint.check_resume_folder(spec.resume, self._fingerprint)
         return None if spec.fresh else checkpoint.find_resumable(parent, self._fingerprint)
@@ -225,9 +246,12 @@ class Run:
             # stopped with work saved: the folder stays, for the same command (or --resume) to continue (refused
             # input is removed below: the same command would be refused again)
             done = self.checkpointer.saved_positions
-            stops.set_resume_hint(f"checkpoint ({_positions(done)}) kept in {self.dir}: run the same command again to "
-                                  f"continue (or add --resume {self.dir})")
+            folder = self.checkpointer.dir.parent
+            stops.set_resume_hint(f"checkpoint ({_positions(done)}) kept in {folder}: run the same command again to "
+                                  f"continue (or add --resume {folder})")
             self._release()
+            if self.scratch:  # this rank's own scratch folder; its checkpoint is in rank 0's
+                shutil.rmtree(self.dir.parents[3], ignore_errors=True)
         elif issubclass(exc_type, (InputError, KeyboardInterrupt, SystemExit)) or stops.requested() is not None:
             self._release()
             shutil.rmtree(self.dir, ignore_errors=True)
