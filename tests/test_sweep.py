@@ -299,3 +299,35 @@ def test_submitit_sweep_with_a_preempted_job_equals_an_uninterrupted_sweep(tmp_p
         for path in expected.glob("*.*"):
             if path.suffix in {".csv", ".npy"}:
                 assert (run / path.name).read_bytes() == path.read_bytes(), (name, path.name)
+
+
+def test_slurm_options_from_flags_over_a_toml_file_and_refusals(tmp_path, capsys, monkeypatch):
+    config = tmp_path / "slurm.toml"
+    config.write_text('partition = "gpu"\ntime = 30\nmem_gb = 64\n[additional]\naccount = "lab"\nqos = "high"\n')
+    parser_args = ["router_decisive.py", "--models", "demo", "--executor", "slurm", "--out", str(tmp_path / "o")]
+
+    def parameters(*extra):
+        import argparse
+
+        namespace = argparse.Namespace(slurm_config=str(config), partition=None, gpus_per_job=None, cpus_per_job=None,
+                                       mem_gb=None, time=None, max_parallel=None, signal_delay_s=None,
+                                       max_timeouts=None)
+        for key, value in extra:
+            setattr(namespace, key, value)
+        return sweep.slurm_parameters(namespace)
+
+    assert parameters(("time", 90), ("max_parallel", 4)) == {
+        "timeout_min": 90, "gpus_per_node": 1, "cpus_per_task": 8, "tasks_per_node": 1, "nodes": 1,
+        "slurm_signal_delay_s": 120, "slurm_max_num_timeout": 3, "slurm_partition": "gpu", "mem_gb": 64.0,
+        "slurm_array_parallelism": 4, "slurm_additional_parameters": {"account": "lab", "qos": "high"}}
+    config.write_text('partition = "gpu"\nwalltime = 30\n')
+    with pytest.raises(SystemExit) as stop:
+        sweep.main([*parser_args, "--slurm_config", str(config)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"sweep: error: --slurm_config {config}: unknown key(s) walltime (known: "
+                                               f"{', '.join(sweep.SLURM_FLAGS)}, [additional])")
+    monkeypatch.setattr(sweep.shutil, "which", lambda name: None)  # no Slurm here
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(parser_args)
+    assert stop.value.code == 2 and "no Slurm on this machine" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

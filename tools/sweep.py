@@ -44,6 +44,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,7 +55,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from common.config import Config, ModelSpec
@@ -338,6 +339,12 @@ class ClusterJob:
         return submitit.helpers.DelayedSubmission(ClusterJob(self.job, self.out, self.stop_wait_s))
 
 
+def _refuse(message: str) -> NoReturn:
+    """One line on stderr, exit code 2, before any job is submitted."""
+    print(f"sweep: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def slurm_parameters(args: argparse.Namespace) -> dict:
     """submitit's executor parameters from the sweep's Slurm flags, over those of `--slurm_config FILE` (TOML: the
     same names, and a table `[additional]` of any other sbatch option, e.g. account, qos, constraint)."""
@@ -348,11 +355,11 @@ def slurm_parameters(args: argparse.Namespace) -> dict:
         try:
             settings = tomllib.loads(Path(args.slurm_config).read_text())
         except (OSError, tomllib.TOMLDecodeError) as err:
-            raise SystemExit(f"sweep: error: --slurm_config {args.slurm_config}: {err}") from None
+            _refuse(f"--slurm_config {args.slurm_config}: {err}")
         unknown = set(settings) - {*SLURM_FLAGS, "additional"}
         if unknown:
-            raise SystemExit(f"sweep: error: --slurm_config {args.slurm_config}: unknown key(s) {', '.join(sorted(unknown))}"
-                             f" (known: {', '.join(SLURM_FLAGS)}, [additional])")
+            _refuse(f"--slurm_config {args.slurm_config}: unknown key(s) {', '.join(sorted(unknown))} (known: "
+                    f"{', '.join(SLURM_FLAGS)}, [additional])")
     for name in SLURM_FLAGS:
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
@@ -413,14 +420,18 @@ def make_executor(args: argparse.Namespace, out: Path):
     try:
         import submitit
     except ImportError:
-        raise SystemExit("sweep: error: --executor slurm needs the submitit package (uv sync installs it)") from None
+        _refuse("--executor slurm needs the submitit package (uv sync installs it)")
     folder = out / ".sweep" / "submitit" / "%j"
     if args.executor == "submitit-local":
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(timeout_min=int(args.time or 240))
         return executor
+    parameters = slurm_parameters(args)  # a bad --slurm_config is refused anywhere, Slurm or not
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        _refuse("--executor slurm: no Slurm on this machine (sbatch/srun not found); submit from a login node of "
+                "the cluster, or rehearse here with --executor submitit-local")
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-    executor.update_parameters(**slurm_parameters(args))
+    executor.update_parameters(**parameters)
     return executor
 
 
