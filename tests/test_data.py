@@ -377,15 +377,18 @@ def test_hf_documents_through_a_fake_hub(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ presets
 def test_hub_presets_resolve_without_network():
-    expected = {
-        "olmoe": ["arxiv", "github", "wikipedia", "books", "c4"],
-        "moe-lens": ["english", "french-qa", "gsm8k"],
-        "router-study": ["fineweb", "gsm8k", "math", "aqua-rat", "github-code", "humaneval"],
+    expected = {  # the sources' kinds: hub datasets, or files by URL (downloaded when a run reads them)
+        "olmoe": (["arxiv", "github", "wikipedia", "books", "c4"], "UUUUU"),
+        "olmoe-pile": (["arxiv", "github", "wikipedia", "books", "c4"], "HHHHH"),
+        "moe-lens": (["english", "french-qa", "gsm8k", "code"], "UHHU"),
+        "router-study": (["fineweb", "gsm8k", "math", "aqua-rat", "github-code", "humaneval"], "HHHHHH"),
     }
-    for preset, names in expected.items():
-        domains = resolve_domains(preset)
+    for preset, (names, kinds) in expected.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DataWarning)  # the PIAF notice
+            domains = resolve_domains(preset)
         assert [d.name for d in domains] == names
-        assert all(isinstance(data.parse_source(d.source), HFSpec) for d in domains)
+        assert "".join("H" if isinstance(data.parse_source(d.source), HFSpec) else "U" for d in domains) == kinds
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)  # the first components all exist in the default Pile copy
         pile = resolve_domains("pile", num_domains=5)
@@ -444,7 +447,7 @@ def test_input_errors(tmp_path, tok):
         "=foo": "missing domain name",
         "demo:": "missing demo domain name",
         "x=olmoe": "a preset cannot be renamed",
-        "olmo": "unknown preset \\(presets: demo, olmoe, pile, moe-lens, router-study\\)",
+        "olmo": "unknown preset \\(presets: demo, olmoe, olmoe-pile, pile, moe-lens, router-study\\)",
     }
     for spec, message in cases.items():
         with pytest.raises(InputError, match=message):

@@ -26,11 +26,11 @@ from tests.script_probe import run_script, run_script_modules
 # --------------------------------------------------------------------------------------------- data specs, no torch
 DATA_SPECS = {  # --data flags -> what the one line must say
     "missing file": (["--data", "{tmp}/missing.jsonl"], "missing.jsonl': no such file or folder"),
-    "unknown preset": (["--data", "olmo"], "--data 'olmo': unknown preset (presets: demo, olmoe, pile, moe-lens"),
+    "unknown preset": (["--data", "olmo"], "--data 'olmo': unknown preset (presets: demo, olmoe, olmoe-pile, pile, moe-lens"),
     "unknown domain": (["--data", "olmoe", "--domains", "wiki"],
                        "--domains: unknown wiki (available: arxiv, github, wikipedia, books, c4)"),
-    "too many domains": (["--data", "moe-lens", "--num_domains", "4"],
-                         "--num_domains 4: only 3 domains available (english, french-qa, gsm8k)"),
+    "too many domains": (["--data", "moe-lens", "--num_domains", "5"],
+                         "--num_domains 5: only 4 domains available (english, french-qa, gsm8k, code)"),
 }
 # (script, its other flags): every script that reads data, each with the flags it needs to get that far
 DATA_SCRIPTS = {

@@ -90,7 +90,7 @@ def test_dry_run_checks_every_jobs_inputs_and_reads_no_weight(tmp_path, monkeypa
     assert sweep.main(argv) == 2
     captured = capsys.readouterr()
     no_model = f"--model {missing}: no such directory"
-    no_data = f"--data '{gone}': no such file or folder, and not a preset (demo, olmoe, pile, moe-lens, router-study)"
+    no_data = f"--data '{gone}': no such file or folder, and not a preset (demo, olmoe, olmoe-pile, pile, moe-lens, router-study)"
     no_layer = "layer 7 does not exist: the model has 4 decoder layers (0..3); MoE layers: 0, 1, 2, 3"
     expected = []
     for name, model_problem in ((missing, no_model), (model, None)):
@@ -123,7 +123,7 @@ def test_dry_run_lists_hub_inputs_as_unchecked_when_the_hub_is_unreachable(tmp_p
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hub, "reachable", lambda: False)
     out, missing = tmp_path / "out", tmp_path / "no-such-model"
-    argv = ["router_decisive.py", "--models", "allenai/OLMoE-1B-7B-0924", str(missing), "--data", "olmoe", "--out",
+    argv = ["router_decisive.py", "--models", "allenai/OLMoE-1B-7B-0924", str(missing), "--data", "olmoe-pile", "--out",
             str(out), "--dry-run"]
     assert sweep.main(argv) == 2  # the missing folder is still invalid
     lines = capsys.readouterr().out.splitlines()

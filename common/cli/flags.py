@@ -301,14 +301,18 @@ class _ListAction(argparse.Action):
 
 
 def listing() -> str:
-    from common.data.presets import PRESETS  # imported only when asked: --list is rare
+    from common.data.presets import PRESETS, PROVENANCE  # imported only when asked: --list is rare
     from common.model import moe_model_types
 
-    lines = ["data presets (--data NAME; --domains / --num_domains pick among their domains):"]
+    lines = ["data presets (--data NAME; --domains / --num_domains pick among their domains); each domain's source, "
+             "then whether its texts are exactly the study's or a stand-in:"]
     lines.append("  demo: offline corpus shipped with the project (code, prose, legal, bible, french, math)")
     for name, domains in PRESETS.items():
         lines.append(f"  {name}:")
-        lines.extend(f"    {domain}: {source}" for domain, source in domains)
+        for domain, source in domains:
+            lines.append(f"    {domain}: {source}")
+            if (name, domain) in PROVENANCE:
+                lines.append(f"      {PROVENANCE[(name, domain)]}")
     lines.append("shipped models (--model NAME, offline):")
     lines.extend(f"  {name}: {path}" for name, path in SHIPPED_MODELS.items())
     lines.append("random models (--model random:<model_type>, tiny and offline), one per MoE architecture:")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from common.data.domains import Domain, _demo_documents
 from common.data.readers import _file_records, _texts, local_files
-from common.data.sources import DemoSpec, HFSpec, LocalSpec, SourceSpec, parse_source
+from common.data.sources import DemoSpec, HFSpec, LocalSpec, SourceSpec, URLSpec, parse_source
+from common.data.urls import fetch
 from common.errors import InputError
 
 DEFAULT_SHUFFLE_BUFFER = 1000  # documents; big enough to mix a source, small enough for books (see the char cap)
@@ -46,7 +47,7 @@ def _hf_documents(spec: HFSpec, source: str) -> Iterator[str]:
     except (ConnectionError, FileNotFoundError, ValueError, RuntimeError, datasets.exceptions.DatasetNotFoundError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"--data {source!r}: cannot load from the Hugging Face Hub: {first_line}") from e
-    yield from _texts(stream, spec.fields, spec.filters, source, scan_limit=FILTER_SCAN_LIMIT)
+    yield from _texts(stream, spec.fields, spec.filters, source, scan_limit=FILTER_SCAN_LIMIT, rows=spec.rows)
 
 
 def _source_documents(spec: SourceSpec, source: str, split: str) -> Iterator[str]:
@@ -54,6 +55,12 @@ def _source_documents(spec: SourceSpec, source: str, split: str) -> Iterator[str
         yield from _demo_documents(spec.name, split)
     elif isinstance(spec, HFSpec):
         yield from _hf_documents(spec, source)
+    elif isinstance(spec, URLSpec):
+        path = fetch(spec.url)
+        yield from _texts(_file_records(path), spec.fields, spec.filters, spec.url, rows=spec.rows)
+    elif spec.rows is not None:  # the row range counts the records of all the source's files, in sorted order
+        records = (record for path in local_files(spec) for record in _file_records(path))
+        yield from _texts(records, spec.fields, spec.filters, spec.path, rows=spec.rows)
     else:
         for path in local_files(spec):
             yield from _texts(_file_records(path), spec.fields, spec.filters, str(path))

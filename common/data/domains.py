@@ -13,8 +13,9 @@ from pathlib import Path
 from types import ModuleType
 
 from common import hub
-from common.data.presets import PILE_ABSENT, PILE_DATASET, PRESET_NAMES, PRESETS
-from common.data.readers import _check_local
+from common.data import urls
+from common.data.presets import PIAF, PILE_ABSENT, PILE_DATASET, PRESET_NAMES, PRESETS, STAND_INS
+from common.data.readers import _check_local, check_files
 from common.data.sources import (
     EXTENSIONS,
     DataWarning,
@@ -22,6 +23,7 @@ from common.data.sources import (
     HFSpec,
     LocalSpec,
     SourceSpec,
+    URLSpec,
     _has_glob,
     parse_hf_spec,
     parse_source,
@@ -101,6 +103,8 @@ def _default_name(spec: SourceSpec) -> str:
         return _slug("+".join(value for _, value in spec.filters))
     if isinstance(spec, HFSpec):
         return _slug(spec.dataset.rsplit("/", 1)[-1])
+    if isinstance(spec, URLSpec):
+        return _slug(urls.file_name(spec.url).split(".")[0])
     path = Path(spec.path.rstrip("/\\"))
     if _has_glob(spec.path):
         stem = re.sub(r"[*?\[\]]", "", path.stem).strip("-._")
@@ -115,11 +119,14 @@ def _non_glob_parent(path: Path) -> Path:
 
 
 def _check_source(spec: SourceSpec, source: str) -> None:
-    """Checks that need no network: local files and the demo corpus (hub specs are checked by syntax only)."""
+    """Checks of local files and the demo corpus, and of a URL's file once it is in the download cache (hub specs,
+    and URLs not cached yet, are checked by syntax only here: `check_hub_sources` fetches them before any weight)."""
     if isinstance(spec, LocalSpec):
         _check_local(spec, source)
     elif isinstance(spec, DemoSpec):
         _check_demo(spec, source)
+    elif isinstance(spec, URLSpec) and (path := urls.cached(spec.url)) is not None:
+        check_files([path], spec, source)
 
 
 def _warn_absent_pile_components(domains: list[Domain]) -> None:
@@ -135,8 +142,9 @@ def _warn_absent_pile_components(domains: list[Domain]) -> None:
             )
 
 
-def _expand(item: str) -> list[Domain]:
-    """One --data value -> its domains (a preset gives several)."""
+def _expand(item: str, layouts: dict[str, str] | None = None) -> list[Domain]:
+    """One --data value -> its domains (a preset gives several). `layouts`: domain name -> the layout suffix a
+    `name=PATH` replacing that preset domain is read in (FQuAD's valid.json for moe-lens' french-qa: `#squad`)."""
     if item == "demo":
         return _demo_preset()
     if item in PRESETS:
@@ -144,6 +152,8 @@ def _expand(item: str) -> list[Domain]:
     name, source = split_name(item)
     if source in PRESET_NAMES:
         raise InputError(f"--data {item!r}: a preset cannot be renamed; pick its domains with --domains")
+    if name and layouts and name in layouts and "#" not in source:
+        source += layouts[name]
     spec = parse_source(source)
     if isinstance(spec, LocalSpec) and re.fullmatch(r"[\w-]+", source) and not Path(source).exists():
         # A bare word is most likely a mistyped preset, so say that rather than "no such file".
@@ -181,10 +191,16 @@ def resolve_domains(
     `name=SOURCE`; presets and sources may be mixed. `domains` keeps only the named domains (in that order),
     then `num_domains` keeps the first N. Domain names must be unique.
     """
-    items = [data] if isinstance(data, str) else list(data)
+    items = [item.strip() for item in ([data] if isinstance(data, str) else list(data))]
     if not items:
         raise InputError("--data: give a preset or at least one source")
-    found = [d for item in items for d in _expand(item.strip())]
+    # A preset's stand-in domain may be given its study's own file: `--data moe-lens french-qa=PATH/valid.json`.
+    replaceable = {domain: layout for preset in items if preset in PRESETS
+                   for (name, domain), layout in STAND_INS.items() if name == preset}
+    found = [d for item in items for d in _expand(item, replaceable)]
+    given = {d.name: d for d in found if d.name in replaceable and d.source not in _stand_in_sources()}
+    found = [given.get(d.name, d) if d.source in _stand_in_sources() else d for d in found]  # in the preset's place
+    found = [d for i, d in enumerate(found) if d.name not in given or found.index(d) == i]
     seen: dict[str, str] = {}
     for d in found:
         if d.name in seen:
@@ -194,7 +210,14 @@ def resolve_domains(
         seen[d.name] = d.source
     chosen = _select(found, domains, num_domains)
     _warn_absent_pile_components(chosen)
+    if any(d.source == PIAF for d in chosen):
+        warnings.warn("french-qa: PIAF stands in for MoE Lens' FQuAD (its validation set needs a manual download; "
+                      "give it with --data moe-lens french-qa=PATH/valid.json)", DataWarning, stacklevel=2)
     return chosen
+
+
+def _stand_in_sources() -> set[str]:
+    return {source for (preset, name) in STAND_INS for domain, source in PRESETS[preset] if domain == name}
 
 
 def check_data(data: str | Sequence[str], num_domains: int | None = None, domains: Sequence[str] | None = None) -> None:
@@ -215,6 +238,10 @@ def check_hub_sources(domains: Sequence[Domain]) -> None:
 
     With HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, the datasets cache is used as is.
     """
+    for domain in domains:  # URL files: downloaded into the cache now (or found there), then checked as files
+        spec = parse_source(domain.source)
+        if isinstance(spec, URLSpec):
+            check_files([urls.fetch(spec.url)], spec, domain.source)
     remote = [d for d in domains if d.source.startswith("hf:")]
     if remote and not hub.offline_requested() and not hub.reachable():
         names = ", ".join(d.name for d in remote)

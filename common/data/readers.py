@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import itertools
 import json
 import sys
 import warnings
@@ -15,13 +16,57 @@ from pathlib import Path
 from typing import Any
 
 from common.data.presets import PRESET_NAMES
-from common.data.sources import EXTENSIONS, DataWarning, LocalSpec, _has_glob
+from common.data.sources import (
+    COMPRESSIONS,
+    EXTENSIONS,
+    SQUAD,
+    DataWarning,
+    LocalSpec,
+    _has_glob,
+    supported_name,
+)
 from common.errors import InputError
 
 
 # ------------------------------------------------------------------------------------------------ local files
 def _supported(path: Path) -> bool:
-    return path.suffix.lower() in EXTENSIONS
+    return supported_name(path.name)
+
+
+def _format(path: Path) -> tuple[str, str]:
+    """(format suffix, compression suffix or '') of a supported file: 'a.jsonl.zst' -> ('.jsonl', '.zst')."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        return (suffixes[-2] if len(suffixes) > 1 else ""), suffixes[-1]
+    return path.suffix.lower(), ""
+
+
+def open_binary(path: Path):
+    """The file's bytes, decompressed (.gz, .bz2, .xz, .zst)."""
+    compression = _format(path)[1]
+    if compression == ".gz":
+        import gzip
+
+        return gzip.open(path, "rb")
+    if compression == ".bz2":
+        import bz2
+
+        return bz2.open(path, "rb")
+    if compression == ".xz":
+        import lzma
+
+        return lzma.open(path, "rb")
+    if compression == ".zst":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return open(path, "rb")
+
+
+def open_text(path: Path):
+    import io
+
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8", newline="")
 
 
 def local_files(spec: LocalSpec) -> list[Path]:
@@ -45,7 +90,8 @@ def local_files(spec: LocalSpec) -> list[Path]:
     if not path.exists():
         raise InputError(f"--data {raw!r}: no such file or folder, and not a preset ({', '.join(PRESET_NAMES)})")
     if not _supported(path):
-        raise InputError(f"--data {raw!r}: unsupported file type {path.suffix or '(none)'!r} (use {', '.join(EXTENSIONS)})")
+        raise InputError(f"--data {raw!r}: unsupported file type {path.suffix or '(none)'!r} (use {', '.join(EXTENSIONS)}; "
+                         f"the text ones optionally compressed: {', '.join(COMPRESSIONS)})")
     if path.stat().st_size == 0:
         raise InputError(f"--data {raw!r}: the file is empty")
     return [path]
@@ -61,13 +107,14 @@ def _non_empty(files: list[Path], raw: str) -> list[Path]:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        with open_text(path) as f:
+            return f.read()
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
 def _jsonl_records(path: Path) -> Iterator[Any]:
-    with path.open(encoding="utf-8") as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -104,13 +151,13 @@ def _parquet_records(path: Path) -> Iterator[dict[str, Any]]:
 
 def _csv_records(path: Path) -> Iterator[dict[str, str]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents are long; the default limit is 128 KiB
-    with path.open(encoding="utf-8", newline="") as f:
+    with open_text(path) as f:
         yield from csv.DictReader(f)
 
 
 def _file_records(path: Path) -> Iterator[Any]:
     """Records of one file: a str (whole .txt file), or JSON/parquet/CSV rows."""
-    suffix = path.suffix.lower()
+    suffix = _format(path)[0]
     try:
         if suffix == ".txt":
             yield _read_text(path)
@@ -176,14 +223,51 @@ def _record_text(record: Any, fields: tuple[str, ...], where: str) -> str:
     return "\n".join(t for t in (_field_text(record, f, where) for f in fields) if t)
 
 
+def _squad_records(records: Iterable[Any], where: str) -> Iterator[str]:
+    """The SQuAD layout as documents: each context followed by its questions, one per line (answers dropped).
+
+    Nested SQuAD JSON ({"data": [{"paragraphs": [{"context", "qas": [{"question"}]}]}]}, as FQuAD and SQuAD ship)
+    gives one document per paragraph; flat records with `context` and `question` (one row per question, as the hub
+    copies hold them) are grouped by consecutive equal contexts."""
+    context, questions = None, []
+    for record in records:
+        if isinstance(record, dict) and isinstance(record.get("data"), list):  # nested: a whole file
+            for article in record["data"]:
+                for paragraph in article.get("paragraphs", []) if isinstance(article, dict) else []:
+                    asked = [qa.get("question", "").strip() for qa in paragraph.get("qas", []) if isinstance(qa, dict)]
+                    yield "\n".join([paragraph.get("context", "").strip(), *(q for q in asked if q)])
+            continue
+        if not (isinstance(record, dict) and "context" in record and "question" in record):
+            fields = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+            raise InputError(f"{where}: #squad needs SQuAD records (a 'data' list, or 'context' and 'question' "
+                             f"fields); found {fields}")
+        if record["context"] != context:
+            if context is not None:
+                yield "\n".join([context.strip(), *questions])
+            context, questions = record["context"], []
+        if str(record["question"]).strip():
+            questions.append(str(record["question"]).strip())
+    if context is not None:
+        yield "\n".join([context.strip(), *questions])
+
+
 def _texts(
     records: Iterable[Any],
     fields: tuple[str, ...],
     filters: tuple[tuple[str, str], ...],
     where: str,
     scan_limit: int | None = None,
+    rows: tuple[int | None, int | None] | None = None,
 ) -> Iterator[str]:
-    """Documents of a record stream: filtered, field-selected, empty ones dropped."""
+    """Documents of a record stream: the rows kept (`[START:STOP]`, in record order), filtered, field-selected (or
+    the SQuAD layout), empty ones dropped."""
+    if rows is not None:
+        records = itertools.islice(records, rows[0], rows[1])
+    if fields == (SQUAD,):
+        if filters:
+            records = (r for r in records if isinstance(r, dict) and _matches(r, filters, where))
+        yield from (text for text in _squad_records(records, where) if text.strip())
+        return
     misses = 0
     for record in records:
         if filters and not (isinstance(record, dict) and _matches(record, filters, where)):
@@ -203,7 +287,7 @@ def _texts(
 
 def _check_text_file(path: Path, source: str) -> None:
     """A text-format file must start as UTF-8 text: a binary file is refused before any model work."""
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         head = f.read(8192)
     try:
         head.decode("utf-8")
@@ -216,11 +300,15 @@ def _check_text_file(path: Path, source: str) -> None:
 
 def _check_local(spec: LocalSpec, source: str) -> None:
     """Eager checks of a local source: files exist, are non-empty, and the first one has the fields asked for."""
-    files = local_files(spec)
+    check_files(local_files(spec), spec, source)
+
+
+def check_files(files: list[Path], spec: Any, source: str) -> None:
+    """The checks of `_check_local` on given files (a local source's, or a URL's cached copy)."""
     for path in files:
-        if path.suffix.lower() != ".parquet":
+        if _format(path)[0] != ".parquet":
             _check_text_file(path, source)
-    records = [p for p in files if p.suffix.lower() != ".txt"]
+    records = [p for p in files if _format(p)[0] != ".txt"]
     if not records:
         if spec.explicit_fields or spec.filters:
             raise InputError(f"--data {source!r}: .txt files hold one plain document each: no #FIELD or ?filters")
@@ -229,6 +317,9 @@ def _check_local(spec: LocalSpec, source: str) -> None:
     record = next(iter(_file_records(first)), None)
     if record is None:
         raise InputError(f"--data {source!r}: {first} holds no records")
+    if spec.fields == (SQUAD,):
+        next(_squad_records([record], str(first)), None)  # raises unless the layout is SQuAD's
+        return
     if isinstance(record, dict):
         for key, _ in spec.filters:
             _matches(record, ((key, ""),), str(first))  # raises if the key is not a field

@@ -1,5 +1,6 @@
-"""The `--data` source grammar: `hf:ID[:CONFIG][:SPLIT][#FIELD,...][?key=value&...]`, local paths/globs with
-the same suffixes, `demo:<domain>`, and `name=SOURCE` (see the package docstring). Syntax only: nothing is read.
+"""The `--data` source grammar: `hf:ID[:CONFIG][:SPLIT][#FIELD,...][?key=value&...]`, local paths/globs and
+`https://` URLs with the same suffixes, each optionally ending in `[START:STOP]` (the records kept), `#squad` (the
+SQuAD layout), `demo:<domain>`, and `name=SOURCE` (see the package docstring). Syntax only: nothing is read.
 """
 
 from __future__ import annotations
@@ -7,12 +8,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlparse
 
 from common.errors import InputError
 
 EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet", ".csv")
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # of the text formats (parquet compresses itself)
 DEFAULT_FIELD = "text"
+SQUAD = "squad"  # `#squad`: the SQuAD layout, each context followed by its questions (answers dropped)
+_ROWS_RE = re.compile(r"\[(\d*):(\d*)\]$")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 _HF_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -24,25 +28,42 @@ class DataWarning(UserWarning):
 
 
 # ------------------------------------------------------------------------------------------------ source specs
+Rows = tuple[int | None, int | None] | None  # `[START:STOP]`: the records kept, in file order (None: all)
+
+
 @dataclass(frozen=True)
 class HFSpec:
-    """`hf:ID[:CONFIG][:SPLIT][#FIELD,...][?key=value&...]`."""
+    """`hf:ID[:CONFIG][:SPLIT][#FIELD,...][?key=value&...][[START:STOP]]`."""
 
     dataset: str
     config: str | None = None
     split: str = "train"
     fields: tuple[str, ...] = (DEFAULT_FIELD,)
     filters: tuple[tuple[str, str], ...] = ()
+    rows: Rows = None
 
 
 @dataclass(frozen=True)
 class LocalSpec:
-    """A file, folder or glob, with optional `#FIELD,...` and `?key=value&...`."""
+    """A file, folder or glob, with optional `#FIELD,...`, `?key=value&...` and `[START:STOP]`."""
 
     path: str
     fields: tuple[str, ...] = (DEFAULT_FIELD,)
     filters: tuple[tuple[str, str], ...] = ()
     explicit_fields: bool = False  # `#FIELD` was given (an error for .txt files, which have no fields)
+    rows: Rows = None
+
+
+@dataclass(frozen=True)
+class URLSpec:
+    """`https://…/FILE[#FIELD,...[?key=value&...]][[START:STOP]]`: a file downloaded once into the cache
+    (`common.data.urls`). The URL keeps its own query; `#` (a fragment, never sent) starts the fields."""
+
+    url: str
+    fields: tuple[str, ...] = (DEFAULT_FIELD,)
+    filters: tuple[tuple[str, str], ...] = ()
+    explicit_fields: bool = False
+    rows: Rows = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +73,46 @@ class DemoSpec:
     name: str
 
 
-SourceSpec = HFSpec | LocalSpec | DemoSpec
+SourceSpec = HFSpec | LocalSpec | URLSpec | DemoSpec
+
+
+def supported_name(name: str) -> bool:
+    """Whether a file name has a readable format: a text format, optionally compressed, or parquet."""
+    lower = name.lower()
+    for compression in ("", *COMPRESSIONS):
+        if lower.endswith(compression) and any(
+            lower[: len(lower) - len(compression)].endswith(ext) for ext in EXTENSIONS
+            if not (compression and ext == ".parquet")
+        ):
+            return True
+    return False
+
+
+def _split_rows(text: str, source: str) -> tuple[str, Rows]:
+    """'spec[START:STOP]' -> ('spec', (START, STOP)); no slice -> (text, None)."""
+    match = _ROWS_RE.search(text)
+    if not match:
+        return text, None
+    start, stop = (int(x) if x else None for x in match.groups())
+    if start is not None and stop is not None and stop <= start:
+        raise InputError(f"--data {source!r}: empty row range [{start}:{stop}]")
+    return text[: match.start()], (start, stop)
+
+
+def parse_url_spec(source: str) -> URLSpec:
+    """Parse a URL source (syntax only: nothing is downloaded)."""
+    base, rows = _split_rows(source, source)
+    url, hash_, rest = base.partition("#")
+    fields, query = (rest.partition("?")[0], rest.partition("?")[2] or None) if hash_ else (None, None)
+    from common.data.urls import file_name
+
+    if not urlparse(url).netloc:
+        raise InputError(f"--data {source!r}: not a URL (https://HOST/PATH/FILE)")
+    if not supported_name(file_name(url)):
+        raise InputError(f"--data {source!r}: the URL's file {file_name(url)!r} is not a supported format "
+                         f"({', '.join(EXTENSIONS)}, the text ones optionally {', '.join(COMPRESSIONS)})")
+    return URLSpec(url=url, fields=_parse_fields(fields, source), filters=_parse_filters(query, source),
+                   explicit_fields=fields is not None, rows=rows)
 
 
 def _parse_fields(text: str | None, source: str) -> tuple[str, ...]:
@@ -85,7 +145,8 @@ def parse_hf_spec(source: str) -> HFSpec:
     """Parse `hf:ID[:CONFIG][:SPLIT][#FIELD,...][?key=value&...]` (syntax only; nothing is loaded)."""
     if not source.startswith("hf:"):
         raise InputError(f"--data {source!r}: not an hf: spec")
-    path, fields, query = _split_suffixes(source[3:])
+    body, rows = _split_rows(source[3:], source)
+    path, fields, query = _split_suffixes(body)
     parts = path.split(":")
     if len(parts) > 3:
         raise InputError(f"--data {source!r}: too many ':' parts (hf:ID[:CONFIG][:SPLIT])")
@@ -100,6 +161,7 @@ def parse_hf_spec(source: str) -> HFSpec:
         split=split or "train",
         fields=_parse_fields(fields, source),
         filters=_parse_filters(query, source),
+        rows=rows,
     )
 
 
@@ -107,6 +169,11 @@ def _parse_local(source: str) -> LocalSpec:
     # An existing path is taken literally, so files whose names contain '#' or '?' still work.
     if Path(source).expanduser().exists():
         return LocalSpec(path=source)
+    whole, rows = source, None
+    if _ROWS_RE.search(source):
+        source, rows = _split_rows(source, whole)
+        if Path(source).expanduser().exists():
+            return LocalSpec(path=source, rows=rows)
     # '?' is also a glob wildcard: only a tail that reads `?key=value&...` is taken as filters.
     base, query = source, None
     for i, ch in enumerate(source):
@@ -121,6 +188,7 @@ def _parse_local(source: str) -> LocalSpec:
         fields=_parse_fields(fields, source),
         filters=_parse_filters(query, source),
         explicit_fields=fields is not None,
+        rows=rows,
     )
 
 
@@ -131,6 +199,8 @@ def parse_source(source: str) -> SourceSpec:
         raise InputError("--data: empty source")
     if source.startswith("hf:"):
         return parse_hf_spec(source)
+    if source.startswith(("https://", "http://")):
+        return parse_url_spec(source)
     if source.startswith("demo:"):
         name = source[5:]
         if not name:
