@@ -149,9 +149,11 @@ def test_a_script_reads_a_url_and_refuses_a_bad_one_before_loading(server, tmp_p
     (server.root / "prose.txt").write_text("the quick brown fox jumps over the lazy dog. " * 60)
     argv = ["--model", "random:olmoe", "--num_tokens", "100", "--seq_len", "32", "--no-progress", "--no-figures",
             "--out", str(tmp_path / "out")]
-    assert router_decisive.main([*argv, "--data", f"prose={server.url}/prose.txt"]) == 0
+    url = f"{server.url}/prose.txt"
+    assert router_decisive.main([*argv, "--data", f"prose={url}", "--cache_dir", str(tmp_path / "mine")]) == 0
     info = json.loads(next((tmp_path / "out").rglob("run.json")).read_text())
     assert info["tokens"]["domains"]["prose"]["counted"] == 100
+    assert cache_path(url).parent == tmp_path / "mine" and cache_path(url).is_file()
     capsys.readouterr()
     assert router_decisive.main([*argv, "--data", f"x={server.url}/missing.jsonl"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -373,6 +373,8 @@ def base_parser(description: str, *, layers: bool = True, data: bool = True) -> 
         group.add_argument("--batch_size", type=at_least(1), default=16, help="windows per forward pass")
         group.add_argument("--keep-special", dest="keep_special", action="store_true", help="count BOS/special tokens too")
         group.add_argument("--pack", action="store_true", help="let windows cross document boundaries")
+        group.add_argument("--cache_dir", metavar="DIR", default=None,
+                           help="where https:// data files are downloaded once (default: <HF_HOME>/moescope/urls)")
         resume = parser.add_argument_group(
             "checkpoints", "a stopped run (SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2: the state after the batch in progress is "
             "saved; SIGKILL or a crash: the last checkpoint) continues where it stopped when the same command runs "
@@ -477,6 +479,8 @@ def config(args: argparse.Namespace, script: str, *, layers: Sequence[int | str]
     """
     chosen = layers if layers is not None else getattr(args, "layers", None)
     arguments = {k: v for k, v in vars(args).items() if k != "_command"}
+    if getattr(args, "cache_dir", None):  # read by common.data.urls wherever a URL source is fetched
+        os.environ["MOESCOPE_URL_CACHE"] = str(Path(args.cache_dir).expanduser())
     return Config(
         model=model_spec(args),
         run=RunSpec(script=script, out=Path(args.out), seed=args.seed, progress=args.progress,

@@ -7,7 +7,14 @@ A *domain* is a named text source. `--data` takes a preset name or one or more s
     path/to/file.{txt,jsonl,json,parquet,csv}[#FIELD...][?key=value&...]
     path/to/folder            every supported file below it (recursive, sorted, hidden entries skipped)
     'path/*.jsonl'            a glob (sorted; `**` recurses)
+    https://HOST/PATH/FILE.jsonl.gz[#FIELD...[?key=value&...]]   a file downloaded once into a checksummed cache
+                              (`common.data.urls`; the URL keeps its own query, `#` starts the fields)
     demo:<domain>             one domain of the offline demo corpus (`common.corpus`)
+
+Any file or hub source may end in `[START:STOP]`: only those records, in file order (the first five books of a
+shard: `...parquet#TEXT[:5]`). The text formats may be compressed (`.gz`, `.bz2`, `.xz`, `.zst`). `#squad` reads
+the SQuAD layout: each context followed by its questions (answers dropped), from nested SQuAD JSON (FQuAD's
+valid.json) or from flat records with `context` and `question` (the hub's copies, consecutive rows grouped).
 
 Documents:
 - `.txt`: one document per file. A text file is usually one coherent text (a book, a source file, an article);
@@ -31,9 +38,10 @@ Token accounting (docs/METRICS.md#conventions, "Counted tokens"): see `token_bat
 in the order given, so each domain's data is read only once and stops being read as soon as its budget is met.
 
 Layout of the package (each module imports only those listed above it):
-    sources.py    the source spec grammar (`parse_source`, `HFSpec`/`LocalSpec`/`DemoSpec`, `split_name`),
+    sources.py    the source spec grammar (`parse_source`, `HFSpec`/`LocalSpec`/`URLSpec`/`DemoSpec`, `split_name`),
                   `DataWarning`
-    presets.py    the named presets (`PRESETS`, the Pile components)
+    urls.py       URL sources: the download cache (`fetch`, `cached`)
+    presets.py    the named presets (`PRESETS`, the Pile components, `PROVENANCE`: exact or stand-in)
     readers.py    local files -> records -> documents (file formats, fields, filters)
     domains.py    `Domain`, `resolve_domains` (eager checks; `check_data`: the same, quietly, for the flag stage),
                   the offline demo corpus

@@ -46,7 +46,8 @@ FINGERPRINT = "fingerprint.json"
 LOCK = ".lock"
 FORMAT = 1
 # Flags that change how a run reports or where it goes, never its numbers: a run may resume under other values.
-PRESENTATION_FLAGS = frozenset({"resume", "fresh", "checkpoint_every", "progress", "figures", "wandb", "config", "out"})
+PRESENTATION_FLAGS = frozenset({"resume", "fresh", "checkpoint_every", "progress", "figures", "wandb", "config", "out",
+                                "cache_dir"})
 # Fault injection for the tests of this module: after this many batches of a stream, the process kills itself with
 # SIGKILL before saving (the batch's work is lost, as in a real kill mid-batch) or sends itself the named signal
 # while the batch is being processed ("3:SIGTERM").
