@@ -254,3 +254,17 @@ def test_row_ranges_keep_records_in_file_order(tmp_path):
     assert _documents(f"{path}#title[4:]") == ["t4", "t5"]
     with pytest.raises(InputError, match=r"empty row range \[3:3\]"):
         resolve_domains([f"{path}[3:3]"])
+
+
+def test_a_parquet_shard_by_url_keeps_its_first_rows(server):
+    """The MoE Lens layout: the first rows of a parquet shard, one column (`...parquet#TEXT[:2]`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"TEXT": [f"book {i}" for i in range(5)], "METADATA": ["{}"] * 5}),
+                   server.root / "train-00001-of-00037-abc.parquet")
+    url = f"{server.url}/train-00001-of-00037-abc.parquet"
+    assert _documents(f"{url}#TEXT[:2]") == ["book 0", "book 1"]
+    check_hub_sources([Domain("english", f"{url}#TEXT[:2]")])
+    with pytest.raises(InputError, match="no field 'text'"):
+        check_hub_sources([Domain("english", url)])
