@@ -160,8 +160,59 @@ def restrict_topk(index: torch.Tensor, weight: torch.Tensor, keep: int, renormal
     return index, kept.to(weight.dtype)
 
 
+@dataclass(frozen=True)
+class ExpertRemoval:
+    """Remove routed experts of decoder layer `layer` (prune.py's what-if).
+
+    `drop`: their router logits become -inf before selection, so the router chooses among the others with the
+    model's own normalisation, which is what a checkpoint with those experts deleted computes (softmax routers);
+    `zero`: the routing is left as it is and the removed experts get weight 0, so their outputs vanish, as with
+    zeroed down projections. Shared experts are not touched.
+    """
+
+    layer: int
+    experts: tuple[int, ...]
+    how: Literal["drop", "zero"] = "drop"
+
+
+class _MaskLogits(TorchFunctionMode):
+    """Sets `columns` of the first linear output of width `width` (the router logits) to -inf."""
+
+    def __init__(self, width: int, columns: torch.Tensor):
+        super().__init__()
+        self.width, self.columns, self.done = width, columns, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.done and func is torch.nn.functional.linear and isinstance(out, torch.Tensor) and out.shape[-1] == self.width:
+            self.done = True
+            out = out.masked_fill(self.columns.to(out.device), float("-inf"))
+        return out
+
+
+def _register_removal(moe_layer: MoELayer, removal: ExpertRemoval, hooks: Hooks) -> None:
+    removed = torch.zeros(moe_layer.num_choices, dtype=torch.bool)
+    removed[list(removal.experts)] = True
+    if removal.how == "drop":
+        router = moe_layer.router
+        original_forward = router.forward
+
+        def masked_forward(*args, **kwargs):
+            with _MaskLogits(moe_layer.num_choices, removed):
+                return original_forward(*args, **kwargs)
+
+        hooks.replace_forward(router, masked_forward)
+        return
+
+    def rewrite(index: torch.Tensor, weight: torch.Tensor, num_tokens: int, device: torch.device):
+        gone = removed.to(index.device)[index.long().clamp(0, moe_layer.num_choices - 1)]
+        return index, torch.where(gone, torch.zeros_like(weight), weight)
+
+    register_routing_rewrite(moe_layer, rewrite, hooks)
+
+
 @contextlib.contextmanager
-def intervene(moe: MoEModel, edits: Sequence[RoutingEdit | TopKRestriction]) -> Iterator[None]:
+def intervene(moe: MoEModel, edits: Sequence[RoutingEdit | TopKRestriction | ExpertRemoval]) -> Iterator[None]:
     """Apply routing edits during every forward pass inside the block (register before any `capture`)."""
     hooks = Hooks()
     batch_shape: dict = {}
@@ -181,6 +232,16 @@ def intervene(moe: MoEModel, edits: Sequence[RoutingEdit | TopKRestriction]) -> 
         hooks.add(moe.model.register_forward_pre_hook(model_pre_hook, with_kwargs=True, prepend=True))
         for edit in edits:
             moe_layer = moe.layer(edit.layer)
+            if isinstance(edit, ExpertRemoval):
+                if not edit.experts:
+                    continue
+                if not all(0 <= e < moe_layer.num_experts for e in edit.experts):
+                    raise InputError(f"layer {moe_layer.layer}: experts to remove must lie in 0..{moe_layer.num_experts - 1}")
+                if edit.how == "drop" and moe_layer.num_choices - len(set(edit.experts)) < moe_layer.top_k:
+                    raise InputError(f"layer {moe_layer.layer}: dropping {len(set(edit.experts))} of "
+                                     f"{moe_layer.num_choices} experts leaves fewer than top-k = {moe_layer.top_k}")
+                _register_removal(moe_layer, edit, hooks)
+                continue
             if isinstance(edit, TopKRestriction):
                 if edit.keep < 1:
                     raise InputError(f"top-k restriction: keep at least 1 expert (got {edit.keep})")

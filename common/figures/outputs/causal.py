@@ -8,6 +8,7 @@ from common.figures.outputs.entry import DOMAIN, EXPERT, HIST_DTYPE, LAYER, Outp
 
 LENS = ("logit_lens",)
 INTERV = ("interv",)
+PRUNE = ("prune",)
 
 # fmt: off
 OUTPUTS: tuple[Output, ...] = (
@@ -167,5 +168,30 @@ OUTPUTS: tuple[Output, ...] = (
            "box: each domain's costliest ablation, dots: its 3 most-selected experts", "expert-importance", INTERV),
     Output("figures/importance_vs_frequency_layer{L}.{ext}", "per domain: ΔNLL of each ablation against the expert's "
            "selection frequency, with the uniform k/E line and Spearman ρ", "expert-importance", INTERV),
+    # ------------------------------------------------------------------------------------ prune.py
+    Output("prune_scores.csv", "what the pruning criteria read, per layer and routed expert, on the counted tokens",
+           "expert-pruning", PRUNE,
+           columns={"layer": LAYER, "expert": EXPERT,
+                    "frequency": "share of the counted tokens routed to the expert, w ≠ 0 (fraction)",
+                    "weight": "mean routing weight over all counted tokens, 0 where not chosen (the model's weight scale)",
+                    "saliency": "REAP-style saliency: mean over the tokens routed to the expert of w · ‖E_e(x)‖ (the "
+                                "hidden state's units; 0 for an expert never routed)"},
+           integers=frozenset({"layer", "expert"})),
+    Output("prune_perplexity.csv", "next-token perplexity per domain with a fraction of the experts removed, least "
+           "important first by each criterion", "expert-pruning", PRUNE,
+           columns={"criterion": "order of removal: frequency, weight, saliency (least first) or random (the control)",
+                    "draw": "random: the seeded draw (0..--draws−1); 0 for the other criteria",
+                    "fraction": "fraction of each layer's routed experts removed (--scope global: of all layers')",
+                    "experts_removed": "routed experts removed over all measured layers (count; at most E − k per layer)",
+                    "domain": DOMAIN,
+                    "predictions": "next-token predictions averaged (count)",
+                    "nll": "mean next-token NLL (nats per token)",
+                    "ppl": "perplexity exp(nll)"},
+           integers=frozenset({"draw", "experts_removed", "predictions"})),
+    Output("prune_perplexity.npy", "perplexity per criterion, fraction and domain (random: mean over draws)",
+           "expert-pruning", PRUNE, axes="[criterion (run.json criteria order), fraction (run.json fractions), "
+           "domain (+ all last)]", dtype="float64, perplexity"),
+    Output("figures/prune_perplexity.{ext}", "perplexity (log scale) against the fraction of experts removed, one line "
+           "per criterion, random's mean ± sd band; a panel per domain and pooled", "expert-pruning", PRUNE),
 )
 # fmt: on

@@ -1,0 +1,176 @@
+"""What if experts go (prune.py): which experts each criterion removes first, the observations the criteria read,
+and the perplexity of the model with them removed. Definitions: docs/METRICS.md#expert-pruning.
+
+Criteria, each ranking the routed experts of a layer from least to most important (removed in that order):
+- `frequency`: share of the counted tokens routed to the expert (w ≠ 0);
+- `weight`: mean routing weight over all counted tokens (0 where the expert is not chosen);
+- `saliency`: REAP-style, mean over the tokens routed to the expert of w · ‖E_e(x)‖ (0 for an expert never routed);
+- `random`: a seeded permutation per draw (the control every curve needs).
+With `scope="layer"` each MoE layer loses the same fraction of its experts; with `scope="global"` the experts of
+all layers are ranked together by the criterion's score. A layer always keeps at least top-k experts.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.analysis.lens import next_token_labels, next_token_nll
+from common.data import Batch
+from common.hooks import ExpertRemoval, intervene
+from common.model import MoELayer, MoEModel
+
+
+class ExpertObservations:
+    """Per layer and routed expert, streamed on the device: counted tokens, tokens routed (w ≠ 0), Σ w, Σ w·‖E_e(x)‖."""
+
+    def __init__(self, layers: Sequence[MoELayer], device: torch.device) -> None:
+        self.layers = list(layers)
+        width = max(m.num_experts for m in self.layers)
+        self.tokens = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        self.routed = torch.zeros(len(self.layers), width, dtype=torch.float64, device=device)
+        self.weight = torch.zeros_like(self.routed)
+        self.saliency = torch.zeros_like(self.routed)
+
+    @torch.no_grad()
+    def update(self, records, batch: Batch) -> None:
+        counted = batch.count_mask.reshape(-1).to(self.routed.device)
+        for i, layer in enumerate(self.layers):
+            record = records[layer.layer]
+            index, weight = record.topk_index.long(), record.topk_weight.float()
+            keep = counted.to(index.device)
+            index, weight, x = index[keep], weight[keep], record.expert_input[keep]
+            self.tokens[i] += float(keep.sum())
+            routed = (weight != 0) & (index < layer.num_experts)
+            flat_e, flat_w = index[routed], weight[routed].double()
+            self.routed[i].index_add_(0, flat_e.to(self.routed.device), torch.ones_like(flat_w).to(self.routed.device))
+            self.weight[i].index_add_(0, flat_e.to(self.routed.device), flat_w.to(self.routed.device))
+            token, slot = routed.nonzero(as_tuple=True)
+            for e in flat_e.unique().tolist():  # one call per routed expert: its output norm on its tokens
+                mine = index[token, slot] == e
+                out = layer.expert_fn(e, x[token[mine]])
+                contribution = (weight[token[mine], slot[mine]].double() * out.double().norm(dim=-1)).sum()
+                self.saliency[i, e] += contribution.to(self.saliency.device)
+
+    def scores(self, criterion: str) -> list[np.ndarray]:
+        """Per layer, the criterion's score of each routed expert (higher = more important)."""
+        tokens = self.tokens.clamp_min(1).view(-1, 1)
+        table = {"frequency": self.routed / tokens, "weight": self.weight / tokens,
+                 "saliency": self.saliency / self.routed.clamp_min(1)}[criterion].cpu().numpy()
+        return [table[i, : m.num_experts] for i, m in enumerate(self.layers)]
+
+
+def removal_order(scores: Sequence[np.ndarray]) -> list[list[int]]:
+    """Per layer, experts from least to most important (ties: the lower index first)."""
+    return [list(np.lexsort((np.arange(len(s)), s))) for s in scores]
+
+
+def random_order(layers: Sequence[MoELayer], seed: int, draw: int) -> list[list[int]]:
+    rng = random.Random(f"moescope:prune:{seed}:{draw}")
+    orders = []
+    for layer in layers:
+        experts = list(range(layer.num_experts))
+        rng.shuffle(experts)
+        orders.append(experts)
+    return orders
+
+
+def removed_sets(layers: Sequence[MoELayer], orders: Sequence[Sequence[int]], fraction: float, scope: str,
+                 scores: Sequence[np.ndarray] | None = None) -> list[tuple[int, ...]]:
+    """Per layer, the experts removed at `fraction`: the first of each layer's order (`layer`), or the lowest scores
+    over all layers (`global`; random orders by their position); at most E − k per layer."""
+    caps = [m.num_experts - m.top_k for m in layers]
+    if scope == "layer":
+        counts = [min(round(fraction * m.num_experts), cap) for m, cap in zip(layers, caps, strict=True)]
+        return [tuple(sorted(order[:n])) for order, n in zip(orders, counts, strict=True)]
+    total = round(fraction * sum(m.num_experts for m in layers))
+    candidates = []
+    for i, order in enumerate(orders):
+        for rank, expert in enumerate(order):
+            value = float(scores[i][expert]) if scores is not None else rank / max(len(order), 1)
+            candidates.append((value, i, rank, expert))
+    candidates.sort()
+    chosen: list[list[int]] = [[] for _ in layers]
+    for _, i, _, expert in candidates:
+        if total <= 0:
+            break
+        if len(chosen[i]) < caps[i]:
+            chosen[i].append(expert)
+            total -= 1
+    return [tuple(sorted(c)) for c in chosen]
+
+
+@torch.no_grad()
+def perplexity(moe: MoEModel, batches: Iterable[Batch], removed: Sequence[tuple[int, ...]],
+               layers: Sequence[MoELayer], num_domains: int, how: str = "drop") -> tuple[np.ndarray, np.ndarray]:
+    """(Σ NLL [domain], predictions [domain]) of next tokens with `removed[i]` taken out of layers[i]."""
+    edits = [ExpertRemoval(m.layer, experts, how) for m, experts in zip(layers, removed, strict=True) if experts]
+    nll_sum, count = np.zeros(num_domains), np.zeros(num_domains)
+    with intervene(moe, edits):
+        for batch in batches:
+            batch = batch.to(moe.device)
+            labels = next_token_labels(batch)
+            logits = moe.forward(batch.input_ids, batch.attention_mask).logits
+            nll, counts = next_token_nll(logits, labels)
+            del logits
+            per_row = (nll.double() * counts).sum(1).cpu().numpy()
+            rows = counts.sum(1).cpu().numpy()
+            np.add.at(nll_sum, batch.domain_ids.cpu().numpy(), per_row)
+            np.add.at(count, batch.domain_ids.cpu().numpy(), rows)
+    return nll_sum, count
+
+
+def save_pruned(moe: MoEModel, keep: Sequence[Sequence[int]], folder: Path) -> Path:
+    """A checkpoint with only the `keep[i]` experts of each MoE layer (the same number in every layer): the router's
+    rows and every expert tensor indexed by expert re-indexed, the config's expert count updated, saved with
+    save_pretrained (loadable with from_pretrained)."""
+    counts = {len(k) for k in keep}
+    if len(counts) != 1:
+        raise ValueError("a checkpoint has one expert count: keep as many experts in every layer")
+    model = copy.deepcopy(moe.model)
+    for layer, kept in zip(moe.layers, keep, strict=True):
+        index = torch.tensor(sorted(kept))
+        for module in (model.get_submodule(_path(moe, layer.router)), model.get_submodule(_path(moe, layer.experts))):
+            for name, tensor in list(module.named_parameters(recurse=True)) + list(module.named_buffers(recurse=True)):
+                if tensor.dim() and tensor.shape[0] == layer.num_experts:
+                    owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+                    leaf = name.rsplit(".", 1)[-1]
+                    selected = tensor.detach().index_select(0, index.to(tensor.device)).clone()
+                    if isinstance(tensor, torch.nn.Parameter):
+                        setattr(owner, leaf, torch.nn.Parameter(selected, requires_grad=False))
+                    else:
+                        owner.register_buffer(leaf, selected)
+            for attribute in ("num_experts", "out_features", "n_routed_experts"):
+                if getattr(module, attribute, None) == layer.num_experts:
+                    setattr(module, attribute, len(index))
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for attribute in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+        if getattr(config, attribute, None) == moe.layers[0].num_experts:
+            setattr(config, attribute, len(keep[0]))
+    model.save_pretrained(folder)
+    if moe.tokenizer is not None and hasattr(moe.tokenizer, "save_pretrained"):
+        moe.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _path(moe: MoEModel, module: torch.nn.Module) -> str:
+    for name, candidate in moe.model.named_modules():
+        if candidate is module:
+            return name
+    raise ValueError("module not found in the model")
+
+
+def nll_table(nll_sum: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean NLL per domain and pooled ('all' last), and the prediction counts."""
+    mean = np.append(nll_sum / np.maximum(count, 1), nll_sum.sum() / max(count.sum(), 1))
+    return mean, np.append(count, count.sum())
+
+
+def log_ppl(mean_nll: float) -> float:
+    return math.exp(mean_nll)

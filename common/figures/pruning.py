@@ -1,0 +1,44 @@
+"""prune.py's figure: perplexity against the fraction of experts removed, one line per criterion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+from matplotlib.ticker import FormatStrFormatter
+
+from common.plots import grid, plt
+
+COLOURS = {"frequency": "C0", "weight": "C1", "saliency": "C2", "random": "0.35"}
+# criteria that remove experts in the same order draw the same line: wider lines below narrower ones keep each visible
+STYLES = {"frequency": (3.2, "o"), "weight": (1.8, "s"), "saliency": (1.0, "^"), "random": (1.2, "o")}
+
+
+def plot_prune_perplexity(table: pd.DataFrame, domains: Sequence[str], scope: str, how: str) -> plt.Figure:
+    """A panel per domain (and pooled): perplexity (log scale) against the fraction removed; random as mean ± sd."""
+    fig, axes = grid(len(domains), ncols=3, panel_size=(3.4, 2.7))
+    for ax, domain in zip(axes, domains, strict=True):
+        d = table[table.domain == domain]
+        for criterion in dict.fromkeys(d.criterion):
+            c = d[d.criterion == criterion].groupby("fraction")["ppl"]
+            mean, sd = c.mean(), c.std().fillna(0.0)
+            x = 100 * mean.index.to_numpy()
+            colour = COLOURS.get(criterion)
+            label = f"random (mean ± sd of {d[d.criterion == criterion].draw.nunique()})" if criterion == "random" else criterion
+            width, marker = STYLES.get(criterion, (1.2, "o"))
+            ax.plot(x, mean.to_numpy(), marker=marker, ms=3, lw=width, color=colour, label=label,
+                    linestyle="--" if criterion == "random" else "-")
+            if criterion == "random":
+                ax.fill_between(x, (mean - sd).to_numpy(), (mean + sd).to_numpy(), color=colour, alpha=0.2, lw=0)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.4g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.4g"))
+        ax.tick_params(axis="y", which="both", labelsize=7)
+        ax.set_title("all domains pooled" if domain == "all" else domain, fontsize=9)
+        ax.set_xlabel("experts removed per layer (%)" if scope == "layer" else "experts removed over all layers (%)")
+        ax.set_ylabel("perplexity (log scale)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=7, frameon=False)
+    how_text = "the router picks among the experts left" if how == "drop" else "removed experts' outputs zeroed"
+    fig.suptitle(f"Perplexity as experts are removed, least important first ({how_text})", fontsize=9)
+    return fig

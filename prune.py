@@ -1,0 +1,137 @@
+"""What if experts go? Per-domain perplexity as a growing fraction of experts is removed, by criterion.
+
+    uv run prune.py                                                     # demo model and domains, every MoE layer
+    uv run prune.py --model deepseek-ai/deepseek-moe-16b-base --data moe-lens --num_tokens 5000 --criteria frequency random
+
+One observation pass over the data measures, per layer and routed expert, its selection frequency, mean routing
+weight and REAP-style saliency (mean of w · ‖E_e(x)‖ over the tokens routed to it); each criterion ranks the experts
+from least to most important and removes them in that order, at each --fractions value (per layer, or ranked over all
+layers with --scope global; a layer keeps at least top-k). `random` is the control: --draws seeded permutations,
+reported as mean ± sd. Removal (docs/METRICS.md#expert-pruning): `drop` sets the removed experts' router logits to
+-inf before selection, so the router chooses among those left with the model's own normalisation (what a checkpoint
+with them deleted computes; tested equal to such checkpoints); `zero` keeps the routing and gives them weight 0
+(their outputs vanish, as with zeroed down projections). Shared experts are never removed. The same counted tokens
+serve the observation and every perplexity.
+
+Outputs: prune_scores.csv (per layer and expert: the observations), prune_perplexity.csv (criterion, draw,
+fraction, experts removed, domain, predictions, NLL, perplexity), prune_perplexity.npy [criterion, fraction,
+domain + all] (random: the mean over draws), figure prune_perplexity (perplexity, log scale, against the fraction
+removed: one line per criterion, random's mean ± sd band; a panel per domain and pooled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from common import cli
+from common.cli import at_least, base_parser, run_main
+from common.errors import InputError
+
+SCRIPT = "prune"
+CRITERIA = ("frequency", "weight", "saliency", "random")  # common/analysis/pruning.py defines each
+DEFAULT_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"a fraction of experts must lie in [0, 1), got {text}")
+    return value
+
+
+def build_parser():
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.set_defaults(num_tokens=2000)
+    prune = parser.add_argument_group("pruning")
+    prune.add_argument("--criteria", nargs="+", choices=CRITERIA, default=list(CRITERIA),
+                       help="which experts go first: the least selected (frequency), the lowest mean weight, the lowest "
+                       "saliency, or random (the control)")
+    prune.add_argument("--fractions", nargs="+", type=_fraction, default=list(DEFAULT_FRACTIONS),
+                       help="fractions of each layer's routed experts removed (capped at E − k)")
+    prune.add_argument("--scope", choices=("layer", "global"), default="layer",
+                       help="layer: every MoE layer loses the same fraction; global: experts ranked over all layers")
+    prune.add_argument("--how", choices=("drop", "zero"), default="drop",
+                       help="drop: the router chooses among the experts left; zero: routing unchanged, removed experts' "
+                       "outputs are 0")
+    prune.add_argument("--draws", type=at_least(1), default=3, help="seeded random orders for the random control")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    config = cli.config(args, SCRIPT)
+    from common.cli import pipeline
+
+    s = pipeline.setup(config)
+    import numpy as np
+    import pandas as pd
+    from tqdm import tqdm
+
+    from common.analysis import pruning
+    from common.figures.pruning import plot_prune_perplexity
+
+    domains = [d.name for d in s.domains]
+    fractions = sorted(set(args.fractions) | {0.0})
+    stream = pipeline.batches(s)
+    with pipeline.start_run(s) as out:
+        observations = pruning.ExpertObservations(s.layers, s.moe.device)
+        batches = []
+        for records, batch, _ in pipeline.captured_batches(s.moe, stream, s.layers, ("topk", "input")):
+            observations.update(records, batch)
+            batches.append(batch.to("cpu"))  # kept: every perplexity reads the same counted tokens
+        out.record(tokens=stream.report.to_dict())
+        if not batches:
+            raise InputError("the data gave no batch to measure")
+
+        rows = []
+        for i, layer in enumerate(s.layers):
+            table = {c: observations.scores(c)[i] for c in ("frequency", "weight", "saliency")}
+            for e in range(layer.num_experts):
+                rows.append({"layer": layer.layer, "expert": e, **{c: float(table[c][e]) for c in table}})
+        out.save_table(pd.DataFrame(rows), "prune_scores")
+
+        runs = [(c, 0) for c in args.criteria if c != "random"]
+        runs += [("random", d) for d in range(args.draws)] if "random" in args.criteria else []
+        results = []
+        base = None
+        with tqdm(total=len(runs) * len(fractions), desc="perplexity with experts removed", unit="run",
+                  disable=not args.progress) as bar:
+            for criterion, draw in runs:
+                scores = None if criterion == "random" else observations.scores(criterion)
+                orders = (pruning.random_order(s.layers, args.seed, draw) if scores is None
+                          else pruning.removal_order(scores))
+                for fraction in fractions:
+                    removed = pruning.removed_sets(s.layers, orders, fraction, args.scope, scores)
+                    if not any(removed) and base is not None:
+                        nll_sum, count = base
+                    else:
+                        nll_sum, count = pruning.perplexity(s.moe, batches, removed, s.layers, len(domains), args.how)
+                        if not any(removed):
+                            base = (nll_sum, count)
+                    mean, predictions = pruning.nll_table(nll_sum, count)
+                    for d, name in enumerate([*domains, "all"]):
+                        results.append({"criterion": criterion, "draw": draw, "fraction": fraction,
+                                        "experts_removed": sum(len(r) for r in removed), "domain": name,
+                                        "predictions": int(predictions[d]), "nll": float(mean[d]),
+                                        "ppl": float(np.exp(mean[d]))})
+                    bar.update(1)
+        table = pd.DataFrame(results)
+        out.save_table(table, "prune_perplexity")
+        criteria = list(dict.fromkeys(table.criterion))
+        cube = (table.groupby(["criterion", "fraction", "domain"], sort=False)["ppl"].mean()
+                .unstack("domain")[[*domains, "all"]])
+        out.save_array(np.stack([cube.loc[c].loc[fractions].to_numpy() for c in criteria]), "prune_perplexity")
+        out.record(criteria=criteria, fractions=fractions, scope=args.scope, how=args.how, draws=args.draws)
+        out.save_figure(plot_prune_perplexity(table, [*domains, "all"], args.scope, args.how), "prune_perplexity")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""prune.py: removing nothing is the model's own perplexity; `drop` equals a checkpoint with the experts deleted
+(saved and loaded back with from_pretrained) on three architectures; `zero` equals zeroed down projections; the
+random control is reproducible by seed; the script writes its documented outputs and refuses bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import prune
+from common.analysis import pruning
+from common.analysis.lens import next_token_labels
+from common.config import ModelSpec
+from common.data import resolve_domains, token_batches
+from common.model import MoEModel, load_moe
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("prune-data")
+    (folder / "a.txt").write_text("the quick brown fox jumps over the lazy dog; alpha beta gamma. " * 40)
+    (folder / "b.jsonl").write_text("\n".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + 1"})
+                                              for i in range(60)))
+    return [f"prose={folder / 'a.txt'}", f"code={folder / 'b.jsonl'}"]
+
+
+def _batches(moe: MoEModel, data: list[str]):
+    return list(token_batches(resolve_domains(data), moe.tokenizer, num_tokens=150, seq_len=32, batch_size=4,
+                              progress=False))
+
+
+def _mean(result) -> np.ndarray:
+    return pruning.nll_table(*result)[0]
+
+
+def _load(path: Path) -> MoEModel:
+    return load_moe(ModelSpec(model=str(path), device="cpu", dtype="float32"))
+
+
+def test_removing_nothing_is_transformers_own_perplexity(saved_tiny_model, data):
+    moe = _load(saved_tiny_model("olmoe"))
+    batches = _batches(moe, data)
+    ours = _mean(pruning.perplexity(moe, batches, [()] * len(moe.layers), moe.layers, 2))
+    loss_sum, tokens = np.zeros(2), np.zeros(2)
+    with torch.no_grad():
+        for batch in batches:
+            labels = next_token_labels(batch)
+            loss = moe.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels,
+                             use_cache=False).loss
+            n = int((labels[:, 1:] != -100).sum())
+            loss_sum[int(batch.domain_ids[0])] += float(loss) * n
+            tokens[int(batch.domain_ids[0])] += n
+    expected = np.append(loss_sum / tokens, loss_sum.sum() / tokens.sum())
+    np.testing.assert_allclose(np.exp(ours), np.exp(expected), rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "qwen3_moe"])
+def test_drop_equals_a_checkpoint_with_the_experts_deleted(arch, saved_tiny_model, data, tmp_path):
+    moe = _load(saved_tiny_model(arch))
+    batches = _batches(moe, data)
+    removed = [(0, 3), (1, 6), (2, 5), (0, 7)][: len(moe.layers)]
+    removed += [(4, 5)] * (len(moe.layers) - len(removed))
+    keep = [[e for e in range(m.num_experts) if e not in gone] for m, gone in zip(moe.layers, removed, strict=True)]
+    pruned = _load(pruning.save_pruned(moe, keep, tmp_path / "pruned"))
+    assert [m.num_experts for m in pruned.layers] == [m.num_experts - 2 for m in moe.layers]
+    dropped = _mean(pruning.perplexity(moe, batches, removed, moe.layers, 2, "drop"))
+    checkpoint = _mean(pruning.perplexity(pruned, batches, [()] * len(pruned.layers), pruned.layers, 2))
+    whole = _mean(pruning.perplexity(moe, batches, [()] * len(moe.layers), moe.layers, 2))
+    np.testing.assert_allclose(dropped, checkpoint, rtol=1e-5)
+    assert not np.allclose(dropped, whole, rtol=1e-6)  # the removal changed the model
+
+
+def test_zero_equals_zeroed_down_projections(saved_tiny_model, data):
+    moe = _load(saved_tiny_model("olmoe"))
+    batches = _batches(moe, data)
+    removed = [(1, 4)] * len(moe.layers)
+    zeroed_model = copy.deepcopy(moe.model)
+    for layer in zeroed_model.model.layers:
+        with torch.no_grad():
+            layer.mlp.experts.down_proj[[1, 4]] = 0.0
+    zeroed = MoEModel(zeroed_model, moe.tokenizer, name="zeroed")
+    ours = _mean(pruning.perplexity(moe, batches, removed, moe.layers, 2, "zero"))
+    reference = _mean(pruning.perplexity(zeroed, batches, [()] * len(zeroed.layers), zeroed.layers, 2))
+    np.testing.assert_allclose(ours, reference, rtol=1e-6)
+
+
+def test_removal_orders_and_caps():
+    layers = [type("L", (), {"num_experts": 8, "top_k": 2, "layer": i})() for i in range(2)]
+    scores = [np.array([5, 1, 3, 3, 0, 9, 2, 7.0]), np.array([1, 1, 1, 1, 1, 1, 1, 0.5])]
+    orders = pruning.removal_order(scores)
+    assert orders == [[4, 1, 6, 2, 3, 0, 7, 5], [7, 0, 1, 2, 3, 4, 5, 6]]  # ties: the lower index first
+    assert pruning.removed_sets(layers, orders, 0.25, "layer") == [(1, 4), (0, 7)]
+    assert pruning.removed_sets(layers, orders, 0.95, "layer") == [(0, 1, 2, 3, 4, 6),
+                                                                  (0, 1, 2, 3, 4, 7)]  # capped at E − k
+    # global: the 4 lowest scores over both layers (0 at layer 0; 0.5, then the tie at 1 by layer order)
+    assert pruning.removed_sets(layers, orders, 0.25, "global", scores) == [(1, 4), (0, 7)]
+    first, again = pruning.random_order(layers, 0, 0), pruning.random_order(layers, 0, 0)
+    assert first == again and first != pruning.random_order(layers, 0, 1) and first != pruning.random_order(layers, 1, 0)
+
+
+def test_script_writes_documented_outputs_and_refuses_bad_input(tmp_path, data, capsys):
+    argv = ["--model", "random:olmoe", "--data", *data, "--num_tokens", "120", "--seq_len", "32", "--batch_size", "4",
+            "--fractions", "0", "0.25", "0.5", "--draws", "2", "--no-progress", "--out", str(tmp_path / "out")]
+    assert prune.main(argv) == 0
+    (run,) = [p for p in (tmp_path / "out").glob("prune/*/*/*") if p.is_dir()]
+    table = pd.read_csv(run / "prune_perplexity.csv")
+    assert set(table.criterion) == {"frequency", "weight", "saliency", "random"} and set(table.fraction) == {0, 0.25, 0.5}
+    at_zero = table[table.fraction == 0].groupby("domain")["nll"]
+    assert (at_zero.max() - at_zero.min()).max() == 0  # every criterion's 0% is the same unedited model
+    assert table[(table.criterion == "random")].draw.nunique() == 2
+    assert np.load(run / "prune_perplexity.npy").shape == (4, 3, 3)
+    scores = pd.read_csv(run / "prune_scores.csv")
+    np.testing.assert_allclose(scores.groupby("layer")["frequency"].sum(), 2.0)  # top-2: two experts per token
+    assert (run / "figures" / "prune_perplexity.png").is_file()
+    assert prune.main([*argv[:-2], "--fractions", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert "a fraction of experts must lie in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert prune.main(["--help"]) == 0
