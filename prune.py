@@ -30,7 +30,8 @@ from common.cli import at_least, base_parser, run_main
 from common.errors import InputError
 
 SCRIPT = "prune"
-CRITERIA = ("frequency", "weight", "saliency", "random")  # common/analysis/pruning.py defines each
+CRITERIA = ("frequency", "weight", "saliency", "importance", "redundancy", "random")  # common/analysis/pruning.py
+DEFAULT_CRITERIA = ("frequency", "weight", "saliency", "random")  # + importance / redundancy with their run folders
 DEFAULT_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 
 
@@ -48,9 +49,18 @@ def build_parser():
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.set_defaults(num_tokens=2000)
     prune = parser.add_argument_group("pruning")
-    prune.add_argument("--criteria", nargs="+", choices=CRITERIA, default=list(CRITERIA),
+    prune.add_argument("--criteria", nargs="+", choices=CRITERIA, default=None,
                        help="which experts go first: the least selected (frequency), the lowest mean weight, the lowest "
-                       "saliency, or random (the control)")
+                       "saliency, the least ablation importance (ΔNLL: from --importance run folders, else computed "
+                       "here at E+1 forwards per batch and layer), output-similarity redundancy (needs --similarity), "
+                       "or random (the control). Default: frequency weight saliency random, + importance / redundancy "
+                       "when their run folders are given")
+    prune.add_argument("--importance", nargs="+", metavar="RUN", default=None,
+                       help="interv.py --data run folders (one per layer) whose ΔNLL ranks the experts")
+    prune.add_argument("--similarity", metavar="RUN", default=None,
+                       help="a sim.py run folder: of the most similar pair, the more redundant expert goes first")
+    prune.add_argument("--similarity_method", default=None, choices=("cosine", "cka", "cka-debiased", "cka-rbf"),
+                       help="which of the sim.py run's similarities (default: its first)")
     prune.add_argument("--fractions", nargs="+", type=_fraction, default=list(DEFAULT_FRACTIONS),
                        help="fractions of each layer's routed experts removed (capped at E − k)")
     prune.add_argument("--scope", choices=("layer", "global"), default="layer",
@@ -64,6 +74,8 @@ def build_parser():
 
 def run(args: argparse.Namespace) -> None:
     config = cli.config(args, SCRIPT)
+    if "redundancy" in (args.criteria or ()) and not args.similarity:
+        raise InputError("--criteria redundancy needs --similarity RUN (a sim.py run folder of this model)")
     from common.cli import pipeline
 
     s = pipeline.setup(config)
@@ -76,6 +88,10 @@ def run(args: argparse.Namespace) -> None:
 
     domains = [d.name for d in s.domains]
     fractions = sorted(set(args.fractions) | {0.0})
+    criteria = list(args.criteria or [*DEFAULT_CRITERIA[:3], *(["importance"] if args.importance else []),
+                                      *(["redundancy"] if args.similarity else []), "random"])
+    redundancy = pruning.read_similarity(args.similarity, s.layers, args.similarity_method) if args.similarity else None
+    importance = pruning.read_importance(args.importance, s.layers) if args.importance else None
     stream = pipeline.batches(s)
     with pipeline.start_run(s) as out:
         observations = pruning.ExpertObservations(s.layers, s.moe.device)
@@ -94,16 +110,27 @@ def run(args: argparse.Namespace) -> None:
                 rows.append({"layer": layer.layer, "expert": e, **{c: float(table[c][e]) for c in table}})
         out.save_table(pd.DataFrame(rows), "prune_scores")
 
-        runs = [(c, 0) for c in args.criteria if c != "random"]
-        runs += [("random", d) for d in range(args.draws)] if "random" in args.criteria else []
+        if "importance" in criteria and importance is None:
+            importance = pruning.computed_importance(s.moe, s.layers, batches, domains)
+        if importance is not None:
+            out.save_table(pd.DataFrame([{"layer": m.layer, "expert": e, "delta_nll": float(importance[i][e])}
+                                         for i, m in enumerate(s.layers) for e in range(m.num_experts)]),
+                           "prune_importance")
+        runs = [(c, 0) for c in criteria if c != "random"]
+        runs += [("random", d) for d in range(args.draws)] if "random" in criteria else []
         results = []
         base = None
         with tqdm(total=len(runs) * len(fractions), desc="perplexity with experts removed", unit="run",
                   disable=not args.progress) as bar:
             for criterion, draw in runs:
-                scores = None if criterion == "random" else observations.scores(criterion)
-                orders = (pruning.random_order(s.layers, args.seed, draw) if scores is None
-                          else pruning.removal_order(scores))
+                scores = (importance if criterion == "importance" else None
+                          if criterion in ("random", "redundancy") else observations.scores(criterion))
+                if criterion == "random":
+                    orders = pruning.random_order(s.layers, args.seed, draw)
+                elif criterion == "redundancy":
+                    orders = redundancy[0]
+                else:
+                    orders = pruning.removal_order(scores)
                 for fraction in fractions:
                     removed = pruning.removed_sets(s.layers, orders, fraction, args.scope, scores)
                     if not any(removed) and base is not None:
@@ -121,11 +148,12 @@ def run(args: argparse.Namespace) -> None:
                     bar.update(1)
         table = pd.DataFrame(results)
         out.save_table(table, "prune_perplexity")
-        criteria = list(dict.fromkeys(table.criterion))
+        criteria = list(dict.fromkeys(table.criterion))  # the order they ran in
         cube = (table.groupby(["criterion", "fraction", "domain"], sort=False)["ppl"].mean()
                 .unstack("domain")[[*domains, "all"]])
         out.save_array(np.stack([cube.loc[c].loc[fractions].to_numpy() for c in criteria]), "prune_perplexity")
-        out.record(criteria=criteria, fractions=fractions, scope=args.scope, how=args.how, draws=args.draws)
+        out.record(criteria=criteria, fractions=fractions, scope=args.scope, how=args.how, draws=args.draws,
+                   similarity_method=redundancy[1] if redundancy else None)
         out.save_figure(plot_prune_perplexity(table, [*domains, "all"], args.scope, args.how), "prune_perplexity")
 
 

@@ -122,3 +122,25 @@ def test_script_writes_documented_outputs_and_refuses_bad_input(tmp_path, data, 
     assert "a fraction of experts must lie in [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     assert prune.main(["--help"]) == 0
+
+
+def test_importance_computed_here_equals_an_interv_run_and_redundancy_follows_similarity(tmp_path, data):
+    import interv
+
+    common = ["--model", "random:olmoe", "--data", *data, "--num_tokens", "60", "--seq_len", "32", "--batch_size", "4",
+              "--no-progress", "--no-figures"]
+    for layer in range(4):
+        assert interv.main([*common, "--layer", str(layer), "--out", str(tmp_path / "interv")]) == 0
+    runs = [str(p) for p in (tmp_path / "interv").glob("interv/*/*/*") if p.is_dir()]
+    argv = [*common, "--fractions", "0", "0.25", "--out"]
+    assert prune.main([*argv, str(tmp_path / "read"), "--criteria", "importance", "--importance", *runs]) == 0
+    assert prune.main([*argv, str(tmp_path / "computed"), "--criteria", "importance"]) == 0
+    read, computed = ([p for p in (tmp_path / w).glob("prune/*/*/*") if p.is_dir()][0] for w in ("read", "computed"))
+    a, b = (pd.read_csv(run / "prune_importance.csv") for run in (read, computed))
+    np.testing.assert_allclose(b.delta_nll, a.delta_nll, rtol=1e-9, atol=1e-12)
+    pd.testing.assert_frame_equal(pd.read_csv(read / "prune_perplexity.csv"), pd.read_csv(computed / "prune_perplexity.csv"))
+
+    similarity = np.array([[1.0, 0.9, 0.1, 0.2], [0.9, 1.0, 0.3, 0.2], [0.1, 0.3, 1.0, 0.5], [0.2, 0.2, 0.5, 1.0]])
+    # (0, 1) is the most similar pair: 1 is more similar to the rest on average (0.47 vs 0.40) and goes; then (2, 3):
+    # 3 (0.35 vs 0.30); then (0, 2), a tie (0.1 each): the higher index, 2, goes and 0 stays last
+    assert pruning.redundancy_order(similarity) == [1, 3, 2, 0]

@@ -66,6 +66,92 @@ class ExpertObservations:
         return [table[i, : m.num_experts] for i, m in enumerate(self.layers)]
 
 
+def computed_importance(moe: MoEModel, layers: Sequence[MoELayer], batches: Sequence[Batch],
+                        domains: Sequence[str]) -> list[np.ndarray]:
+    """Per layer, each routed expert's ablation importance: ΔNLL over all counted predictions when its weight is 0
+    (docs/METRICS.md#expert-importance), computed as interv.py --data computes it."""
+    from common.analysis.importance import ImportanceAccumulator, accumulate_importance
+
+    scores = []
+    for layer in layers:
+        acc = ImportanceAccumulator(layer, list(range(layer.num_experts)), domains, moe.device)
+        accumulate_importance(moe, acc, iter(batches), False)
+        arrays = acc.arrays()
+        scores.append(arrays["delta"].sum(1) / max(arrays["tokens"].sum(), 1.0))
+    return scores
+
+
+def read_importance(folders: Sequence[Path], layers: Sequence[MoELayer]) -> list[np.ndarray]:
+    """Per layer, ΔNLL of each expert on all domains pooled, from interv.py --data run folders (one per layer)."""
+    import pandas as pd
+
+    found: dict[int, np.ndarray] = {}
+    for folder in folders:
+        for path in sorted(Path(folder).glob("importance_layer*.csv")):
+            table = pd.read_csv(path)
+            pooled = table[table.domain == "all"]
+            layer = int(pooled.layer.iloc[0])
+            values = np.full(int(pooled.expert.max()) + 1, np.nan)
+            values[pooled.expert.to_numpy()] = pooled.delta_nll.to_numpy()
+            found[layer] = values
+    scores = []
+    for layer in layers:
+        values = found.get(layer.layer)
+        if values is None or len(values) < layer.num_experts or np.isnan(values[: layer.num_experts]).any():
+            from common.errors import InputError
+
+            have = ", ".join(map(str, sorted(found))) or "none"
+            raise InputError(f"--importance: no ablation of every expert of layer {layer.layer} in the run folders "
+                             f"given (layers with one: {have}); run interv.py --data --layer {layer.layer} first")
+        scores.append(values[: layer.num_experts])
+    return scores
+
+
+def redundancy_order(similarity: np.ndarray) -> list[int]:
+    """Experts in the order output-similarity redundancy removes them: repeatedly, of the most similar pair left, the
+    member more similar on average to the others left (ties: the higher index) goes; the last one stays last."""
+    left = list(range(similarity.shape[0]))
+    matrix = np.where(np.isfinite(similarity), similarity, -np.inf)
+    order = []
+    while len(left) > 1:
+        sub = matrix[np.ix_(left, left)].copy()
+        np.fill_diagonal(sub, -np.inf)
+        i, j = np.unravel_index(np.argmax(sub), sub.shape)
+        finite = np.where(np.isfinite(sub), sub, np.nan)
+        mean_i, mean_j = np.nanmean(finite[i]), np.nanmean(finite[j])
+        gone = left[i] if (mean_i, left[i]) > (mean_j, left[j]) else left[j]
+        order.append(gone)
+        left.remove(gone)
+    return order + left
+
+
+def read_similarity(folder: Path, layers: Sequence[MoELayer], method: str | None) -> tuple[list[list[int]], str]:
+    """Per layer, the redundancy removal order from a sim.py run folder's similarity.csv (`method`, or the first the
+    run has), and the method used."""
+    import pandas as pd
+
+    from common.errors import InputError
+
+    path = Path(folder) / "similarity.csv"
+    if not path.is_file():
+        raise InputError(f"--similarity {folder}: no similarity.csv (give a sim.py run folder)")
+    table = pd.read_csv(path)
+    methods = list(dict.fromkeys(table.method))
+    method = method or methods[0]
+    if method not in methods:
+        raise InputError(f"--similarity_method {method}: the run has {', '.join(methods)}")
+    table = table[(table.method == method) & (table.expert_i != "shared") & (table.expert_j != "shared")]
+    orders = []
+    for layer in layers:
+        rows = table[table.layer == layer.layer]
+        if rows.empty:
+            raise InputError(f"--similarity {folder}: no layer {layer.layer} (it has {sorted(set(table.layer))})")
+        matrix = np.full((layer.num_experts, layer.num_experts), np.nan)
+        matrix[rows.expert_i.astype(int), rows.expert_j.astype(int)] = rows.value.to_numpy(dtype=float)
+        orders.append(redundancy_order(matrix))
+    return orders, method
+
+
 def removal_order(scores: Sequence[np.ndarray]) -> list[list[int]]:
     """Per layer, experts from least to most important (ties: the lower index first)."""
     return [list(np.lexsort((np.arange(len(s)), s))) for s in scores]

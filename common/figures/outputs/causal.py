@@ -177,9 +177,16 @@ OUTPUTS: tuple[Output, ...] = (
                     "saliency": "REAP-style saliency: mean over the tokens routed to the expert of w · ‖E_e(x)‖ (the "
                                 "hidden state's units; 0 for an expert never routed)"},
            integers=frozenset({"layer", "expert"})),
+    Output("prune_importance.csv", "the importance criterion's scores: each expert's ablation ΔNLL on all domains "
+           "pooled (read from --importance run folders, or computed as interv.py --data does)", "expert-pruning", PRUNE,
+           columns={"layer": LAYER, "expert": EXPERT,
+                    "delta_nll": "ΔNLL when the expert's weight is 0 at every token (nats per token; higher = more "
+                                 "important, removed later)"},
+           integers=frozenset({"layer", "expert"})),
     Output("prune_perplexity.csv", "next-token perplexity per domain with a fraction of the experts removed, least "
            "important first by each criterion", "expert-pruning", PRUNE,
-           columns={"criterion": "order of removal: frequency, weight, saliency (least first) or random (the control)",
+           columns={"criterion": "order of removal: frequency, weight, saliency, importance (least first), redundancy "
+                                 "(the more redundant member of the most similar pair first) or random (the control)",
                     "draw": "random: the seeded draw (0..--draws−1); 0 for the other criteria",
                     "fraction": "fraction of each layer's routed experts removed (--scope global: of all layers')",
                     "experts_removed": "routed experts removed over all measured layers (count; at most E − k per layer)",
