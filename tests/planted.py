@@ -39,8 +39,19 @@ def group_of(token_id: int) -> int | None:
     return None
 
 
-def build_planted_model(swap_group: int | None = None, swap_layer: int = 1) -> OlmoeForCausalLM:
-    """The planted model; `swap_group` routes that group, at `swap_layer`, to the two experts no group uses."""
+def carriers(layer: int = 1) -> tuple[int, int]:
+    """The two experts that carry domain 0 in a model built with `carry_layer=layer`: its groups' top-1 experts."""
+    return planted_experts(layer, 0)[0], planted_experts(layer, 1)[0]
+
+
+def build_planted_model(swap_group: int | None = None, swap_layer: int = 1,
+                        carry_layer: int | None = None) -> OlmoeForCausalLM:
+    """The planted model; `swap_group` routes that group, at `swap_layer`, to the two experts no group uses.
+
+    `carry_layer`: at that layer the two `carriers` (the top-1 experts of domain 0's groups) output a constant vector
+    that raises the other group's coordinate (group 0's carrier writes group 1's, and back), so after the layer a
+    domain-0 token's logits are about equal over all 8 letters of its domain instead of its own group's 4: the
+    next-token NLL on domain 0 falls from ~9 to ~2.3 nats. Every other expert's output stays 0."""
     config = OlmoeConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=8, num_hidden_layers=NUM_LAYERS,
         num_attention_heads=4, num_key_value_heads=4, num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K,
@@ -69,12 +80,19 @@ def build_planted_model(swap_group: int | None = None, swap_layer: int = 1) -> O
                 router[first, g] = 1.0
                 router[second, g] = 0.6
             layer.mlp.gate.weight.copy_(router)
+            if carry_layer == layer_index:
+                inner = config.intermediate_size
+                for group, expert in enumerate(carriers(layer_index)):
+                    # gate and up unit 0 read the token's group coordinate (16 after the RMS norm): act ≈ 15.7
+                    for row in (0, inner):
+                        layer.mlp.experts.gate_up_proj[expert, row, group] = 0.25
+                    layer.mlp.experts.down_proj[expert, 1 - group, 0] = 4.0 / 15.7  # +4 on the other group
     return model
 
 
-def save_planted(path: Path, swap_group: int | None = None) -> Path:
+def save_planted(path: Path, swap_group: int | None = None, carry_layer: int | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    build_planted_model(swap_group).save_pretrained(path)
+    build_planted_model(swap_group, carry_layer=carry_layer).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
 
