@@ -135,7 +135,7 @@ def test_importance_computed_here_equals_an_interv_run_and_redundancy_follows_si
     argv = [*common, "--fractions", "0", "0.25", "--out"]
     assert prune.main([*argv, str(tmp_path / "read"), "--criteria", "importance", "--importance", *runs]) == 0
     assert prune.main([*argv, str(tmp_path / "computed"), "--criteria", "importance"]) == 0
-    read, computed = ([p for p in (tmp_path / w).glob("prune/*/*/*") if p.is_dir()][0] for w in ("read", "computed"))
+    read, computed = (next(p for p in (tmp_path / w).glob("prune/*/*/*") if p.is_dir()) for w in ("read", "computed"))
     a, b = (pd.read_csv(run / "prune_importance.csv") for run in (read, computed))
     np.testing.assert_allclose(b.delta_nll, a.delta_nll, rtol=1e-9, atol=1e-12)
     pd.testing.assert_frame_equal(pd.read_csv(read / "prune_perplexity.csv"), pd.read_csv(computed / "prune_perplexity.csv"))
