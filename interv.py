@@ -114,6 +114,8 @@ def build_parser():
     dataset.add_argument("--full_forwards", action="store_true",
                          help="run every ablation as a whole forward from the embeddings (the plain way; default: "
                          "start at the ablated layer from the unedited forward's residual, the same numbers)")
+    dataset.add_argument("--bootstrap", type=at_least(1), default=200, metavar="N",
+                         help="causal audit: bootstrap resamples of the documents for the correlations' 95%% intervals")
     return parser
 
 
@@ -482,15 +484,18 @@ def run_dataset(args: argparse.Namespace) -> None:
 
     s = pipeline.setup(config, preflight, early)
     # imported once the input is known to be good: a refused run does not pay for them
+    import pandas as pd
     from tqdm import tqdm
 
+    from common import distributed
+    from common.analysis.audit import METRICS, AuditAccumulator, correlations
     from common.analysis.importance import (
         ImportanceAccumulator,
         ablations_per_forward,
         accumulate_importance,
         importance_tables,
     )
-    from common.figures.interventions import plot_importance_heatmap, plot_importance_scatter
+    from common.figures.interventions import plot_audit, plot_importance_heatmap, plot_importance_scatter
 
     layer = s.layers[0]
     experts = ablated_experts(args, layer)
@@ -499,6 +504,8 @@ def run_dataset(args: argparse.Namespace) -> None:
     stream = pipeline.batches(quiet)
     with pipeline.start_run(s) as out:
         acc = ImportanceAccumulator(layer, experts, domains, s.moe.device)
+        # the causal audit keeps per-document sums on this process: under torchrun it is left out (recorded)
+        audit = AuditAccumulator(layer, experts, s.moe.vocab_size, s.moe.device) if distributed.world_size() == 1 else None
         total = s.config.data.num_tokens * len(domains) * (len(experts) + 1)
         with tqdm(total=total, unit="tok", unit_scale=True, disable=not args.progress,
                   desc=f"layer {layer.layer}: base + {len(experts)} ablations per batch") as bar:
@@ -507,9 +514,10 @@ def run_dataset(args: argparse.Namespace) -> None:
             variants = args.ablations_per_forward or (ablations_per_forward(
                 s.config.data.batch_size, s.seq_len, s.moe.vocab_size, len(experts))
                 if s.moe.device.type == "cuda" else 1)
-            batches = pipeline.resumable(out, s, stream, importance=acc)
+            batches = pipeline.resumable(out, s, stream, importance=acc, audit=audit) if audit is not None else \
+                pipeline.resumable(out, s, stream, importance=acc)
             how = accumulate_importance(s.moe, acc, batches, args.renormalize, progress=bar, variants=variants,
-                                        resume=not args.full_forwards)
+                                        resume=not args.full_forwards, audit=audit)
         acc.all_reduce()
         out.record(tokens=stream.report.to_dict(), experts=experts,
                    forwards_per_batch=1 + math.ceil(len(experts) / how["variants_per_forward"]),
@@ -526,6 +534,15 @@ def run_dataset(args: argparse.Namespace) -> None:
                         f"importance_heatmap_layer{L}")
         out.save_figure(plot_importance_scatter(result["table"], domains, L, result["uniform"], result["summary"]),
                         f"importance_vs_frequency_layer{L}")
+        if audit is not None:
+            values = audit.metrics()
+            out.save_table(pd.DataFrame({"layer": L, "expert": experts, **{k: values[k] for k in ("delta_nll", *METRICS)}}),
+                           f"audit_layer{L}")
+            rows = correlations(audit, draws=args.bootstrap, seed=args.seed)
+            out.save_table(pd.DataFrame([{"layer": L, **row} for row in rows]), f"audit_correlation_layer{L}")
+            out.save_figure(plot_audit(values, rows, L), f"audit_layer{L}")
+        else:
+            out.record(audit="left out under torchrun (its per-document sums stay on one process)")
         _print_summary(result["summary"])
 
 

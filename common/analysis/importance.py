@@ -252,7 +252,7 @@ def ablations_per_forward(rows: int, seq_len: int, vocab: int, experts: int, bud
 @torch.inference_mode()
 def accumulate_importance(
     moe: MoEModel, acc: ImportanceAccumulator, batches, renormalize: bool, progress=None, *,
-    variants: int = 1, resume: bool = True,
+    variants: int = 1, resume: bool = True, audit=None,
 ) -> dict:
     """For every batch: the unedited forward (NLL, routing, and the residual entering the ablated layer), then the
     ablations, `variants` of them per forward (the batch repeated, each copy with its own expert ablated: rows
@@ -267,11 +267,14 @@ def accumulate_importance(
     resumed = resume and layer.layer > 0
     for batch in batches:
         batch = batch.to(moe.device)
-        with capture(moe, [layer], ("topk",)) as records, layer_input(layers, layer.layer) as entering:
+        what = ("topk", "input") if audit is not None else ("topk",)
+        with capture(moe, [layer], what) as records, layer_input(layers, layer.layer) as entering:
             logits = moe.forward(batch.input_ids, batch.attention_mask).logits
             record = records[layer.layer]
             base_nll = next_token_nll(logits, batch.input_ids)
             acc.update_base(batch, base_nll, record.topk_index, record.topk_weight)
+            if audit is not None:  # the observations of the same experts on the same tokens (common.analysis.audit)
+                audit.update_base(batch, record)
         del logits
         resumed = resumed and entering["plain"]
         counted, rows = batch.num_counted, batch.input_ids.shape[0]
@@ -293,7 +296,10 @@ def accumulate_importance(
                 logits = moe.forward(batch.input_ids.repeat(repeat, 1), batch.attention_mask.repeat(repeat, 1)).logits
             for j, (position, _) in enumerate(group):
                 part = logits[j * rows : (j + 1) * rows]
-                acc.update_ablated(position, batch, next_token_nll(part, batch.input_ids), base_nll)
+                nll = next_token_nll(part, batch.input_ids)
+                acc.update_ablated(position, batch, nll, base_nll)
+                if audit is not None:
+                    audit.update_ablated(position, batch, nll, base_nll)
             del logits
             if progress is not None:
                 progress.update(counted * repeat)

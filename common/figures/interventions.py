@@ -238,3 +238,44 @@ def plot_importance_scatter(table: pd.DataFrame, domains: Sequence[str], layer: 
         place_labels(ax, np.array([(x, y) for x, y, _ in points]).reshape(-1, 2), [text for _, _, text in points],
                      ["0.15"] * len(points), fontsize=6, beside=True)
     return fig
+
+
+AUDIT_LABELS = {"frequency": "selection frequency", "mean_weight": "mean routing weight", "saliency": "REAP saliency",
+                "output_norm": "mean output norm", "jsd_specialization": "JSD specialization (bits)",
+                "token_coverage": "token coverage"}
+AUDIT_SHORT = {"frequency": "frequency", "mean_weight": "weight", "saliency": "saliency", "output_norm": "norm",
+               "jsd_specialization": "JSD", "token_coverage": "coverage"}
+
+
+def plot_audit(values: dict, rows: Sequence[dict], layer: int) -> plt.Figure:
+    """The causal audit of one layer: each observational metric against ΔNLL (one dot per expert, Spearman ρ in the
+    title), then the ρ and τ of every metric with their bootstrap intervals."""
+    metrics = [row["metric"] for row in rows]
+    fig, axes = grid(len(metrics) + 1, ncols=4, panel_size=(3.0, 2.5))
+    delta = np.asarray(values["delta_nll"])
+    for ax, row in zip(axes, rows, strict=False):
+        ax.scatter(values[row["metric"]], delta, s=12, color="C0")
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_title(f"{AUDIT_LABELS.get(row['metric'], row['metric'])}\nρ = {row['spearman']:.2f}, "
+                     f"top-10 overlap {row['top10_overlap']}", fontsize=8)
+        ax.set_xlabel(AUDIT_LABELS.get(row["metric"], row["metric"]), fontsize=8)
+        ax.set_ylabel("ΔNLL when ablated (nats)", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+    bars = axes[len(metrics)]
+    y = np.arange(len(metrics))
+    for offset, name, colour in ((-0.18, "spearman", "C0"), (0.18, "kendall", "C1")):
+        centre = np.array([row[name] for row in rows], dtype=float)
+        low = np.array([row[f"{name}_low"] for row in rows], dtype=float)
+        high = np.array([row[f"{name}_high"] for row in rows], dtype=float)
+        error = np.vstack([np.nan_to_num(centre - low), np.nan_to_num(high - centre)])
+        bars.barh(y + offset, np.nan_to_num(centre), height=0.34, color=colour, xerr=error, capsize=2,
+                  label="Spearman ρ with ΔNLL" if name == "spearman" else "Kendall τ with ΔNLL (95% bootstrap intervals)")
+    bars.axvline(0, color="grey", linewidth=0.6)
+    bars.set_yticks(y, [AUDIT_SHORT.get(m, m) for m in metrics], fontsize=7)
+    bars.invert_yaxis()
+    bars.set_xlim(-1, 1)
+    bars.set_xlabel("rank correlation with ΔNLL", fontsize=8)
+    handles, names = bars.get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=2, fontsize=7, frameon=False)
+    fig.suptitle(f"Causal audit, layer {layer}: does what is observed predict what ablation costs?", fontsize=9)
+    return fig

@@ -168,6 +168,33 @@ OUTPUTS: tuple[Output, ...] = (
            "box: each domain's costliest ablation, dots: its 3 most-selected experts", "expert-importance", INTERV),
     Output("figures/importance_vs_frequency_layer{L}.{ext}", "per domain: ΔNLL of each ablation against the expert's "
            "selection frequency, with the uniform k/E line and Spearman ρ", "expert-importance", INTERV),
+    Output("audit_layer{L}.csv", "the causal audit's values per ablated expert, on the same counted tokens as the "
+           "ablations", "causal-audit", INTERV,
+           columns={"layer": LAYER, "expert": EXPERT,
+                    "delta_nll": "ablation importance: ΔNLL over all domains pooled (nats per token)",
+                    "frequency": "share of the counted tokens routed to the expert, w ≠ 0 (fraction)",
+                    "mean_weight": "mean routing weight over the counted tokens, 0 where not chosen",
+                    "saliency": "REAP saliency: mean over the tokens routed to the expert of w · ‖E_e(x)‖",
+                    "output_norm": "mean ‖E_e(x)‖ over the tokens routed to the expert",
+                    "jsd_specialization": "Jensen-Shannon divergence of the expert's domain mix from the layer's (bits)",
+                    "token_coverage": "distinct token ids routed to the expert / distinct token ids counted (fraction)"},
+           integers=frozenset({"layer", "expert"})),
+    Output("audit_correlation_layer{L}.csv", "the causal audit: per observational metric, its rank correlation with "
+           "ΔNLL over the ablated experts, with bootstrap intervals over documents, and the top-10 overlap",
+           "causal-audit", INTERV,
+           columns={"layer": LAYER, "metric": "the observational metric (audit_layer{L}.csv's columns)",
+                    "spearman": "Spearman ρ between the metric and ΔNLL over the experts (NaN: a constant input)",
+                    "spearman_low": "2.5th percentile of ρ over bootstrap resamples of the documents",
+                    "spearman_high": "97.5th percentile of ρ",
+                    "kendall": "Kendall τ-b between the metric and ΔNLL",
+                    "kendall_low": "2.5th percentile of τ over the resamples", "kendall_high": "97.5th percentile of τ",
+                    "top10_overlap": "how many of the 10 experts with the largest ΔNLL the metric also ranks top-10 (count)",
+                    "experts": "experts compared (count)", "documents": "documents resampled (count)",
+                    "bootstrap_draws": "resamples drawn (0 for token_coverage, whose token sets are not kept per "
+                                       "document: no interval)"},
+           integers=frozenset({"layer", "top10_overlap", "experts", "documents", "bootstrap_draws"})),
+    Output("figures/audit_layer{L}.{ext}", "the causal audit: each metric against ΔNLL (one dot per expert) and the "
+           "rank correlations with their intervals", "causal-audit", INTERV),
     # ------------------------------------------------------------------------------------ prune.py
     Output("prune_scores.csv", "what the pruning criteria read, per layer and routed expert, on the counted tokens",
            "expert-pruning", PRUNE,
