@@ -95,8 +95,9 @@ def run(args: argparse.Namespace) -> None:
     stream = pipeline.batches(s)
     with pipeline.start_run(s) as out:
         observations = pruning.ExpertObservations(s.layers, s.moe.device)
-        batches = []
-        for records, batch, _ in pipeline.captured_batches(s.moe, stream, s.layers, ("topk", "input")):
+        batches: list = []
+        resumable = pipeline.resumable(out, s, stream, observations=observations, kept=batches)
+        for records, batch, _ in pipeline.captured_batches(s.moe, resumable, s.layers, ("topk", "input")):
             observations.update(records, batch)
             batches.append(batch.to("cpu"))  # kept: every perplexity reads the same counted tokens
         out.record(tokens=stream.report.to_dict())

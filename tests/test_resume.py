@@ -28,6 +28,7 @@ import label
 import logit_lens
 import probing
 import profiles
+import prune
 import router_decisive
 import router_metrics
 import router_stats
@@ -73,6 +74,7 @@ CASES = {
     "probing": (probing, lambda d, s: [*_base(d, 300, "random:deepseek_v3"), "--k", "1", "2", "--max_examples", "40",
                                        "--min_examples", "5", "--concepts", "digits", "capitalized", "--dense_model",
                                        "same"]),
+    "prune": (prune, lambda d, s: [*_base(d), "--layers", "1", "--fractions", "0", "0.5", "--draws", "2"]),
     "label": (label, lambda d, s: [*_base(d), "--layer", "1", "--top", "3", "--window", "4", "--api-base", s.url,
                                    "--llm", "stub", "--api-key-env", "none", "--backoff", "0.01", "--timeout", "2"]),
 }
