@@ -61,6 +61,10 @@ def build_parser():
                        help="a sim.py run folder: of the most similar pair, the more redundant expert goes first")
     prune.add_argument("--similarity_method", default=None, choices=("cosine", "cka", "cka-debiased", "cka-rbf"),
                        help="which of the sim.py run's similarities (default: its first)")
+    prune.add_argument("--merge", action="store_true",
+                       help="also the merging what-if (needs --similarity): at each fraction, average-linkage clusters "
+                       "of the similarity, E·(1 − fraction) per layer, each replaced by the frequency-weighted average of "
+                       "its experts' weights, routing unchanged (HC-SMoE); rows 'merge' beside the criteria")
     prune.add_argument("--fractions", nargs="+", type=_fraction, default=list(DEFAULT_FRACTIONS),
                        help="fractions of each layer's routed experts removed (capped at E − k)")
     prune.add_argument("--scope", choices=("layer", "global"), default="layer",
@@ -74,8 +78,9 @@ def build_parser():
 
 def run(args: argparse.Namespace) -> None:
     config = cli.config(args, SCRIPT)
-    if "redundancy" in (args.criteria or ()) and not args.similarity:
-        raise InputError("--criteria redundancy needs --similarity RUN (a sim.py run folder of this model)")
+    if ("redundancy" in (args.criteria or ()) or args.merge) and not args.similarity:
+        raise InputError(f"{'--merge' if args.merge else '--criteria redundancy'} needs --similarity RUN (a sim.py run "
+                         "folder of this model)")
     from common.cli import pipeline
 
     s = pipeline.setup(config)
@@ -147,6 +152,20 @@ def run(args: argparse.Namespace) -> None:
                                         "predictions": int(predictions[d]), "nll": float(mean[d]),
                                         "ppl": float(np.exp(mean[d]))})
                     bar.update(1)
+        if args.merge:
+            matrices = pruning.read_similarity_matrices(args.similarity, s.layers, args.similarity_method)
+            frequency = observations.scores("frequency")
+            for fraction in tqdm(fractions, desc="perplexity with experts merged", unit="run", disable=not args.progress):
+                clusters = [pruning.merge_clusters(m, max(1, layer.num_experts - round(fraction * layer.num_experts)))
+                            for m, layer in zip(matrices, s.layers, strict=True)]
+                with pruning.merged(s.layers, clusters, frequency):
+                    nll_sum, count = pruning.perplexity(s.moe, batches, [()] * len(s.layers), s.layers, len(domains))
+                mean, predictions = pruning.nll_table(nll_sum, count)
+                merged_away = sum(layer.num_experts - len(c) for layer, c in zip(s.layers, clusters, strict=True))
+                for d, name in enumerate([*domains, "all"]):
+                    results.append({"criterion": "merge", "draw": 0, "fraction": fraction,
+                                    "experts_removed": merged_away, "domain": name, "predictions": int(predictions[d]),
+                                    "nll": float(mean[d]), "ppl": float(np.exp(mean[d]))})
         table = pd.DataFrame(results)
         out.save_table(table, "prune_perplexity")
         criteria = list(dict.fromkeys(table.criterion))  # the order they ran in

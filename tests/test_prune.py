@@ -168,3 +168,38 @@ def test_planted_carriers_saliency_keeps_them_until_last_while_random_removes_th
     for criterion in ("saliency", "importance"):
         assert all(d0[(criterion, f)] == base for f in (0.25, 0.5, 0.75)), criterion
     assert d0[("random", 0.25)] > base + 1 and d0[("random", 0.75)] > base + 10
+
+
+def test_merge_averages_clusters_by_frequency_and_identical_twins_merge_losslessly(saved_tiny_model, data, tmp_path):
+    import sim
+
+    moe = _load(saved_tiny_model("olmoe"))
+    with torch.no_grad():  # expert 0 becomes a copy of expert 1 at every layer: a pair the merge must find first
+        for layer in moe.layers:
+            for param in layer.experts.parameters():
+                if param.dim() and param.shape[0] == layer.num_experts:
+                    param[0] = param[1]
+    moe.model.save_pretrained(tmp_path / "twins")
+    moe.tokenizer.save_pretrained(tmp_path / "twins")
+    common = ["--model", str(tmp_path / "twins"), "--data", *data, "--seq_len", "32", "--batch_size", "4",
+              "--no-progress", "--no-figures"]
+    assert sim.main([*common, "--num_tokens", "200", "--method", "cosine", "--out", str(tmp_path / "sim")]) == 0
+    (sim_run,) = [p for p in (tmp_path / "sim").glob("sim/*/*/*") if p.is_dir()]
+    argv = [*common, "--num_tokens", "120", "--criteria", "random", "--draws", "1", "--similarity", str(sim_run),
+            "--merge", "--fractions", "0", "0.125", "0.5", "--out", str(tmp_path / "prune")]
+    assert prune.main(argv) == 0
+    (run,) = [p for p in (tmp_path / "prune").glob("prune/*/*/*") if p.is_dir()]
+    merge = pd.read_csv(run / "prune_perplexity.csv").query("criterion == 'merge'").set_index(["fraction", "domain"])
+    np.testing.assert_allclose(merge.loc[0.125].nll, merge.loc[0.0].nll, rtol=1e-6)  # the twins, merged: nothing lost
+    assert not np.allclose(merge.loc[0.5].nll, merge.loc[0.0].nll, rtol=1e-6)
+    assert (merge.loc[0.125].experts_removed == len(moe.layers)).all()
+
+    layer = moe.layers[0]
+    before = layer.experts.down_proj.detach().clone()
+    frequency = np.array([0.0, 0.0, 0.3, 0.1, 0.0, 0.0, 0.0, 0.0])
+    with pruning.merged([layer], [[[0], [1], [2, 3], [4], [5], [6], [7]]], [frequency]):
+        expected = 0.75 * before[2].double() + 0.25 * before[3].double()
+        torch.testing.assert_close(layer.experts.down_proj[2].double(), expected, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(layer.experts.down_proj[3], layer.experts.down_proj[2])
+        assert torch.equal(layer.experts.down_proj[0], before[0])
+    assert torch.equal(layer.experts.down_proj, before)  # restored

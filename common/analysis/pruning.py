@@ -6,16 +6,18 @@ Criteria, each ranking the routed experts of a layer from least to most importan
 - `weight`: mean routing weight over all counted tokens (0 where the expert is not chosen);
 - `saliency`: REAP-style, mean over the tokens routed to the expert of w · ‖E_e(x)‖ (0 for an expert never routed);
 - `random`: a seeded permutation per draw (the control every curve needs).
-With `scope="layer"` each MoE layer loses the same fraction of its experts; with `scope="global"` the experts of
+`--merge` (a what-if beside them): average-linkage clusters of a sim.py similarity, each cluster's experts replaced by
+the frequency-weighted average of their weights (HC-SMoE). With `scope="layer"` each MoE layer loses the same fraction of its experts; with `scope="global"` the experts of
 all layers are ranked together by the criterion's score. A layer always keeps at least top-k experts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +152,72 @@ def read_similarity(folder: Path, layers: Sequence[MoELayer], method: str | None
         matrix[rows.expert_i.astype(int), rows.expert_j.astype(int)] = rows.value.to_numpy(dtype=float)
         orders.append(redundancy_order(matrix))
     return orders, method
+
+
+def read_similarity_matrices(folder: Path, layers: Sequence[MoELayer], method: str | None) -> list[np.ndarray]:
+    """Per layer, the routed experts' similarity matrix from a sim.py run folder (NaN where undefined)."""
+    import pandas as pd
+
+    table = pd.read_csv(Path(folder) / "similarity.csv")
+    method = method or next(iter(dict.fromkeys(table.method)))
+    table = table[(table.method == method) & (table.expert_i != "shared") & (table.expert_j != "shared")]
+    matrices = []
+    for layer in layers:
+        rows = table[table.layer == layer.layer]
+        matrix = np.full((layer.num_experts, layer.num_experts), np.nan)
+        matrix[rows.expert_i.astype(int), rows.expert_j.astype(int)] = rows.value.to_numpy(dtype=float)
+        matrices.append(matrix)
+    return matrices
+
+
+def merge_clusters(similarity: np.ndarray, count: int) -> list[list[int]]:
+    """The experts in `count` clusters by average linkage on the distance 1 − similarity (undefined pairs: distance
+    1), as HC-SMoE groups them; each cluster sorted, clusters by their first member."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    experts = similarity.shape[0]
+    if count >= experts:
+        return [[e] for e in range(experts)]
+    distance = 1.0 - np.nan_to_num(similarity, nan=0.0)
+    distance = np.clip((distance + distance.T) / 2, 0.0, None)
+    np.fill_diagonal(distance, 0.0)
+    labels = fcluster(linkage(squareform(distance, checks=False), method="average"), t=max(count, 1),
+                      criterion="maxclust")
+    clusters: dict[int, list[int]] = {}
+    for expert, label in enumerate(labels):
+        clusters.setdefault(int(label), []).append(expert)
+    return sorted(clusters.values(), key=lambda members: members[0])
+
+
+@contextlib.contextmanager
+def merged(layers: Sequence[MoELayer], clusters: Sequence[Sequence[Sequence[int]]],
+           frequency: Sequence[np.ndarray]) -> Iterator[None]:
+    """Inside the block every member of a cluster computes the frequency-weighted average of its members' weights
+    (every expert tensor indexed by expert), the routing unchanged: a token routed to any member is served by the
+    merged expert, which is HC-SMoE's merge with the cluster's router rows pointing at it. Restored afterwards."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for layer, groups, freq in zip(layers, clusters, frequency, strict=True):
+                for _, param in list(layer.experts.named_parameters()):
+                    if not (param.dim() and param.shape[0] == layer.num_experts):
+                        continue
+                    original = param.detach().clone()
+                    saved.append((param, original))
+                    for members in groups:
+                        if len(members) < 2:
+                            continue
+                        weights = torch.tensor(np.asarray(freq, dtype=np.float64)[list(members)])
+                        weights = weights / weights.sum() if weights.sum() > 0 else torch.full_like(weights, 1 / len(members))
+                        shape = (-1,) + (1,) * (param.dim() - 1)
+                        average = (original[list(members)].double() * weights.view(shape).to(param.device)).sum(0)
+                        param[list(members)] = average.to(param.dtype)
+        yield
+    finally:
+        with torch.no_grad():
+            for param, original in saved:
+                param.copy_(original)
 
 
 def removal_order(scores: Sequence[np.ndarray]) -> list[list[int]]:

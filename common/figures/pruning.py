@@ -9,7 +9,8 @@ from matplotlib.ticker import FormatStrFormatter
 
 from common.plots import grid, plt
 
-COLOURS = {"frequency": "C0", "weight": "C1", "saliency": "C2", "random": "0.35"}
+COLOURS = {"frequency": "C0", "weight": "C1", "saliency": "C2", "importance": "C3", "redundancy": "C4",
+           "merge": "C5", "random": "0.35"}
 # criteria that remove experts in the same order draw the same line: wider lines below narrower ones keep each visible
 STYLES = {"frequency": (3.2, "o"), "weight": (1.8, "s"), "saliency": (1.0, "^"), "random": (1.2, "o")}
 

@@ -213,10 +213,12 @@ OUTPUTS: tuple[Output, ...] = (
     Output("prune_perplexity.csv", "next-token perplexity per domain with a fraction of the experts removed, least "
            "important first by each criterion", "expert-pruning", PRUNE,
            columns={"criterion": "order of removal: frequency, weight, saliency, importance (least first), redundancy "
-                                 "(the more redundant member of the most similar pair first) or random (the control)",
+                                 "(the more redundant member of the most similar pair first), random (the control), or merge (--merge: "
+                                 "clusters merged into their frequency-weighted average, not removed)",
                     "draw": "random: the seeded draw (0..--draws−1); 0 for the other criteria",
                     "fraction": "fraction of each layer's routed experts removed (--scope global: of all layers')",
-                    "experts_removed": "routed experts removed over all measured layers (count; at most E − k per layer)",
+                    "experts_removed": "routed experts removed over all measured layers (count; at most E − k per layer); "
+                                       "merge: experts merged away (E − clusters, summed over layers)",
                     "domain": DOMAIN,
                     "predictions": "next-token predictions averaged (count)",
                     "nll": "mean next-token NLL (nats per token)",
