@@ -153,6 +153,7 @@ def _script_module(script: str) -> ModuleType | None:
         return None
     spec = importlib.util.spec_from_file_location(f"_sweep_script_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up there
     spec.loader.exec_module(module)
     return module
 
