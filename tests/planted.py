@@ -51,7 +51,9 @@ def build_planted_model(swap_group: int | None = None, swap_layer: int = 1,
     `carry_layer`: at that layer the two `carriers` (the top-1 experts of domain 0's groups) output a constant vector
     that raises the other group's coordinate (group 0's carrier writes group 1's, and back), so after the layer a
     domain-0 token's logits are about equal over all 8 letters of its domain instead of its own group's 4: the
-    next-token NLL on domain 0 falls from ~9 to ~2.3 nats. Every other expert's output stays 0."""
+    next-token NLL on domain 0 falls from ~9 to ~2.3 nats. Every other expert's output stays 0. The carriers are also
+    the second choice of the other domains' groups (with a weight of ~0.002 there), so they are the most selected
+    experts of the layer: frequency, like saliency, ranks them first."""
     config = OlmoeConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=8, num_hidden_layers=NUM_LAYERS,
         num_attention_heads=4, num_key_value_heads=4, num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K,
@@ -77,6 +79,8 @@ def build_planted_model(swap_group: int | None = None, swap_layer: int = 1,
                 first, second = planted_experts(layer_index, g)
                 if swap_group == g and swap_layer == layer_index:
                     first, second = NUM_EXPERTS - 1, NUM_EXPERTS - 2
+                if carry_layer == layer_index and g >= 2:  # the carriers are every other group's second choice too
+                    second = carriers(layer_index)[g % 2]
                 router[first, g] = 1.0
                 router[second, g] = 0.6
             layer.mlp.gate.weight.copy_(router)

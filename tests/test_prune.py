@@ -148,24 +148,24 @@ def test_importance_computed_here_equals_an_interv_run_and_redundancy_follows_si
 
 def test_planted_carriers_saliency_keeps_them_until_last_while_random_removes_them_early(tmp_path):
     """The planted model's two carrier experts (tests/planted.py, layer 1) alone make domain d0 predictable (NLL
-    ~2.8 nats instead of ~18): saliency and ablation importance remove them last, so d0's perplexity stays exactly
-    flat up to 75% removed (zero mode: routing unchanged); random orders lose them early."""
+    ~2.8 nats instead of ~18): frequency, saliency and ablation importance remove them last, so d0's perplexity
+    stays exactly flat up to 75% removed (zero mode: routing unchanged); random orders lose them early."""
     from tests.planted import carriers, save_planted, write_domains
 
     model = save_planted(tmp_path / "model", carry_layer=1)
     specs = write_domains(tmp_path)
     argv = ["--model", str(model), "--data", *specs, "--num_tokens", "300", "--seq_len", "64", "--layers", "1",
-            "--criteria", "saliency", "importance", "random", "--draws", "4", "--fractions", "0", "0.25", "0.5",
+            "--criteria", "frequency", "saliency", "importance", "random", "--draws", "4", "--fractions", "0", "0.25", "0.5",
             "0.75", "--how", "zero", "--no-progress", "--no-figures", "--out", str(tmp_path / "out")]
     assert prune.main(argv) == 0
     (run,) = [p for p in (tmp_path / "out").glob("prune/*/*/*") if p.is_dir()]
     scores = pd.read_csv(run / "prune_scores.csv")
-    assert set(scores.nlargest(2, "saliency").expert) == set(carriers(1))
+    assert set(scores.nlargest(2, "saliency").expert) == set(scores.nlargest(2, "frequency").expert) == set(carriers(1))
     assert (scores[~scores.expert.isin(carriers(1))].saliency == 0).all()
     d0 = pd.read_csv(run / "prune_perplexity.csv").query("domain == 'd0'").groupby(["criterion", "fraction"])["nll"].mean()
     base = d0[("saliency", 0.0)]
     assert base < 3.5
-    for criterion in ("saliency", "importance"):
+    for criterion in ("frequency", "saliency", "importance"):
         assert all(d0[(criterion, f)] == base for f in (0.25, 0.5, 0.75)), criterion
     assert d0[("random", 0.25)] > base + 1 and d0[("random", 0.75)] > base + 10
 

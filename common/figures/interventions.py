@@ -267,9 +267,12 @@ def plot_audit(values: dict, rows: Sequence[dict], layer: int) -> plt.Figure:
         centre = np.array([row[name] for row in rows], dtype=float)
         low = np.array([row[f"{name}_low"] for row in rows], dtype=float)
         high = np.array([row[f"{name}_high"] for row in rows], dtype=float)
-        error = np.vstack([np.nan_to_num(centre - low), np.nan_to_num(high - centre)])
-        bars.barh(y + offset, np.nan_to_num(centre), height=0.34, color=colour, xerr=error, capsize=2,
+        bars.barh(y + offset, np.nan_to_num(centre), height=0.34, color=colour,
                   label="Spearman ρ with ΔNLL" if name == "spearman" else "Kendall τ with ΔNLL (95% bootstrap intervals)")
+        # the interval drawn as it is (a percentile interval need not contain the point estimate)
+        shown = np.isfinite(low) & np.isfinite(high)
+        bars.errorbar((low[shown] + high[shown]) / 2, (y + offset)[shown], xerr=(high[shown] - low[shown]) / 2,
+                      fmt="none", ecolor="black", elinewidth=1, capsize=2)
     bars.axvline(0, color="grey", linewidth=0.6)
     bars.set_yticks(y, [AUDIT_SHORT.get(m, m) for m in metrics], fontsize=7)
     bars.invert_yaxis()
