@@ -73,6 +73,9 @@ def build_parser():
                        help="drop: the router chooses among the experts left; zero: routing unchanged, removed experts' "
                        "outputs are 0")
     prune.add_argument("--draws", type=at_least(1), default=3, help="seeded random orders for the random control")
+    prune.add_argument("--include-shared", dest="include_shared", action="store_true",
+                       help="count each layer's shared experts as one more removable unit (frequency and weight 1, "
+                       "saliency their mean output norm; removed = output 0); default: never removed")
     return parser
 
 
@@ -99,10 +102,12 @@ def run(args: argparse.Namespace) -> None:
     importance = pruning.read_importance(args.importance, s.layers) if args.importance else None
     stream = pipeline.batches(s)
     with pipeline.start_run(s) as out:
-        observations = pruning.ExpertObservations(s.layers, s.moe.device)
+        observations = pruning.ExpertObservations(s.layers, s.moe.device, include_shared=args.include_shared)
+        with_shared = args.include_shared and any(m.shared_experts for m in s.layers)
         batches: list = []
         resumable = pipeline.resumable(out, s, stream, observations=observations, kept=batches)
-        for records, batch, _ in pipeline.captured_batches(s.moe, resumable, s.layers, ("topk", "input")):
+        what = ("topk", "input", "shared_output") if with_shared else ("topk", "input")
+        for records, batch, _ in pipeline.captured_batches(s.moe, resumable, s.layers, what):
             observations.update(records, batch)
             batches.append(batch.to("cpu"))  # kept: every perplexity reads the same counted tokens
         out.record(tokens=stream.report.to_dict())
@@ -112,8 +117,9 @@ def run(args: argparse.Namespace) -> None:
         rows = []
         for i, layer in enumerate(s.layers):
             table = {c: observations.scores(c)[i] for c in ("frequency", "weight", "saliency")}
-            for e in range(layer.num_experts):
-                rows.append({"layer": layer.layer, "expert": e, **{c: float(table[c][e]) for c in table}})
+            for e in range(observations.units(layer)):
+                name = "shared" if e == layer.num_experts else e
+                rows.append({"layer": layer.layer, "expert": name, **{c: float(table[c][e]) for c in table}})
         out.save_table(pd.DataFrame(rows), "prune_scores")
 
         if "importance" in criteria and importance is None:
@@ -132,7 +138,7 @@ def run(args: argparse.Namespace) -> None:
                 scores = (importance if criterion == "importance" else None
                           if criterion in ("random", "redundancy") else observations.scores(criterion))
                 if criterion == "random":
-                    orders = pruning.random_order(s.layers, args.seed, draw)
+                    orders = pruning.random_order(s.layers, args.seed, draw, args.include_shared)
                 elif criterion == "redundancy":
                     orders = redundancy[0]
                 else:

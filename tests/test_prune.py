@@ -203,3 +203,32 @@ def test_merge_averages_clusters_by_frequency_and_identical_twins_merge_lossless
         torch.testing.assert_close(layer.experts.down_proj[3], layer.experts.down_proj[2])
         assert torch.equal(layer.experts.down_proj[0], before[0])
     assert torch.equal(layer.experts.down_proj, before)  # restored
+
+
+def test_include_shared_counts_the_shared_experts_as_one_unit_and_removes_them_whole(saved_tiny_model, data, tmp_path):
+    moe = _load(saved_tiny_model("qwen2_moe"))
+    assert all(m.shared_experts for m in moe.layers)
+    batches = _batches(moe, data)
+    E = moe.layers[0].num_experts
+    removed = [(E,)] * len(moe.layers)  # the shared unit of every layer
+    ours = _mean(pruning.perplexity(moe, batches, removed, moe.layers, 2))
+    zeroed = MoEModel(copy.deepcopy(moe.model), moe.tokenizer, name="zeroed")
+    with torch.no_grad():  # the shared experts' own down projections zeroed
+        for layer in zeroed.layers:
+            for module in layer.shared_experts:
+                module.down_proj.weight.zero_()
+    reference = _mean(pruning.perplexity(zeroed, batches, [()] * len(zeroed.layers), zeroed.layers, 2))
+    np.testing.assert_allclose(ours, reference, rtol=1e-6)
+    assert not np.allclose(ours, _mean(pruning.perplexity(moe, batches, [()] * len(moe.layers), moe.layers, 2)))
+
+    argv = ["--model", str(saved_tiny_model("qwen2_moe")), "--data", *data, "--num_tokens", "100", "--seq_len", "32",
+            "--batch_size", "4", "--criteria", "saliency", "random", "--draws", "1", "--include-shared", "--fractions",
+            "0", "0.5", "--no-progress", "--no-figures", "--out", str(tmp_path / "out")]
+    assert prune.main(argv) == 0
+    (run,) = [p for p in (tmp_path / "out").glob("prune/*/*/*") if p.is_dir()]
+    scores = pd.read_csv(run / "prune_scores.csv")
+    shared = scores[scores.expert == "shared"]
+    assert len(shared) == len(moe.layers) and (shared.frequency == 1).all() and (shared.saliency > 0).all()
+    table = pd.read_csv(run / "prune_perplexity.csv")
+    half = table[(table.fraction == 0.5) & (table.domain == "all")]
+    assert (half.experts_removed == len(moe.layers) * round(0.5 * (E + 1))).all()

@@ -32,9 +32,11 @@ from common.model import MoELayer, MoEModel
 class ExpertObservations:
     """Per layer and routed expert, streamed on the device: counted tokens, tokens routed (w ≠ 0), Σ w, Σ w·‖E_e(x)‖."""
 
-    def __init__(self, layers: Sequence[MoELayer], device: torch.device) -> None:
+    def __init__(self, layers: Sequence[MoELayer], device: torch.device, include_shared: bool = False) -> None:
         self.layers = list(layers)
-        width = max(m.num_experts for m in self.layers)
+        self.include_shared = include_shared
+        # with shared experts counted, column E of a layer is its shared experts as one unit (every token uses them)
+        width = max(m.num_experts for m in self.layers) + int(include_shared)
         self.tokens = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         self.routed = torch.zeros(len(self.layers), width, dtype=torch.float64, device=device)
         self.weight = torch.zeros_like(self.routed)
@@ -53,6 +55,12 @@ class ExpertObservations:
             flat_e, flat_w = index[routed], weight[routed].double()
             self.routed[i].index_add_(0, flat_e.to(self.routed.device), torch.ones_like(flat_w).to(self.routed.device))
             self.weight[i].index_add_(0, flat_e.to(self.routed.device), flat_w.to(self.routed.device))
+            if self.include_shared and layer.shared_experts and record.shared_output is not None:
+                shared = record.shared_output[keep].double().norm(dim=-1)
+                E = layer.num_experts
+                self.routed[i, E] += float(keep.sum())
+                self.weight[i, E] += float(keep.sum())  # weight 1: the shared experts' output enters whole
+                self.saliency[i, E] += shared.sum().to(self.saliency.device)
             token, slot = routed.nonzero(as_tuple=True)
             for e in flat_e.unique().tolist():  # one call per routed expert: its output norm on its tokens
                 mine = index[token, slot] == e
@@ -65,7 +73,11 @@ class ExpertObservations:
         tokens = self.tokens.clamp_min(1).view(-1, 1)
         table = {"frequency": self.routed / tokens, "weight": self.weight / tokens,
                  "saliency": self.saliency / self.routed.clamp_min(1)}[criterion].cpu().numpy()
-        return [table[i, : m.num_experts] for i, m in enumerate(self.layers)]
+        return [table[i, : self.units(m)] for i, m in enumerate(self.layers)]
+
+    def units(self, layer: MoELayer) -> int:
+        """Removable units of a layer: its routed experts, + its shared experts as one (index E) when counted."""
+        return layer.num_experts + int(self.include_shared and bool(layer.shared_experts))
 
 
 def computed_importance(moe: MoEModel, layers: Sequence[MoELayer], batches: Sequence[Batch],
@@ -225,11 +237,11 @@ def removal_order(scores: Sequence[np.ndarray]) -> list[list[int]]:
     return [list(np.lexsort((np.arange(len(s)), s))) for s in scores]
 
 
-def random_order(layers: Sequence[MoELayer], seed: int, draw: int) -> list[list[int]]:
+def random_order(layers: Sequence[MoELayer], seed: int, draw: int, include_shared: bool = False) -> list[list[int]]:
     rng = random.Random(f"moescope:prune:{seed}:{draw}")
     orders = []
     for layer in layers:
-        experts = list(range(layer.num_experts))
+        experts = list(range(layer.num_experts + int(include_shared and bool(layer.shared_experts))))
         rng.shuffle(experts)
         orders.append(experts)
     return orders
@@ -240,10 +252,21 @@ def removed_sets(layers: Sequence[MoELayer], orders: Sequence[Sequence[int]], fr
     """Per layer, the experts removed at `fraction`: the first of each layer's order (`layer`), or the lowest scores
     over all layers (`global`; random orders by their position); at most E − k per layer."""
     caps = [m.num_experts - m.top_k for m in layers]
-    if scope == "layer":
-        counts = [min(round(fraction * m.num_experts), cap) for m, cap in zip(layers, caps, strict=True)]
-        return [tuple(sorted(order[:n])) for order, n in zip(orders, counts, strict=True)]
-    total = round(fraction * sum(m.num_experts for m in layers))
+    if scope == "layer":  # routed experts past the cap are skipped; the shared unit (index E) has no cap
+        chosen_per_layer = []
+        for m, order, cap in zip(layers, orders, caps, strict=True):
+            wanted, picked, routed = round(fraction * len(order)), [], 0
+            for expert in order:
+                if len(picked) == wanted:
+                    break
+                if expert < m.num_experts:
+                    if routed == cap:
+                        continue
+                    routed += 1
+                picked.append(expert)
+            chosen_per_layer.append(tuple(sorted(picked)))
+        return chosen_per_layer
+    total = round(fraction * sum(len(order) for order in orders))
     candidates = []
     for i, order in enumerate(orders):
         for rank, expert in enumerate(order):
@@ -254,7 +277,7 @@ def removed_sets(layers: Sequence[MoELayer], orders: Sequence[Sequence[int]], fr
     for _, i, _, expert in candidates:
         if total <= 0:
             break
-        if len(chosen[i]) < caps[i]:
+        if expert >= layers[i].num_experts or sum(e < layers[i].num_experts for e in chosen[i]) < caps[i]:
             chosen[i].append(expert)
             total -= 1
     return [tuple(sorted(c)) for c in chosen]
@@ -264,7 +287,9 @@ def removed_sets(layers: Sequence[MoELayer], orders: Sequence[Sequence[int]], fr
 def perplexity(moe: MoEModel, batches: Iterable[Batch], removed: Sequence[tuple[int, ...]],
                layers: Sequence[MoELayer], num_domains: int, how: str = "drop") -> tuple[np.ndarray, np.ndarray]:
     """(Σ NLL [domain], predictions [domain]) of next tokens with `removed[i]` taken out of layers[i]."""
-    edits = [ExpertRemoval(m.layer, experts, how) for m, experts in zip(layers, removed, strict=True) if experts]
+    edits = [ExpertRemoval(m.layer, tuple(e for e in experts if e < m.num_experts), how,
+                           shared=m.num_experts in experts)
+             for m, experts in zip(layers, removed, strict=True) if experts]
     nll_sum, count = np.zeros(num_domains), np.zeros(num_domains)
     with intervene(moe, edits):
         for batch in batches:

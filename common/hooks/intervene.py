@@ -173,6 +173,7 @@ class ExpertRemoval:
     layer: int
     experts: tuple[int, ...]
     how: Literal["drop", "zero"] = "drop"
+    shared: bool = False  # also remove the layer's shared experts: their outputs become 0 (prune.py --include-shared)
 
 
 class _MaskLogits(TorchFunctionMode):
@@ -233,6 +234,9 @@ def intervene(moe: MoEModel, edits: Sequence[RoutingEdit | TopKRestriction | Exp
         for edit in edits:
             moe_layer = moe.layer(edit.layer)
             if isinstance(edit, ExpertRemoval):
+                if edit.shared:
+                    for module in moe_layer.shared_experts:
+                        hooks.add(module.register_forward_hook(lambda m, args, out: torch.zeros_like(out)))
                 if not edit.experts:
                     continue
                 if not all(0 <= e < moe_layer.num_experts for e in edit.experts):

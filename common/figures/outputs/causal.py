@@ -198,7 +198,8 @@ OUTPUTS: tuple[Output, ...] = (
     # ------------------------------------------------------------------------------------ prune.py
     Output("prune_scores.csv", "what the pruning criteria read, per layer and routed expert, on the counted tokens",
            "expert-pruning", PRUNE,
-           columns={"layer": LAYER, "expert": EXPERT,
+           columns={"layer": LAYER, "expert": "expert index within the layer (0-based), or 'shared' for the layer's "
+                                              "shared experts counted as one unit (--include-shared)",
                     "frequency": "share of the counted tokens routed to the expert, w ≠ 0 (fraction)",
                     "weight": "mean routing weight over all counted tokens, 0 where not chosen (the model's weight scale)",
                     "saliency": "REAP-style saliency: mean over the tokens routed to the expert of w · ‖E_e(x)‖ (the "
