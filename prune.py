@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from common import cli
@@ -94,6 +95,13 @@ def run(args: argparse.Namespace) -> None:
     from common.analysis import pruning
     from common.figures.pruning import plot_prune_perplexity
 
+    biased = [m.layer for m in s.layers
+              if any(("bias" in name and "correction" in name) or name.endswith("expert_bias")
+                     for name, _ in [*m.router.named_buffers(), *m.router.named_parameters()])]
+    if args.how == "drop" and biased:
+        warnings.warn(f"--how drop: the routers of layers {', '.join(map(str, biased))} add a selection bias to their "
+                      "scores, so a dropped expert (score 0) can still take a slot with weight 0: its output is gone, but "
+                      "the token gets one expert fewer than a pruned checkpoint would give it", stacklevel=1)
     domains = [d.name for d in s.domains]
     fractions = sorted(set(args.fractions) | {0.0})
     criteria = list(args.criteria or [*DEFAULT_CRITERIA[:3], *(["importance"] if args.importance else []),
