@@ -15,8 +15,8 @@ serve the observation and every perplexity.
 
 Outputs: prune_scores.csv (per layer and expert: the observations), prune_perplexity.csv (criterion, draw,
 fraction, experts removed, domain, predictions, NLL, perplexity), prune_perplexity.npy [criterion, fraction,
-domain + all] (random: the mean over draws), figure prune_perplexity (perplexity, log scale, against the fraction
-removed: one line per criterion, random's mean ± sd band; a panel per domain and pooled).
+domain + all] (random: exp of the mean NLL over draws), figure prune_perplexity (perplexity, log scale, against the
+fraction removed: one line per criterion, random's exp(mean ± sd of the NLL) band; a panel per domain and pooled).
 """
 
 from __future__ import annotations
@@ -183,8 +183,8 @@ def run(args: argparse.Namespace) -> None:
         table = pd.DataFrame(results)
         out.save_table(table, "prune_perplexity")
         criteria = list(dict.fromkeys(table.criterion))  # the order they ran in
-        cube = (table.groupby(["criterion", "fraction", "domain"], sort=False)["ppl"].mean()
-                .unstack("domain")[[*domains, "all"]])
+        cube = np.exp(table.groupby(["criterion", "fraction", "domain"], sort=False)["nll"].mean()  # random: over draws
+                      .unstack("domain")[[*domains, "all"]])
         out.save_array(np.stack([cube.loc[c].loc[fractions].to_numpy() for c in criteria]), "prune_perplexity")
         out.record(criteria=criteria, fractions=fractions, scope=args.scope, how=args.how, draws=args.draws,
                    similarity_method=redundancy[1] if redundancy else None)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
-from matplotlib.ticker import FormatStrFormatter
+from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
 from common.plots import grid, plt
 
@@ -21,19 +22,25 @@ def plot_prune_perplexity(table: pd.DataFrame, domains: Sequence[str], scope: st
     for ax, domain in zip(axes, domains, strict=True):
         d = table[table.domain == domain]
         for criterion in dict.fromkeys(d.criterion):
-            c = d[d.criterion == criterion].groupby("fraction")["ppl"]
-            mean, sd = c.mean(), c.std().fillna(0.0)
+            # over random draws: the mean and sd of the NLL (log-perplexity), shown as exp(mean ± sd)
+            c = d[d.criterion == criterion].groupby("fraction")["nll"]
+            mean_nll, sd_nll = c.mean(), c.std().fillna(0.0)
+            mean = np.exp(mean_nll)
             x = 100 * mean.index.to_numpy()
             colour = COLOURS.get(criterion)
-            label = f"random (mean ± sd of {d[d.criterion == criterion].draw.nunique()})" if criterion == "random" else criterion
+            draws = d[d.criterion == criterion].draw.nunique()
+            label = f"random ({draws} draws: exp(mean ± sd of the NLL))" if criterion == "random" else criterion
             width, marker = STYLES.get(criterion, (1.2, "o"))
             ax.plot(x, mean.to_numpy(), marker=marker, ms=3, lw=width, color=colour, label=label,
                     linestyle="--" if criterion == "random" else "-")
             if criterion == "random":
-                ax.fill_between(x, (mean - sd).to_numpy(), (mean + sd).to_numpy(), color=colour, alpha=0.2, lw=0)
+                ax.fill_between(x, np.exp(mean_nll - sd_nll).to_numpy(), np.exp(mean_nll + sd_nll).to_numpy(),
+                                color=colour, alpha=0.2, lw=0)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FormatStrFormatter("%.4g"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.4g"))
+        low, high = ax.get_ylim()
+        # within a decade the minor ticks are the only labels; across decades they would crowd the axis
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.4g") if high / low < 10 else NullFormatter())
         ax.tick_params(axis="y", which="both", labelsize=7)
         ax.set_title("all domains pooled" if domain == "all" else domain, fontsize=9)
         ax.set_xlabel("experts removed per layer (%)" if scope == "layer" else "experts removed over all layers (%)")

@@ -225,10 +225,12 @@ OUTPUTS: tuple[Output, ...] = (
                     "nll": "mean next-token NLL (nats per token)",
                     "ppl": "perplexity exp(nll)"},
            integers=frozenset({"draw", "experts_removed", "predictions"})),
-    Output("prune_perplexity.npy", "perplexity per criterion, fraction and domain (random: mean over draws)",
+    Output("prune_perplexity.npy", "perplexity per criterion, fraction and domain (random: exp of the mean NLL over "
+           "its draws)",
            "expert-pruning", PRUNE, axes="[criterion (run.json criteria order), fraction (run.json fractions), "
            "domain (+ all last)]", dtype="float64, perplexity"),
     Output("figures/prune_perplexity.{ext}", "perplexity (log scale) against the fraction of experts removed, one line "
-           "per criterion, random's mean ± sd band; a panel per domain and pooled", "expert-pruning", PRUNE),
+           "per criterion, random's band exp(mean ± sd of the NLL over draws); a panel per domain and pooled",
+           "expert-pruning", PRUNE),
 )
 # fmt: on
