@@ -62,10 +62,11 @@ def build_parser():
                        help="a sim.py run folder: of the most similar pair, the more redundant expert goes first")
     prune.add_argument("--similarity_method", default=None, choices=("cosine", "cka", "cka-debiased", "cka-rbf"),
                        help="which of the sim.py run's similarities (default: its first)")
-    prune.add_argument("--merge", action="store_true",
-                       help="also the merging what-if (needs --similarity): at each fraction, average-linkage clusters "
-                       "of the similarity, E·(1 − fraction) per layer, each replaced by the frequency-weighted average of "
-                       "its experts' weights, routing unchanged (HC-SMoE); rows 'merge' beside the criteria")
+    prune.add_argument("--merge", nargs="*", type=at_least(1), default=None, metavar="CLUSTERS",
+                       help="also the merging what-if (needs --similarity): average-linkage clusters of the similarity, "
+                       "each replaced by the frequency-weighted average of its experts' weights, routing unchanged "
+                       "(HC-SMoE); rows 'merge' beside the criteria. Cluster counts per layer, or none: E·(1 − fraction) "
+                       "at each --fractions value")
     prune.add_argument("--fractions", nargs="+", type=_fraction, default=list(DEFAULT_FRACTIONS),
                        help="fractions of each layer's routed experts removed (capped at E − k)")
     prune.add_argument("--scope", choices=("layer", "global"), default="layer",
@@ -82,12 +83,34 @@ def build_parser():
 
 def run(args: argparse.Namespace) -> None:
     config = cli.config(args, SCRIPT)
-    if ("redundancy" in (args.criteria or ()) or args.merge) and not args.similarity:
-        raise InputError(f"{'--merge' if args.merge else '--criteria redundancy'} needs --similarity RUN (a sim.py run "
+    merging = args.merge is not None
+    if ("redundancy" in (args.criteria or ()) or merging) and not args.similarity:
+        raise InputError(f"{'--merge' if merging else '--criteria redundancy'} needs --similarity RUN (a sim.py run "
                          "folder of this model)")
     from common.cli import pipeline
 
-    s = pipeline.setup(config)
+    def preflight(skeleton, layers, domains) -> None:  # on the weightless model: refused before any weight is read
+        for count in args.merge or ():
+            for layer in layers:
+                if count > layer.num_experts:
+                    raise InputError(f"--merge {count}: more clusters than the {layer.num_experts} experts of layer "
+                                     f"{layer.layer}")
+        if args.how != "drop":
+            return
+        for fraction in args.fractions:
+            if args.scope == "layer":
+                for layer in layers:
+                    if round(fraction * layer.num_experts) > layer.num_experts - layer.top_k:
+                        raise InputError(
+                            f"--fractions {fraction:g} with --how drop: layer {layer.layer} would keep "
+                            f"{layer.num_experts - round(fraction * layer.num_experts)} of its {layer.num_experts} "
+                            f"experts, fewer than top-k = {layer.top_k} (the router needs k to choose from; --how zero "
+                            "allows it)")
+            elif round(fraction * sum(m.num_experts for m in layers)) > sum(m.num_experts - m.top_k for m in layers):
+                raise InputError(f"--fractions {fraction:g} with --how drop: the layers would keep fewer experts than "
+                                 "their top-k (--how zero allows it)")
+
+    s = pipeline.setup(config, preflight)
     import numpy as np
     import pandas as pd
     from tqdm import tqdm
@@ -107,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
     criteria = list(args.criteria or [*DEFAULT_CRITERIA[:3], *(["importance"] if args.importance else []),
                                       *(["redundancy"] if args.similarity else []), "random"])
     redundancy = pruning.read_similarity(args.similarity, s.layers, args.similarity_method) if args.similarity else None
-    importance = pruning.read_importance(args.importance, s.layers) if args.importance else None
+    importance = pruning.read_importance(args.importance, s.layers, args.model) if args.importance else None
     stream = pipeline.batches(s)
     with pipeline.start_run(s) as out:
         observations = pruning.ExpertObservations(s.layers, s.moe.device, include_shared=args.include_shared)
@@ -152,7 +175,7 @@ def run(args: argparse.Namespace) -> None:
                 else:
                     orders = pruning.removal_order(scores)
                 for fraction in fractions:
-                    removed = pruning.removed_sets(s.layers, orders, fraction, args.scope, scores)
+                    removed = pruning.removed_sets(s.layers, orders, fraction, args.scope, scores, args.how)
                     if not any(removed) and base is not None:
                         nll_sum, count = base
                     else:
@@ -166,12 +189,14 @@ def run(args: argparse.Namespace) -> None:
                                         "predictions": int(predictions[d]), "nll": float(mean[d]),
                                         "ppl": float(np.exp(mean[d]))})
                     bar.update(1)
-        if args.merge:
+        if merging:
             matrices = pruning.read_similarity_matrices(args.similarity, s.layers, args.similarity_method)
             frequency = observations.scores("frequency")
-            for fraction in tqdm(fractions, desc="perplexity with experts merged", unit="run", disable=not args.progress):
-                clusters = [pruning.merge_clusters(m, max(1, layer.num_experts - round(fraction * layer.num_experts)))
-                            for m, layer in zip(matrices, s.layers, strict=True)]
+            targets = ([[count] * len(s.layers) for count in sorted(set(args.merge), reverse=True)] if args.merge else
+                       [[max(1, m.num_experts - round(f * m.num_experts)) for m in s.layers] for f in fractions])
+            for counts in tqdm(targets, desc="perplexity with experts merged", unit="run", disable=not args.progress):
+                clusters = [pruning.merge_clusters(m, count) for m, count in zip(matrices, counts, strict=True)]
+                fraction = 1 - counts[0] / s.layers[0].num_experts
                 with pruning.merged(s.layers, clusters, frequency):
                     nll_sum, count = pruning.perplexity(s.moe, batches, [()] * len(s.layers), s.layers, len(domains))
                 mean, predictions = pruning.nll_table(nll_sum, count)

@@ -118,13 +118,30 @@ def test_script_writes_documented_outputs_and_refuses_bad_input(tmp_path, data, 
     scores = pd.read_csv(run / "prune_scores.csv")
     np.testing.assert_allclose(scores.groupby("layer")["frequency"].sum(), 2.0)  # top-2: two experts per token
     assert (run / "figures" / "prune_perplexity.png").is_file()
-    assert prune.main([*argv[:-2], "--fractions", "1", "--out", str(tmp_path / "bad")]) == 2
-    assert "a fraction of experts must lie in [0, 1)" in capsys.readouterr().err
-    assert not (tmp_path / "bad").exists()
     assert prune.main(["--help"]) == 0
+    capsys.readouterr()
+    bad = {  # one line, exit 2, nothing written
+        "100% removal": (["--fractions", "1"], "a fraction of experts must lie in [0, 1)"),
+        "fewer than top-k with drop": (["--fractions", "0.875"], "--fractions 0.875 with --how drop: layer 0 would keep "
+                                       "1 of its 8 experts, fewer than top-k = 2"),
+        "importance of another model": (["--importance", str(run)], "a run of prune.py, not of interv.py --data"),
+        "more clusters than experts": (["--merge", "9", "--similarity", str(run)], "--merge 9: more clusters than the 8 "
+                                       "experts of layer 0"),
+        "merge without a similarity": (["--merge", "4"], "--merge needs --similarity RUN"),
+    }
+    for case, (extra, message) in bad.items():
+        assert prune.main([*argv[:-2], *extra, "--out", str(tmp_path / "bad")]) == 2, case
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (case, err)
+        assert not (tmp_path / "bad").exists(), case
+    # zero may remove past top-k: the routing is not asked to choose among fewer experts
+    assert prune.main([*argv[:-2], "--fractions", "0.875", "--how", "zero", "--criteria", "frequency",
+                       "--out", str(tmp_path / "zero")]) == 0
+    zero = pd.read_csv(next((tmp_path / "zero").glob("prune/*/*/*/prune_perplexity.csv")))
+    assert zero[zero.fraction == 0.875].experts_removed.iloc[0] == 7 * 4
 
 
-def test_importance_computed_here_equals_an_interv_run_and_redundancy_follows_similarity(tmp_path, data):
+def test_importance_computed_here_equals_an_interv_run_and_redundancy_follows_similarity(tmp_path, data, capsys):
     import interv
 
     common = ["--model", "random:olmoe", "--data", *data, "--num_tokens", "60", "--seq_len", "32", "--batch_size", "4",
@@ -139,6 +156,11 @@ def test_importance_computed_here_equals_an_interv_run_and_redundancy_follows_si
     a, b = (pd.read_csv(run / "prune_importance.csv") for run in (read, computed))
     np.testing.assert_allclose(b.delta_nll, a.delta_nll, rtol=1e-9, atol=1e-12)
     pd.testing.assert_frame_equal(pd.read_csv(read / "prune_perplexity.csv"), pd.read_csv(computed / "prune_perplexity.csv"))
+    other = [a if a != "random:olmoe" else "random:mixtral" for a in argv]
+    capsys.readouterr()
+    assert prune.main([*other, str(tmp_path / "other"), "--criteria", "importance", "--importance", *runs]) == 2
+    assert "a run of model random:olmoe, not of random:mixtral" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
 
     similarity = np.array([[1.0, 0.9, 0.1, 0.2], [0.9, 1.0, 0.3, 0.2], [0.1, 0.3, 1.0, 0.5], [0.2, 0.2, 0.5, 1.0]])
     # (0, 1) is the most similar pair: 1 is more similar to the rest on average (0.47 vs 0.40) and goes; then (2, 3):

@@ -95,12 +95,25 @@ def computed_importance(moe: MoEModel, layers: Sequence[MoELayer], batches: Sequ
     return scores
 
 
-def read_importance(folders: Sequence[Path], layers: Sequence[MoELayer]) -> list[np.ndarray]:
-    """Per layer, ΔNLL of each expert on all domains pooled, from interv.py --data run folders (one per layer)."""
+def read_importance(folders: Sequence[Path], layers: Sequence[MoELayer], model: str | None = None) -> list[np.ndarray]:
+    """Per layer, ΔNLL of each expert on all domains pooled, from interv.py --data run folders (one per layer) of
+    `model` (another model's run is refused)."""
+    import json
+
     import pandas as pd
+
+    from common.errors import InputError
 
     found: dict[int, np.ndarray] = {}
     for folder in folders:
+        try:
+            info = json.loads((Path(folder) / "run.json").read_text())
+        except (OSError, ValueError):
+            raise InputError(f"--importance {folder}: not a run folder (no readable run.json)") from None
+        if info.get("script") != "interv":
+            raise InputError(f"--importance {folder}: a run of {info.get('script')}.py, not of interv.py --data")
+        if model is not None and info.get("model") != model:
+            raise InputError(f"--importance {folder}: a run of model {info.get('model')}, not of {model}")
         for path in sorted(Path(folder).glob("importance_layer*.csv")):
             table = pd.read_csv(path)
             pooled = table[table.domain == "all"]
@@ -112,8 +125,6 @@ def read_importance(folders: Sequence[Path], layers: Sequence[MoELayer]) -> list
     for layer in layers:
         values = found.get(layer.layer)
         if values is None or len(values) < layer.num_experts or np.isnan(values[: layer.num_experts]).any():
-            from common.errors import InputError
-
             have = ", ".join(map(str, sorted(found))) or "none"
             raise InputError(f"--importance: no ablation of every expert of layer {layer.layer} in the run folders "
                              f"given (layers with one: {have}); run interv.py --data --layer {layer.layer} first")
@@ -248,10 +259,11 @@ def random_order(layers: Sequence[MoELayer], seed: int, draw: int, include_share
 
 
 def removed_sets(layers: Sequence[MoELayer], orders: Sequence[Sequence[int]], fraction: float, scope: str,
-                 scores: Sequence[np.ndarray] | None = None) -> list[tuple[int, ...]]:
+                 scores: Sequence[np.ndarray] | None = None, how: str = "drop") -> list[tuple[int, ...]]:
     """Per layer, the experts removed at `fraction`: the first of each layer's order (`layer`), or the lowest scores
-    over all layers (`global`; random orders by their position); at most E − k per layer."""
-    caps = [m.num_experts - m.top_k for m in layers]
+    over all layers (`global`; random orders by their position); with `drop` at most E − k routed experts per layer
+    (the router needs k to choose from; prune.py refuses a --scope layer fraction past it), with `zero` up to E − 1."""
+    caps = [m.num_experts - (m.top_k if how == "drop" else 1) for m in layers]
     if scope == "layer":  # routed experts past the cap are skipped; the shared unit (index E) has no cap
         chosen_per_layer = []
         for m, order, cap in zip(layers, orders, caps, strict=True):
