@@ -15,7 +15,8 @@ serve the observation and every perplexity.
 
 Outputs: prune_scores.csv (per layer and expert: the observations), prune_perplexity.csv (criterion, draw,
 fraction, experts removed, domain, predictions, NLL, perplexity), prune_perplexity.npy [criterion, fraction,
-domain + all] (random: exp of the mean NLL over draws), figure prune_perplexity (perplexity, log scale, against the
+domain + all] (random: exp of the mean NLL over draws), figures prune_scores (each layer's experts sorted by each
+score) and prune_perplexity (perplexity, log scale, against the
 fraction removed: one line per criterion, random's exp(mean ± sd of the NLL) band; a panel per domain and pooled).
 """
 
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from common.analysis import pruning
-    from common.figures.pruning import plot_prune_perplexity
+    from common.figures.pruning import plot_prune_perplexity, plot_prune_scores
 
     biased = [m.layer for m in s.layers
               if any(("bias" in name and "correction" in name) or name.endswith("expert_bias")
@@ -152,6 +153,7 @@ def run(args: argparse.Namespace) -> None:
                 name = "shared" if e == layer.num_experts else e
                 rows.append({"layer": layer.layer, "expert": name, **{c: float(table[c][e]) for c in table}})
         out.save_table(pd.DataFrame(rows), "prune_scores")
+        out.save_figure(plot_prune_scores(pd.DataFrame(rows)), "prune_scores")
 
         if "importance" in criteria and importance is None:
             importance = pruning.computed_importance(s.moe, s.layers, batches, domains)

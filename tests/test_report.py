@@ -38,6 +38,7 @@ SCRIPTS: dict[str, list[str]] = {
     "router_decisive": [], "router_stats": [], "router_metrics": [], "profiles": ["--layer", "1", "--expert_id", "9"],
     "sim": [], "dim_reduc": [], "weights": [], "interv": ["--layer", "1"], "logit_lens": [], "probing": [],
     "cluster": [], "label": ["--layer", "1", "--top", "4", "--llm", "stub", "--api-key-env", "none"],
+    "prune": ["--fractions", "0", "0.5", "--draws", "2"],
 }
 NUM_TOKENS = 600
 # The default run renders the scripts that take seconds here; `-m slow` renders every script (router_stats,

@@ -50,3 +50,26 @@ def plot_prune_perplexity(table: pd.DataFrame, domains: Sequence[str], scope: st
     how_text = "the router picks among the experts left" if how == "drop" else "removed experts' outputs zeroed"
     fig.suptitle(f"Perplexity as experts are removed, least important first ({how_text})", fontsize=9)
     return fig
+
+
+SCORE_LABELS = {"frequency": "selection frequency", "weight": "mean routing weight", "saliency": "REAP saliency"}
+
+
+def plot_prune_scores(scores: pd.DataFrame) -> plt.Figure:
+    """What the criteria read: per criterion, each layer's experts sorted by the score (one line per layer), so a
+    layer whose few experts stand out shows a steep head."""
+    criteria = [c for c in SCORE_LABELS if c in scores.columns]
+    fig, axes = grid(len(criteria), ncols=3, panel_size=(3.4, 2.6))
+    routed = scores[scores.expert.astype(str) != "shared"]
+    for ax, criterion in zip(axes, criteria, strict=True):
+        for layer, rows in routed.groupby("layer"):
+            values = np.sort(rows[criterion].to_numpy(dtype=float))[::-1]
+            ax.plot(np.arange(1, len(values) + 1), values, lw=1, label=f"layer {layer}")
+        ax.set_title(SCORE_LABELS[criterion], fontsize=9)
+        ax.set_xlabel("expert rank in its layer (1 = highest)", fontsize=8)
+        ax.set_ylabel(criterion, fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if len(labels) <= 12:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), fontsize=7, frameon=False)
+    fig.suptitle("Pruning criteria: each layer's experts sorted by score (the lowest go first)", fontsize=9)
+    return fig

@@ -229,6 +229,8 @@ OUTPUTS: tuple[Output, ...] = (
            "its draws)",
            "expert-pruning", PRUNE, axes="[criterion (run.json criteria order), fraction (run.json fractions), "
            "domain (+ all last)]", dtype="float64, perplexity"),
+    Output("figures/prune_scores.{ext}", "per criterion, each layer's experts sorted by their score (one line per "
+           "layer): how steeply a few experts stand out", "expert-pruning", PRUNE),
     Output("figures/prune_perplexity.{ext}", "perplexity (log scale) against the fraction of experts removed, one line "
            "per criterion, random's band exp(mean ± sd of the NLL over draws); a panel per domain and pooled",
            "expert-pruning", PRUNE),
