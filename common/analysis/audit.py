@@ -16,6 +16,7 @@ import torch
 from scipy import stats
 
 from common.analysis.importance import nll_targets
+from common.analysis.pruning import routed_output_norms
 from common.analysis.specialization import jensen_shannon_bits
 from common.data import Batch
 from common.model import MoELayer
@@ -86,13 +87,7 @@ class AuditAccumulator:
         doc_of = torch.from_numpy(token_doc[keep.cpu().numpy()])
         self.token_seen.index_add_(0, ids.to(self.token_seen.device),
                                    torch.ones(ids.shape[0], dtype=torch.float64, device=self.token_seen.device))
-        routed = (weight != 0) & (index < layer.num_experts)
-        token, slot = routed.nonzero(as_tuple=True)
-        experts = index[token, slot]
-        for e in experts.unique().tolist():
-            mine = experts == e
-            t, w = token[mine], weight[token[mine], slot[mine]].double()
-            norms = layer.expert_fn(e, x[t]).double().norm(dim=-1)
+        for e, t, w, norms in routed_output_norms(layer, index, weight, x):
             d = doc_of[t.cpu()].numpy()
             np.add.at(self.routed[e], d, 1.0)
             np.add.at(self.weight[e], d, w.cpu().numpy())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -27,6 +26,18 @@ from common.analysis.lens import next_token_labels, next_token_nll
 from common.data import Batch
 from common.hooks import ExpertRemoval, intervene
 from common.model import MoELayer, MoEModel
+
+
+def routed_output_norms(layer: MoELayer, index: torch.Tensor, weight: torch.Tensor, x: torch.Tensor):
+    """For each routed expert e of the tokens' top-k (index, weight [T, k], w ≠ 0), with x [T, H] their expert inputs:
+    (e, the tokens routed to it [n], their weights w [n] float64, ‖E_e(x)‖₂ [n] float64); one expert call each."""
+    routed = (weight != 0) & (index < layer.num_experts)
+    token, slot = routed.nonzero(as_tuple=True)
+    experts = index[token, slot]
+    for e in experts.unique().tolist():
+        mine = experts == e
+        tokens = token[mine]
+        yield e, tokens, weight[tokens, slot[mine]].double(), layer.expert_fn(e, x[tokens]).double().norm(dim=-1)
 
 
 class ExpertObservations:
@@ -61,12 +72,8 @@ class ExpertObservations:
                 self.routed[i, E] += float(keep.sum())
                 self.weight[i, E] += float(keep.sum())  # weight 1: the shared experts' output enters whole
                 self.saliency[i, E] += shared.sum().to(self.saliency.device)
-            token, slot = routed.nonzero(as_tuple=True)
-            for e in flat_e.unique().tolist():  # one call per routed expert: its output norm on its tokens
-                mine = index[token, slot] == e
-                out = layer.expert_fn(e, x[token[mine]])
-                contribution = (weight[token[mine], slot[mine]].double() * out.double().norm(dim=-1)).sum()
-                self.saliency[i, e] += contribution.to(self.saliency.device)
+            for e, _, w, norms in routed_output_norms(layer, index, weight, x):
+                self.saliency[i, e] += (w * norms).sum().to(self.saliency.device)
 
     def scores(self, criterion: str) -> list[np.ndarray]:
         """Per layer, the criterion's score of each routed expert (higher = more important)."""
@@ -361,7 +368,3 @@ def nll_table(nll_sum: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.nd
     """Mean NLL per domain and pooled ('all' last), and the prediction counts."""
     mean = np.append(nll_sum / np.maximum(count, 1), nll_sum.sum() / max(count.sum(), 1))
     return mean, np.append(count, count.sum())
-
-
-def log_ppl(mean_nll: float) -> float:
-    return math.exp(mean_nll)
