@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> None:
         observations = pruning.ExpertObservations(s.layers, s.moe.device, include_shared=args.include_shared)
         with_shared = args.include_shared and any(m.shared_experts for m in s.layers)
         batches: list = []
-        resumable = pipeline.resumable(out, s, stream, observations=observations, kept=batches)
+        resumable = pipeline.resumable(out, s, stream, observations=observations, batches=batches)
         what = ("topk", "input", "shared_output") if with_shared else ("topk", "input")
         for records, batch, _ in pipeline.captured_batches(s.moe, resumable, s.layers, what):
             observations.update(records, batch)

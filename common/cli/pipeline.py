@@ -182,7 +182,7 @@ def batches(s: Setup, split: str = "train", data: DataSpec | None = None) -> Tok
     )
 
 
-def resumable(run: Run, s: Setup, stream: Iterator[Batch], *, name: str = "data", live: Sequence[tuple[str, object]] = (),
+def resumable(run: Run, s: Setup, stream: Iterator[Batch], /, *, name: str = "data", live: Sequence[tuple[str, object]] = (),
               **state: object) -> Iterator[Batch]:
     """`stream` with checkpoints (`Run.resumable`): `state` (what the batches update) is saved after whole batches and
     restored on resume; the model, its tokenizer, its MoE views and the run's setup are referred to, never saved

@@ -223,7 +223,7 @@ class Run:
             return checkpoint.check_resume_folder(spec.resume, self._fingerprint)
         return None if spec.fresh else checkpoint.find_resumable(parent, self._fingerprint)
 
-    def resumable(self, batches, *, name: str = "data", live=(), **objects):
+    def resumable(self, batches, /, *, name: str = "data", live=(), **objects):
         """`batches` as this run reads them with checkpoints: `objects` (the state that batches update: accumulators,
         samples, their RNGs) are saved after whole batches and put back on resume, with the stream's position; `live`
         ((key, object) pairs: the model, its tokenizer) are the objects that state may refer to, saved by reference.
