@@ -11,7 +11,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from common.figures.outputs import causal, comparison, probing, representations, routing
+from common.figures.outputs import (
+    causal,
+    comparison,
+    contrast,
+    outliers,
+    probing,
+    representations,
+    routing,
+    stability,
+)
 from common.figures.outputs.entry import METRICS_PATH, Output
 
 __all__ = ["METRICS_DOC", "METRICS_PATH", "REGISTRY", "Output", "github_anchor", "integer_columns", "lookup",
@@ -26,10 +35,10 @@ RUN_METADATA: tuple[Output, ...] = (
     Output("README.md", "this file: what each file of the run folder holds", "run-folder"),
 )
 
-FAMILIES = (routing, representations, causal, probing, comparison)
+FAMILIES = (routing, representations, causal, probing, comparison, outliers, stability, contrast)
 # The order of the scripts' entries in REGISTRY (each keeps its family's order; a script not named here goes last).
 SCRIPT_ORDER = ("router_decisive", "router_stats", "router_metrics", "profiles", "weights", "logit_lens", "interv",
-                "sim", "dim_reduc", "cluster", "label", "probing")
+                "sim", "dim_reduc", "cluster", "label", "probing", "prune", "outliers", "stability", "contrast")
 
 
 def _position(entry: Output) -> int:
