@@ -70,7 +70,10 @@ def run(args: argparse.Namespace) -> None:
     def preflight(skeleton, layers, domains) -> None:
         by_layer = {m.layer: m for m in layers}
         for layer, expert in args.remove or ():
-            index = skeleton.resolve_layer(layer)
+            try:
+                index = skeleton.resolve_layer(layer)
+            except InputError as err:
+                raise InputError(f"--remove {layer}:{expert}: {err}") from None
             if index not in by_layer:
                 raise InputError(f"--remove {layer}:{expert}: layer {layer} is not one of the measured MoE layers "
                                  f"({', '.join(str(m.layer) for m in layers)})")
