@@ -38,6 +38,10 @@ TABLE_FIGURES = {
     r"importance_layer(\d+)": [r"importance_heatmap_layer{0}"],
     r"audit_layer(\d+)|audit_correlation_layer(\d+)": [r"audit_layer\d+"],
     r"prune_scores": [r"prune_scores"],
+    r"expert_peaks|super_experts": [r"expert_peaks"],
+    r"massive_activations": [r"massive_activations"],
+    r"sink_mass": [r"sink_mass"],
+    r"outlier_perplexity": [r"outlier_perplexity"],
     r"prune_perplexity|prune_importance": [r"prune_perplexity"],
     r"importance_summary_layer(\d+)": [r"importance_vs_frequency_layer{0}"],
     r"cosine_summary": [r"cosine_by_layer"],
@@ -47,6 +51,8 @@ TABLE_FIGURES = {
     r"cluster_scores": [r"cluster_scores_by_layer", r"cluster_scores_layer\d+"],
     r"cluster_sizes": [r"cluster_sizes"],
     r"labels_layer(\d+)": [r"labels_layer{0}"],
+    r"contrast_experts|contrast_top": [r"contrast_delta", r"contrast_volcano", r"contrast_top"],
+    r"contrast_steering|contrast_generations": [r"contrast_steering"],
 }
 
 

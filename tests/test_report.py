@@ -39,6 +39,8 @@ SCRIPTS: dict[str, list[str]] = {
     "sim": [], "dim_reduc": [], "weights": [], "interv": ["--layer", "1"], "logit_lens": [], "probing": [],
     "cluster": [], "label": ["--layer", "1", "--top", "4", "--llm", "stub", "--api-key-env", "none"],
     "prune": ["--fractions", "0", "0.5", "--draws", "2"],
+    "contrast": ["--prompts", "4", "--draws", "2", "--max_new_tokens", "8", "--bootstrap", "200"],
+    "outliers": ["--draws", "2"],
 }
 NUM_TOKENS = 600
 # The default run renders the scripts that take seconds here; `-m slow` renders every script (router_stats,
