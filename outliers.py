@@ -24,6 +24,7 @@ sink_mass (sink mass and residual peak per layer, before and after), outlier_per
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -65,6 +66,8 @@ def build_parser():
 
 def run(args: argparse.Namespace) -> None:
     config = cli.config(args, SCRIPT)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("outliers.py runs in one process (its running maxima and consequence passes are not gathered across torchrun ranks; a model too large for one GPU runs with --device_map auto)")
     from common.cli import pipeline
 
     def preflight(skeleton, layers, domains) -> None:

@@ -23,6 +23,7 @@ fraction removed: one line per criterion, random's exp(mean ± sd of the NLL) ba
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -84,6 +85,8 @@ def build_parser():
 
 def run(args: argparse.Namespace) -> None:
     config = cli.config(args, SCRIPT)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("prune.py runs in one process (its observations and kept batches are not gathered across torchrun ranks; a model too large for one GPU runs with --device_map auto)")
     merging = args.merge is not None
     if ("redundancy" in (args.criteria or ()) or merging) and not args.similarity:
         raise InputError(f"{'--merge' if merging else '--criteria redundancy'} needs --similarity RUN (a sim.py run "

@@ -26,6 +26,7 @@ import dim_reduc
 import interv
 import label
 import logit_lens
+import outliers
 import probing
 import profiles
 import prune
@@ -75,6 +76,7 @@ CASES = {
                                        "--min_examples", "5", "--concepts", "digits", "capitalized", "--dense_model",
                                        "same"]),
     "prune": (prune, lambda d, s: [*_base(d), "--layers", "1", "--fractions", "0", "0.5", "--draws", "2"]),
+    "outliers": (outliers, lambda d, s: [*_base(d), "--draws", "1"]),
     "label": (label, lambda d, s: [*_base(d), "--layer", "1", "--top", "3", "--window", "4", "--api-base", s.url,
                                    "--llm", "stub", "--api-key-env", "none", "--backoff", "0.01", "--timeout", "2"]),
 }
