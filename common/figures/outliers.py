@@ -49,8 +49,10 @@ def plot_expert_peaks(peaks: pd.DataFrame, named: pd.DataFrame, multiple: float,
     axes[0].scatter([], [], s=30, color=SUPER, marker="*", label="super expert (number = expert)")
     axes[0].plot([], [], color=SUPER, lw=0.9, ls=":", label=f"{multiple:g} × the layer's median peak")
     fig.legend(loc="outside lower center", ncols=3, fontsize=7, frameon=False)
-    fig.suptitle(f"Peak activation per expert and layer ({len(super_set)} super expert"
-                 f"{'' if len(super_set) == 1 else 's'} named)", fontsize=9)
+    by_hand = len(named) and (named.named_by == "--remove").all()
+    count = f"{len(super_set)} expert{'' if len(super_set) == 1 else 's'}"
+    fig.suptitle(f"Peak activation per expert and layer ({count} named by --remove)" if by_hand else
+                 f"Peak activation per expert and layer ({count} above the threshold: super)", fontsize=9)
     return fig
 
 
