@@ -27,6 +27,7 @@ stability_by_layer (changed fractions and mean |Δw| against layer, a line per c
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -92,6 +93,9 @@ def _comparisons(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> None:
     config = cli.config(args, SCRIPT)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("stability.py runs in one process (its comparisons, kept batches and sample are not gathered "
+                         "across torchrun ranks; a model too large for one GPU runs with --device_map auto)")
     comparisons = _comparisons(args)
     if "batch" in comparisons and args.batch_size < 2 and args.compare:
         raise InputError("--compare batch compares a window alone with it in a batch: --batch_size must be at least 2")

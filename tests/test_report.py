@@ -41,6 +41,7 @@ SCRIPTS: dict[str, list[str]] = {
     "prune": ["--fractions", "0", "0.5", "--draws", "2"],
     "contrast": ["--prompts", "4", "--draws", "2", "--max_new_tokens", "8", "--bootstrap", "200"],
     "outliers": ["--draws", "2"],
+    "stability": ["--dtypes", "bfloat16"],
 }
 NUM_TOKENS = 600
 # The default run renders the scripts that take seconds here; `-m slow` renders every script (router_stats,
