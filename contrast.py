@@ -167,7 +167,8 @@ def run(args: argparse.Namespace) -> None:
         for side, rank, layer, e in chosen:
             row = table[(table.layer == layer) & (table.expert == e)].iloc[0]
             print(f"  {side} #{rank}: layer {layer} expert {e}: p_A {row.p_a:.3f}, p_B {row.p_b:.3f}, "
-                  f"Δ {row.delta:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}], q {row.q_value:.2g}")
+                  f"Δ {row.delta:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}], "
+                  f"q {'< 1e-300' if row.q_value < 1e-300 else format(row.q_value, '.2g')}")
         if not a_set and not b_set:
             warnings.warn("no expert separates A from B at this --alpha: nothing to steer (the steering check is "
                           "skipped)", stacklevel=1)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from common.plots import PAGE_WIDTH, a4_grid, heatmap, label, legend_panel, place_labels, plt, symmetric_limit
+from common.plots import PAGE_WIDTH, a4_grid, heatmap, label, place_labels, plt, symmetric_limit
 
 A_COLOUR, B_COLOUR, OTHER = "#c0392b", "#2166ac", "0.6"
 CONDITIONS = ("none", "A off", "B on", "A off + B on")
@@ -47,23 +47,29 @@ def plot_contrast_delta(table: pd.DataFrame, names: Sequence[str]) -> plt.Figure
 
 
 def plot_volcano(table: pd.DataFrame, names: Sequence[str], alpha: float) -> plt.Figure:
-    """Δ against −log10 q (BH), one point per layer × expert; candidates coloured by side, steered ones labelled."""
-    fig, ax = plt.subplots(figsize=(PAGE_WIDTH * 0.75, 3.8), layout="constrained")
-    floor = np.nextafter(0, 1)
-    y = -np.log10(np.maximum(table.q_value.to_numpy(dtype=float), floor))
+    """Δ against −log10 q (BH), one point per layer × expert; candidates coloured by side, steered ones labelled.
+    q below 1e-300 (float underflow included) is drawn at 300 as a triangle."""
+    fig, ax = plt.subplots(figsize=(PAGE_WIDTH * 0.8, 4.2), layout="constrained")
+    ceiling = 300.0
+    y = np.minimum(-np.log10(np.maximum(table.q_value.to_numpy(dtype=float), 1e-320)), ceiling)
+    capped = y >= ceiling
     colours = np.where(table.candidate == "A", A_COLOUR, np.where(table.candidate == "B", B_COLOUR, OTHER))
     for side, colour, text in (("A", A_COLOUR, f"A-expert candidate ({names[0]})"),
                                ("B", B_COLOUR, f"B-expert candidate ({names[1]})"), ("", OTHER, "not a candidate")):
         mask = (table.candidate == side).to_numpy()
-        ax.scatter(table.delta[mask], y[mask], s=10 if side else 6, color=colour, lw=0, label=f"{text}: {mask.sum()}")
+        ax.scatter(table.delta[mask & ~capped], y[mask & ~capped], s=10 if side else 6, color=colour, lw=0,
+                   label=f"{text}: {mask.sum()}")
+        ax.scatter(table.delta[mask & capped], y[mask & capped], s=16, marker="^", color=colour, lw=0)
+    if capped.any():
+        ax.scatter([], [], s=16, marker="^", color="0.3", lw=0, label=f"q < 1e-300 ({capped.sum()}; drawn at 300)")
     ax.axhline(-np.log10(alpha), color="0.3", ls="--", lw=0.8, label=f"q = α = {alpha:g}")
     ax.axvline(0, color="0.3", lw=0.5)
     label(ax, "Δ = p_A − p_B (share of tokens)", "−log10 q (Benjamini–Hochberg)",
           f"Volcano plot of the {len(table)} layer × expert tests  ({_sets(names)})")
-    ax.legend(loc="upper left", frameon=False, fontsize=7)
-    limit = max(float(np.abs(table.delta).max()), 1e-3) * 1.1
+    fig.legend(loc="outside lower center", ncols=3, frameon=False, fontsize=7)
+    limit = max(float(np.abs(table.delta).max()), 1e-3) * 1.12
     ax.set_xlim(-limit, limit)
-    ax.set_ylim(0, max(float(y.max()), -np.log10(alpha)) * 1.08 + 0.1)
+    ax.set_ylim(0, max(float(y.max()), -np.log10(alpha)) * 1.1 + 0.1)
     steered = table[table.steered != ""]
     if len(steered):
         index = steered.index.to_numpy()
@@ -96,30 +102,32 @@ def plot_contrast_top(top: pd.DataFrame, names: Sequence[str]) -> plt.Figure:
 
 def plot_contrast_steering(steering: pd.DataFrame, names: Sequence[str]) -> plt.Figure:
     """Four panels over the conditions: B-token share and mean P(B | text) of the continuations (the references'
-    levels as lines), ΔNLL and KL on held-out A and B text; each steered condition beside its random control (draws
-    as dots, mean ± sd as a bar)."""
-    panels = (("b_token_share", "share of generated tokens favouring B", "B-token share of A-prompted continuations"),
+    levels as lines), ΔNLL and KL on held-out A and B text; each steered condition (left) beside its random control
+    (right: draws as dots, mean ± sd as a bar)."""
+    panels = (("b_token_share", "share of tokens favouring B", "B-token share of the continuations"),
               ("p_b_mean", "mean P(B | continuation)", "Classifier posterior of B"),
               ("delta_nll", "ΔNLL vs none (nats / token)", "Next-token NLL change on held-out text"),
-              ("kl", "mean KL(none ‖ condition) (nats)", "Next-token distribution shift"))
-    fig, axes = a4_grid(len(panels), max_cols=2, panel_height=2.6, spare=0)
+              ("kl", "KL(none ‖ condition) (nats)", "Next-token distribution shift"))
+    fig, axes = a4_grid(len(panels), max_cols=2, panel_height=2.5, spare=0)
     shown = [c for c in CONDITIONS if (steering.condition == c).any()]
     x = np.arange(len(shown))
     for ax, (column, ylabel, title) in zip(axes, panels, strict=True):
         two_sets = column in ("delta_nll", "kl")
-        series = [(f"{column}_a", A_COLOUR, f"on A ({names[0]})", -0.1), (f"{column}_b", B_COLOUR,
-                                                                            f"on B ({names[1]})", 0.1)] \
-            if two_sets else [(column, "black", "steered / unsteered", 0.0)]
+        series = ([(f"{column}_a", A_COLOUR, f"held-out A ({names[0]})", -0.1),
+                   (f"{column}_b", B_COLOUR, f"held-out B ({names[1]})", 0.1)]
+                  if two_sets else [(column, "black", "", 0.0)])
         for name, colour, text, shift in series:
             values = [float(steering[steering.condition == c][name].iloc[0]) for c in shown]
-            ax.scatter(x + shift - 0.12, values, color=colour, s=28, zorder=3, label=text)
+            ax.scatter(x + shift - 0.12, values, color=colour, s=28, zorder=3,
+                       label=f"{text}: steered experts" if text else "steered experts (none: unsteered)")
             for c_index, condition in enumerate(shown):
                 control = steering[steering.condition == RANDOM.get(condition, "")]
                 if control.empty:
                     continue
                 draws = control[name].to_numpy(dtype=float)
                 ax.scatter(np.full(len(draws), c_index + shift + 0.16), draws, color=colour, s=9, alpha=0.45, lw=0,
-                           label=f"random draws ({text})" if two_sets else "random experts (draws)")
+                           label=f"{text}: random experts (draws, mean ± sd)" if text else
+                           "random experts (draws, mean ± sd)")
                 sd = draws.std(ddof=1) if len(draws) > 1 else 0.0
                 ax.errorbar(c_index + shift + 0.16, draws.mean(), yerr=sd, fmt="_", color=colour, ms=10, capsize=2,
                             alpha=0.8)
@@ -135,9 +143,12 @@ def plot_contrast_steering(steering: pd.DataFrame, names: Sequence[str]) -> plt.
             ax.axhline(0, color="0.3", lw=0.5)
         ax.set_xticks(x, shown, fontsize=7)
         ax.set_xlim(-0.5, len(shown) - 0.5)
-        label(ax, "condition (left dot: steered experts; right: random experts, mean ± sd)", ylabel, title)
-        ax.xaxis.label.set_fontsize(7)
-    legend_panel(fig, axes, fontsize=7)
-    fig.suptitle(f"SteerMoE check: A-experts off, B-experts on, against as many random experts ({_sets(names)})",
-                 fontsize=9)
+        label(ax, None, ylabel, title)
+    handles: dict[str, object] = {}
+    for ax in axes:
+        for handle, text in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(text, handle)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=2, frameon=False, fontsize=7)
+    fig.suptitle(f"SteerMoE check on A-prompted continuations ({_sets(names)}): A-experts off, B-experts on;\n"
+                 "each condition's steered experts (left) beside as many random experts (right)", fontsize=9)
     return fig
