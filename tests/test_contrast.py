@@ -252,3 +252,54 @@ def test_script_writes_documented_outputs_and_refuses_bad_input(tmp_path, data, 
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (case, err)
         assert not (tmp_path / "bad").exists(), case
+
+
+def test_a_stopped_run_resumes_to_identical_results(tmp_path, data):
+    """SIGTERM during the measurement pass keeps a checkpoint; the same command again finishes it, equal to an
+    uninterrupted run (every table and array, byte for byte)."""
+    import os
+    import signal
+
+    from common.run.checkpoint import FAULT_ENV
+
+    argv = ["--model", "random:olmoe", "--data", *data, "--num_tokens", "120", "--seq_len", "32", "--batch_size", "2",
+            "--prompts", "2", "--prompt_len", "6", "--max_new_tokens", "3", "--draws", "1", "--bootstrap", "50",
+            "--no-progress", "--no-figures", "--threads", "1", "--checkpoint_every", "0"]
+
+    def files(out: Path) -> dict[str, bytes]:
+        (run,) = [p for p in out.glob("contrast/*/*/*") if p.is_dir() and not p.name.startswith(".")]
+        return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.suffix in (".csv", ".npy")}
+
+    assert script.main([*argv, "--out", str(tmp_path / "reference")]) == 0
+    pid = os.fork()
+    if pid == 0:  # the child stops itself while batch 3 is processed
+        code = 99
+        try:
+            os.environ[FAULT_ENV] = "3:SIGTERM"
+            code = script.main([*argv, "--out", str(tmp_path / "stopped")])
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 128 + signal.SIGTERM
+    assert list((tmp_path / "stopped").glob("contrast/*/*/.*.partial"))
+    assert script.main([*argv, "--out", str(tmp_path / "stopped")]) == 0
+    run = next(p for p in (tmp_path / "stopped").glob("contrast/*/*/*") if p.is_dir())
+    assert [r["batches_done"]["data"] for r in json.loads((run / "run.json").read_text())["resumed"]] == [3]
+    assert files(tmp_path / "stopped") == files(tmp_path / "reference")
+
+
+def test_heldout_windows_skip_the_measured_documents(tmp_path, tiny_tokenizer):
+    from common.data import Domain
+    from common.data.documents import iter_documents
+
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": f"<{i:02d}>" + "xyz" * (3 + i % 4)})
+                                                   for i in range(12)))
+    domain = Domain("d", str(tmp_path / "docs.jsonl"))
+    order = [text[:4] for text in iter_documents(domain, "train", seed=0)]  # the measurement's (seeded) order
+    windows = contrast.heldout_windows(domain, tiny_tokenizer, split="train", skip=5, seed=0, length=8, count=20)
+    assert windows.shape[1] == 8  # the tiny tokenizer adds no BOS: 8 text tokens each
+    texts = [tiny_tokenizer.decode(w.tolist()) for w in windows]
+    starts = [t[:4] for t in texts if t.startswith("<")]
+    assert starts == order[5:]  # every later document once, in order: the first windows, round-robin
+    assert all(not t.startswith("<") for t in texts[len(starts):])  # then their second windows
+    assert len(texts) == sum((4 + 3 * (3 + int(s[1:3]) % 4)) // 8 for s in order[5:])
