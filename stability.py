@@ -17,9 +17,11 @@ token id seen at least --min_count times, the weighted Jaccard of its routes in 
 of different ids of the same frequency (log2 bins), from a seeded sample of --sample occurrences per id.
 
 Outputs: stability_summary.csv (per comparison, layer and domain: tokens, top-k and top-1 changed fractions, mean
-and max |Δw|), stability_consistency.csv (per layer: same-id and baseline mean weighted Jaccard, their difference
+and max |Δw|), stability_margin.csv (tokens and top-k changes by the reference's k-th minus (k+1)-th router logit
+gap), stability_consistency.csv (per layer: same-id and baseline mean weighted Jaccard, their difference
 ± s.e.m.), stability_tokens.csv (per layer and token id: count, pairs, consistency, baseline), figures
-stability_by_layer (changed fractions and mean |Δw| against layer, a line per comparison), stability_consistency
+stability_by_layer (changed fractions and mean |Δw| against layer, a line per comparison), stability_margin (the
+changed share against that gap: near ties change first), stability_consistency
 (same id vs baseline by layer and their distributions over token ids) and stability_consistency_tokens
 (consistency against token frequency, the most and least consistent ids named).
 """
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from common.analysis import stability as st
-    from common.figures.stability import plot_by_layer, plot_consistency, plot_consistency_tokens
+    from common.figures.stability import plot_by_layer, plot_consistency, plot_consistency_tokens, plot_margin
     from common.model import load_moe
 
     if "batch" in comparisons and args.batch_size < 2:
@@ -126,25 +128,29 @@ def run(args: argparse.Namespace) -> None:
     stream = pipeline.batches(s)
     with pipeline.start_run(s) as out:
         stats = st.ChangeStats(len(s.layers), len(domains))
+        margins = st.MarginStats(len(s.layers))
         sample = st.RouteSample(args.sample, len(tokenizer))
         kept: list = []  # dtype comparison: (batch, counted positions, their domains, reference routes) per batch
         router_only = st.RouterOnly(s.layers, dtypes if "router" in comparisons else [])
-        resumable = pipeline.resumable(out, s, stream, stats=stats, sample=sample, kept=kept)
+        resumable = pipeline.resumable(out, s, stream, stats=stats, margins=margins, sample=sample, kept=kept)
         with router_only.active():
-            for records, batch, _ in pipeline.captured_batches(s.moe, resumable, s.layers, ("topk",)):
+            for records, batch, _ in pipeline.captured_batches(s.moe, resumable, s.layers, ("topk", "logits")):
                 width = batch.input_ids.shape[1]
                 flat = st.counted_flat(batch.count_mask).cpu()
                 token_domains = batch.token_domains().cpu()[flat]
                 ref = [st.routes_at(records[m.layer], flat, m.num_choices) for m in s.layers]
+                gaps = [st.topk_gap(records[m.layer].logits[flat.to(records[m.layer].logits.device)], m.top_k)
+                        for m in s.layers]
                 for name in dtypes if "router" in comparisons else []:
                     for i, m in enumerate(s.layers):
                         if m.layer in router_only.unsupported:
                             continue
                         variant = st.routes_at(_as_record(router_only.routes[(m.layer, name)]), flat, m.num_choices)
-                        stats.update(("router", reference, name), i, st.route_changes(*ref[i], *variant,
-                                                                                        m.num_choices), token_domains)
+                        change = st.route_changes(*ref[i], *variant, m.num_choices)
+                        stats.update(("router", reference, name), i, change, token_domains)
+                        margins.update(("router", reference, name), i, change, gaps[i])
                 if "dtype" in comparisons and dtypes:
-                    kept.append((batch.to("cpu"), flat, token_domains, ref))
+                    kept.append((batch.to("cpu"), flat, token_domains, ref, gaps))
                 if "context" in comparisons:
                     generator = torch.Generator().manual_seed(_seed(args.seed, batch.number, 0))
                     keys = torch.rand(flat.numel(), generator=generator, dtype=torch.float64)
@@ -162,19 +168,23 @@ def run(args: argparse.Namespace) -> None:
                         for i, m in enumerate(s.layers):
                             change = st.route_changes(ref[i][0][mine], ref[i][1][mine], *alone[i], m.num_choices)
                             stats.update(("batch", "batched", "alone"), i, change, token_domains[mine])
+                            margins.update(("batch", "batched", "alone"), i, change, gaps[i][mine])
                 if "padding" in comparisons:
                     generator = torch.Generator().manual_seed(_seed(args.seed, batch.number, 1))
                     lengths = st.cut_lengths(batch.attention_mask.cpu(), generator)
                     sides = {side: st.cut_and_pad(batch.input_ids.cpu(), batch.count_mask.cpu(), lengths, side, pad_id,
                                                   "mask" if side == "right" else args.left_positions)
                              for side in ("right", "left")}
+                    cut_gaps: list = []
                     routes = {side: st.forward_routes(s.moe, s.layers, p.input_ids, p.attention_mask, p.flat,
-                                                      p.position_ids) for side, p in sides.items()}
+                                                      p.position_ids, cut_gaps if side == "right" else None)
+                              for side, p in sides.items()}
                     cut_domains = batch.domain_ids.cpu()[sides["right"].flat // sides["right"].input_ids.shape[1]]
                     for i, m in enumerate(s.layers):
                         change = st.route_changes(*routes["right"][i], *routes["left"][i], m.num_choices)
-                        stats.update(("padding", "right", f"left ({args.left_positions} positions)"), i, change,
-                                     cut_domains)
+                        key = ("padding", "right", f"left ({args.left_positions} positions)")
+                        stats.update(key, i, change, cut_domains)
+                        margins.update(key, i, change, cut_gaps[i])
         out.record(tokens=stream.report.to_dict())
         if not stats.tables and not sample.counts.any():
             raise InputError("nothing routed: the data gave no counted token to compare")
@@ -184,12 +194,13 @@ def run(args: argparse.Namespace) -> None:
             for name in dtypes:
                 variant = load_moe(dataclasses.replace(config.model, dtype=name))
                 layers = variant.select(config.layers)
-                for batch, flat, token_domains, ref in tqdm(kept, desc=f"{name} model", unit="batch",
-                                                            disable=not args.progress):
+                for batch, flat, token_domains, ref, gaps in tqdm(kept, desc=f"{name} model", unit="batch",
+                                                                  disable=not args.progress):
                     routes = st.forward_routes(variant, layers, batch.input_ids, batch.attention_mask, flat)
                     for i, m in enumerate(layers):
-                        stats.update(("dtype", reference, name), i, st.route_changes(*ref[i], *routes[i],
-                                                                                       m.num_choices), token_domains)
+                        change = st.route_changes(*ref[i], *routes[i], m.num_choices)
+                        stats.update(("dtype", reference, name), i, change, token_domains)
+                        margins.update(("dtype", reference, name), i, change, gaps[i])
                 del variant, layers
                 gc.collect()
 
@@ -198,6 +209,9 @@ def run(args: argparse.Namespace) -> None:
             summary = pd.DataFrame(rows)
             out.save_table(summary, "stability_summary")
             out.save_figure(plot_by_layer(summary), "stability_by_layer")
+            margin = pd.DataFrame(margins.rows(layer_ids))
+            out.save_table(margin, "stability_margin")
+            out.save_figure(plot_margin(margin), "stability_margin")
         if "context" in comparisons:
             by_layer, tokens = st.consistency(sample, layer_ids, args.min_count, args.max_pairs, args.seed)
             if not by_layer or not tokens:

@@ -51,7 +51,7 @@ TABLE_FIGURES = {
     r"cluster_scores": [r"cluster_scores_by_layer", r"cluster_scores_layer\d+"],
     r"cluster_sizes": [r"cluster_sizes"],
     r"labels_layer(\d+)": [r"labels_layer{0}"],
-    r"stability_summary": [r"stability_by_layer"], r"stability_consistency|stability_tokens": [r"stability_consistency", r"stability_consistency_tokens"],
+    r"stability_summary": [r"stability_by_layer"], r"stability_margin": [r"stability_margin"], r"stability_consistency|stability_tokens": [r"stability_consistency", r"stability_consistency_tokens"],
     r"contrast_experts|contrast_top": [r"contrast_delta", r"contrast_volcano", r"contrast_top"],
     r"contrast_steering|contrast_generations": [r"contrast_steering"],
 }

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from transformers import OlmoeConfig, OlmoeForCausalLM
 
 import stability
@@ -22,6 +23,7 @@ from common.config import ModelSpec
 from common.data import resolve_domains, token_batches
 from common.hooks import capture
 from common.model import MoEModel, build_random_model, load_moe, tiny_tokenizer
+from common.plots import MAX_PNG_WIDTH
 
 VOWELS = "aeiou"
 # Router weights found by a search on this construction: in float32 expert 5's logit beats expert 4's by 0.010
@@ -170,6 +172,26 @@ def test_bottom_k_sample_is_order_free_and_keeps_each_ids_smallest_keys():
     np.testing.assert_array_equal(np.sort(first.windows), np.sort(second.windows))
 
 
+def test_gap_bins_count_tokens_and_changes_like_a_loop():
+    rng = np.random.default_rng(4)
+    logits = torch.tensor(rng.normal(size=(500, 6)))
+    logits[:20, 1] = logits[:20, 0]  # exact ties: gap 0
+    gap = st.topk_gap(logits, 2)
+    for t in range(0, 500, 37):
+        ordered = sorted(logits[t].tolist(), reverse=True)
+        assert float(gap[t]) == pytest.approx(ordered[1] - ordered[2], abs=1e-6)
+    assert torch.isinf(st.topk_gap(logits[:, :2], 2)).all()  # k choices: nothing to tie with
+    changed = torch.tensor(rng.random(500) < 0.3)
+    margins = st.MarginStats(num_layers=1)
+    margins.update(("x", "a", "b"), 0, st.RouteChange(changed, changed, torch.zeros(500)), gap)
+    rows = pd.DataFrame(margins.rows([5]))
+    for row in rows.itertuples():
+        inside = [(row.left <= float(g) < row.right) or (row.bin == 0 and float(g) < row.right)
+                  or (row.bin == len(rows) - 1 and float(g) >= row.left) for g in gap]
+        assert row.tokens == sum(inside) and row.topk_changed == int(changed[torch.tensor(inside)].sum())
+    assert rows.tokens.sum() == 500
+
+
 def test_frequency_bins_merge_single_ids():
     counts = np.array([5, 6, 9, 12, 100, 3000])
     # ⌊log2⌋ = 2, 2, 3, 3, 6, 11: the 11 bin (one id) joins 6, which then has two
@@ -262,6 +284,12 @@ def test_script_on_the_near_tie_model_counts_exactly_the_vowels(near_tie_model, 
         assert table.loc[(comparison, 0), "top1_changed_fraction"] == 0
         assert table.loc[(comparison, 1), "topk_changed"] == 0
         assert table.loc[(comparison, 1), "top1_changed_fraction"] == pytest.approx(vowels / counted)
+    # near ties: at layer 0 the vowels' gap between the 2nd and 3rd logits is 0.0102 (bin [10^-2, 10^-1.5)), every
+    # other token's 1.94 (bin [1, 10^0.5)); all the changes sit in the vowels' bin
+    margin = pd.read_csv(run / "stability_margin.csv")
+    first = margin[(margin.comparison == "dtype") & (margin.layer == 0)].set_index("bin")
+    assert first.tokens[8] == vowels and first.left[8] == pytest.approx(0.01) and first.topk_changed[8] == vowels
+    assert first.tokens[12] == counted - vowels and first.topk_changed.sum() == vowels
 
 
 # ------------------------------------------------------------------------------------------ exactness, alignment
@@ -321,8 +349,13 @@ def test_float32_against_float32_is_exactly_zero_and_outputs_are_documented(tmp_
     assert (tokens["count"] >= 3).all() and (tokens.windows >= 2).all()
     by_layer = tokens[np.isfinite(tokens.difference)].groupby("layer")
     np.testing.assert_allclose(by_layer.consistency.mean().to_numpy(), consistency.same_id_mean, rtol=1e-9)
-    for name in ("stability_by_layer", "stability_consistency", "stability_consistency_tokens"):
-        assert (run / "figures" / f"{name}.png").is_file()
+    for name in ("stability_by_layer", "stability_margin", "stability_consistency", "stability_consistency_tokens"):
+        assert Image.open(run / "figures" / f"{name}.png").size[0] <= MAX_PNG_WIDTH, name
+    margin = pd.read_csv(run / "stability_margin.csv")
+    pooled = summary[summary.domain == "all"].set_index(["comparison", "layer"])
+    by_layer = margin.groupby(["comparison", "layer"])[["tokens", "topk_changed"]].sum()
+    assert (by_layer.tokens == pooled.tokens[by_layer.index]).all()  # every compared token sits in one gap bin
+    assert (by_layer.topk_changed == pooled.topk_changed[by_layer.index]).all()
     assert stability.main(["--help"]) == 0
     capsys.readouterr()
 

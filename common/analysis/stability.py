@@ -101,6 +101,47 @@ class ChangeStats:
         return rows
 
 
+# Near ties: the gap between the k-th and (k+1)-th largest router logits of the reference, on log10 bins.
+GAP_EDGES = 10.0 ** np.arange(-6.0, 2.01, 0.5)  # 1e-6 … 1e2; smaller gaps (0 included) fall in the first bin
+
+
+def topk_gap(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """[T] float32: z_(k) − z_(k+1), the k-th minus the (k+1)-th largest router logit of each token (inf when the
+    router has only k choices)."""
+    if logits.shape[-1] <= k:
+        return torch.full((logits.shape[0],), float("inf"))
+    top = logits.float().topk(k + 1, dim=-1).values
+    return (top[:, k - 1] - top[:, k]).cpu()
+
+
+class MarginStats:
+    """Per comparison and layer position: counted tokens and top-k changes in each bin of the reference's gap."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.tables: dict[tuple[str, str, str], np.ndarray] = {}
+
+    def update(self, key: tuple[str, str, str], position: int, change: RouteChange, gap: torch.Tensor) -> None:
+        bins = len(GAP_EDGES) - 1
+        table = self.tables.setdefault(key, np.zeros((self.num_layers, bins, 2)))
+        where = np.clip(np.searchsorted(GAP_EDGES, gap.double().numpy(), side="right") - 1, 0, bins - 1)
+        table[position, :, 0] += np.bincount(where, minlength=bins)
+        table[position, :, 1] += np.bincount(where, weights=change.set_changed.cpu().double().numpy(), minlength=bins)
+
+    def rows(self, layers: Sequence[int]) -> list[dict]:
+        rows = []
+        for (comparison, reference, variant), table in self.tables.items():
+            for i, layer in enumerate(layers):
+                for b in range(table.shape[1]):
+                    tokens, changed = table[i, b]
+                    rows.append({"comparison": comparison, "reference": reference, "variant": variant, "layer": layer,
+                                 "bin": b, "left": 0.0 if b == 0 else float(GAP_EDGES[b]),
+                                 "right": math.inf if b == table.shape[1] - 1 else float(GAP_EDGES[b + 1]),
+                                 "tokens": int(tokens), "topk_changed": int(changed),
+                                 "topk_changed_fraction": changed / tokens if tokens else math.nan})
+        return rows
+
+
 # ------------------------------------------------------------------------------------------ forwards
 
 
@@ -111,11 +152,16 @@ def compact(index: torch.Tensor, weight: torch.Tensor, num_choices: int) -> tupl
 
 
 def forward_routes(moe: MoEModel, layers: Sequence[MoELayer], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   flat: torch.Tensor, position_ids: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One forward; each layer's (top-k index, weight) at the flattened token positions `flat` (compact, CPU)."""
+                   flat: torch.Tensor, position_ids: torch.Tensor | None = None,
+                   gaps: list | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One forward; each layer's (top-k index, weight) at the flattened token positions `flat` (compact, CPU).
+    `gaps`: a list that receives each layer's `topk_gap` at those tokens."""
     kwargs = {} if position_ids is None else {"position_ids": position_ids.to(moe.device)}
-    with capture(moe, layers, ("topk",)) as records:
+    with capture(moe, layers, ("topk", "logits") if gaps is not None else ("topk",)) as records:
         moe.forward(input_ids, attention_mask, **kwargs)
+        if gaps is not None:
+            gaps.extend(topk_gap(records[m.layer].logits[flat.to(records[m.layer].logits.device)], m.top_k)
+                        for m in layers)
         return [routes_at(records[m.layer], flat, m.num_choices) for m in layers]
 
 

@@ -11,6 +11,8 @@ from common.plots import a4_grid, integer_axis, label, legend_panel, place_label
 
 MARKERS = {"dtype": "o", "router": "s", "batch": "^", "padding": "D"}
 SAME, BASE = "C0", "0.45"
+MIN_BIN_TOKENS = 10
+GAP_LABEL = r"reference gap $z_{(k)} - z_{(k+1)}$ (logit units, log scale)"
 
 
 def comparison_label(row) -> str:
@@ -56,7 +58,7 @@ def plot_by_layer(summary: pd.DataFrame) -> plt.Figure:
         label(ax, "layer", unit, title)
         integer_axis(ax, "x", layers)
     legend_panel(fig, axes, fontsize=7)
-    fig.suptitle("Routing stability: the same counted tokens in the reference and the variant run "
+    fig.suptitle("Routing stability: the same tokens in the reference and the variant run\n"
                  "(all domains pooled; hollow markers = exactly 0)", fontsize=9)
     return fig
 
@@ -97,7 +99,8 @@ def plot_consistency(consistency: pd.DataFrame, tokens: pd.DataFrame) -> plt.Fig
 
 def plot_consistency_tokens(tokens: pd.DataFrame, max_panels: int = 4, named: int = 3) -> plt.Figure:
     """Per layer (up to `max_panels`, spread over depth): each token id's consistency against its count (log scale),
-    the baseline's mean per frequency bin as a line, the `named` most and least consistent ids written out."""
+    the baseline's mean per frequency bin as a line, the `named` most and least consistent ids written out (of those
+    seen at least the median count: a rare id's mean rests on few pairs)."""
     layers = sorted(tokens.layer.unique())
     if len(layers) > max_panels:
         layers = [layers[round(i * (len(layers) - 1) / (max_panels - 1))] for i in range(max_panels)]
@@ -112,11 +115,61 @@ def plot_consistency_tokens(tokens: pd.DataFrame, max_panels: int = 4, named: in
         ax.set_xscale("log")
         ax.set_ylim(-0.03, 1.03)
         label(ax, "occurrences of the token id (log scale)", "weighted Jaccard (0 … 1)", f"layer {layer}")
-        extremes = pd.concat([rows.nlargest(named, "consistency"), rows.nsmallest(named, "consistency")])
+        frequent = rows[rows["count"] >= rows["count"].median()]  # rare ids' means rest on few pairs
+        extremes = pd.concat([frequent.nlargest(named, "consistency"), frequent.nsmallest(named, "consistency")])
         place_labels(ax, extremes[["count", "consistency"]].to_numpy(dtype=float),
                      [text_label(str(t), limit=12) for t in extremes.token], ["0.15"] * len(extremes), fontsize=6.5,
                      beside=True)
     legend_panel(fig, axes[:1], fontsize=7)
-    fig.suptitle("Route consistency per token id against its frequency (most and least consistent ids named)",
-                 fontsize=9)
+    fig.suptitle("Route consistency per token id against its frequency\n(named: the most and least consistent of the "
+                 "ids seen at least the median count)", fontsize=9)
+    return fig
+
+
+def _bin_centres(rows: pd.DataFrame) -> np.ndarray:
+    left = np.maximum(rows.left.to_numpy(dtype=float), 10**-6.5)
+    right = rows.right.to_numpy(dtype=float)
+    return np.where(np.isfinite(right), np.sqrt(left * np.where(np.isfinite(right), right, 1.0)), left * 10**0.25)
+
+
+def plot_margin(margin: pd.DataFrame) -> plt.Figure:
+    """Which tokens change experts: by the reference's gap between its k-th and (k+1)-th router logits (log10 bins,
+    all layers pooled), the share of tokens whose top-k set changed (left) and how many tokens and changes each bin
+    holds (right), a line per comparison."""
+    fig, (left, right) = a4_grid(2, max_cols=2, panel_height=2.8)
+    margin = margin.copy()
+    margin["label"] = [comparison_label(row) for row in margin.itertuples()]
+    order = {kind: i for i, kind in enumerate(MARKERS)}
+    margin["order"] = [order.get(kind, len(order)) for kind in margin.comparison]
+    margin = margin.sort_values(["order", "label", "bin"], kind="stable")
+    shown_tokens = set()
+    for i, (name, rows) in enumerate(margin.groupby("label", sort=False)):
+        pooled = rows.groupby("bin").agg(left=("left", "first"), right=("right", "first"), tokens=("tokens", "sum"),
+                                         changed=("topk_changed", "sum"))
+        x = _bin_centres(pooled)
+        filled = pooled.tokens.to_numpy() > 0
+        enough = pooled.tokens.to_numpy() >= MIN_BIN_TOKENS
+        share = np.where(filled, 100 * pooled.changed / np.maximum(pooled.tokens, 1), np.nan)
+        marker = MARKERS.get(rows.comparison.iloc[0], "o")
+        left.plot(x[enough], share[enough], marker=marker, ms=3.5, lw=1.2, color=f"C{i}", label=name)
+        reference = (rows.comparison.iloc[0], rows.reference.iloc[0])
+        if reference not in shown_tokens:  # the tokens per bin of each distinct reference run, once
+            shown_tokens.add(reference)
+            right.step(x, np.where(filled, pooled.tokens, np.nan), where="mid", color="0.55", lw=1.0,
+                       label="tokens per bin (each reference run)" if len(shown_tokens) == 1 else None)
+        changed = pooled.changed.to_numpy(dtype=float)
+        right.plot(x[changed > 0], changed[changed > 0], marker=marker, ms=3.5, lw=1.0, color=f"C{i}")
+    for ax in (left, right):
+        ax.set_xscale("log")
+    left.set_ylim(-3, 103)
+    label(left, GAP_LABEL, "tokens whose top-k set changed (%)",
+          f"Changed share (bins of ≥ {MIN_BIN_TOKENS} tokens)")
+    right.set_yscale("log")
+    label(right, GAP_LABEL, "tokens (count, log scale)",
+          "Tokens per bin (grey) and changed tokens")
+    handles, labels = left.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    fig.legend(handles + more[0], labels + more[1], loc="outside lower center", ncols=3, fontsize=7, frameon=False)
+    fig.suptitle("Which tokens change experts: by the reference's gap between its k-th and (k+1)-th router logits\n"
+                 "(all layers pooled; the first bin holds every gap below $10^{-5.5}$, zero included)", fontsize=9)
     return fig

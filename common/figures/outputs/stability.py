@@ -7,6 +7,7 @@ from common.figures.outputs.entry import DOMAIN, LAYER, Output
 SCRIPT = ("stability",)
 ANCHOR = "routing-stability"
 CONSISTENCY = "route-consistency"
+NEAR_TIES = "near-ties"
 
 # fmt: off
 OUTPUTS: tuple[Output, ...] = (
@@ -28,6 +29,19 @@ OUTPUTS: tuple[Output, ...] = (
                                    "summing to 1)",
                     "max_abs_dw": "largest Σ_e |w_e − w′_e| of a token (weight units)"},
            integers=frozenset({"layer", "tokens", "topk_changed"})),
+    Output("stability_margin.csv", "per comparison and MoE layer: counted tokens and top-k set changes by the "
+           "reference's gap between its k-th and (k+1)-th router logits (half-decade bins)", NEAR_TIES, SCRIPT,
+           columns={"comparison": "dtype, router, batch or padding (as in stability_summary.csv)",
+                    "reference": "the reference run (as in stability_summary.csv)",
+                    "variant": "the variant run (as in stability_summary.csv)", "layer": LAYER,
+                    "bin": "gap bin (0-based; 16 bins of half a decade from 10^-6 to 10^2, the first also holding "
+                           "every smaller gap, 0 included, the last every larger one)",
+                    "left": "the bin's lower edge (logit units; 0 for the first bin)",
+                    "right": "the bin's upper edge (logit units; inf for the last bin)",
+                    "tokens": "counted tokens whose reference gap falls in the bin (count)",
+                    "topk_changed": "of them, tokens whose top-k set changed in the variant (count)",
+                    "topk_changed_fraction": "topk_changed / tokens (fraction; empty without tokens)"},
+           integers=frozenset({"layer", "bin", "tokens", "topk_changed"})),
     Output("stability_consistency.csv", "per MoE layer: how consistently a token id routes across windows against "
            "different ids of the same frequency (weighted Jaccard of routes)", CONSISTENCY, SCRIPT,
            columns={"layer": LAYER,
@@ -57,6 +71,9 @@ OUTPUTS: tuple[Output, ...] = (
                                "baseline_pairs"})),
     Output("figures/stability_by_layer.{ext}", "share of tokens whose top-k set / top-1 expert changed and the mean "
            "|Δw| against the layer, a line per comparison (log scale, exact zeros hollow)", ANCHOR, SCRIPT),
+    Output("figures/stability_margin.{ext}", "share of tokens whose top-k set changed against the reference's "
+           "k-th minus (k+1)-th router logit gap, and the tokens per gap bin, a line per comparison (layers pooled)",
+           NEAR_TIES, SCRIPT),
     Output("figures/stability_consistency.{ext}", "same-id vs baseline weighted Jaccard by layer (± s.e.m.) and their "
            "distributions over token ids", CONSISTENCY, SCRIPT),
     Output("figures/stability_consistency_tokens.{ext}", "each token id's consistency against its frequency at up to "
