@@ -248,8 +248,12 @@ def _release(moe) -> None:
     import torch
 
     try:
+        if getattr(moe.model, "hf_device_map", None):  # --device_map: accelerate's hooks first, or .to() refuses
+            from accelerate.hooks import remove_hook_from_module
+
+            remove_hook_from_module(moe.model, recurse=True)
         moe.model.to("meta")
-    except Exception:  # offloaded or hooked models: their memory goes when the variant loads
+    except Exception:  # a model that cannot move: its memory goes when the variant's load replaces it
         return
     gc.collect()
     if torch.cuda.is_available():

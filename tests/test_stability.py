@@ -262,6 +262,23 @@ def test_bfloat16_changes_exactly_the_near_tie_tokens(near_tie_model):
             assert torch.equal(alone.top1_changed, changes[m.layer].top1_changed)
 
 
+@pytest.mark.parametrize("arch", ["deepseek_v3", "llama4_text", "jetmoe", "gpt_oss"])
+def test_router_alone_in_the_same_dtype_reads_exactly_the_routing_the_experts_receive(arch):
+    """Biased grouped selection (DeepSeek-V3), dense sigmoid scores (Llama4), sorted gating (JetMoE), top-k on
+    logits with a bias (gpt-oss): the router copy's decoded routing equals the captured one bit for bit."""
+    model, tokenizer = build_random_model(arch)
+    moe = MoEModel(model, tokenizer)
+    ids = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(0))
+    router_only = st.RouterOnly(moe.layers, ["float32"])
+    with router_only.active(), capture(moe, moe.layers, ("topk",)) as records:
+        moe.forward(ids)
+        for m in moe.layers:
+            index, weight = router_only.routes[(m.layer, "float32")]
+            assert torch.equal(index.reshape(records[m.layer].topk_index.shape), records[m.layer].topk_index)
+            assert torch.equal(weight.reshape(records[m.layer].topk_weight.shape), records[m.layer].topk_weight)
+    assert not router_only.unsupported
+
+
 def test_script_on_the_near_tie_model_counts_exactly_the_vowels(near_tie_model, letters, tmp_path):
     argv = ["--model", str(near_tie_model), "--data", f"letters={letters}", "--num_tokens", "400", "--seq_len", "64",
             "--batch_size", "4", "--dtypes", "bfloat16", "--compare", "dtype", "router", "--no-progress",
