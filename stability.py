@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> None:
                             change = st.route_changes(ref[i][0][mine], ref[i][1][mine], *alone[i], m.num_choices)
                             stats.update(("batch", "batched", "alone"), i, change, token_domains[mine])
                             margins.update(("batch", "batched", "alone"), i, change, gaps[i][mine])
-                if "padding" in comparisons:
+                if "padding" in comparisons and batch.input_ids.shape[0] > 1:
                     generator = torch.Generator().manual_seed(_seed(args.seed, batch.number, 1))
                     lengths = st.cut_lengths(batch.attention_mask.cpu(), generator)
                     sides = {side: st.cut_and_pad(batch.input_ids.cpu(), batch.count_mask.cpu(), lengths, side, pad_id,

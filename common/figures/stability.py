@@ -51,13 +51,15 @@ def plot_by_layer(summary: pd.DataFrame) -> plt.Figure:
             ax.set_ylim(floor / 1.8, positive.max() * 2 if positive.size else 1.0)
             ax.axhline(floor, color="0.75", lw=0.6, ls=":", zorder=0)
             ax.text(-0.015, floor, "0", transform=ax.get_yaxis_transform(), ha="right", va="center", fontsize=7)
-            ax.yaxis.set_major_formatter(FuncFormatter(_short))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p, low=floor: _short(v) if v > 2.5 * low else ""))
             ax.yaxis.set_minor_formatter(NullFormatter())
         else:
             ax.set_ylim(bottom=-0.04 * max(positive.max() if positive.size else 1.0, 1e-3))
         label(ax, "layer", unit, title)
         integer_axis(ax, "x", layers)
-    legend_panel(fig, axes, fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4 if len(labels) == 4 else 3),
+               fontsize=7, frameon=False)
     fig.suptitle("Routing stability: the same tokens in the reference and the variant run\n"
                  "(all domains pooled; hollow markers = exactly 0)", fontsize=9)
     return fig
