@@ -37,7 +37,7 @@ import warnings
 from collections.abc import Sequence
 
 from common import cli
-from common.cli import at_least, base_parser, positive_float, run_main
+from common.cli import at_least, base_parser, open_fraction, positive_float, run_main
 from common.errors import InputError
 
 SCRIPT = "contrast"
@@ -45,21 +45,11 @@ STEERED = ("A off", "B on", "A off + B on")  # each against the random condition
 RANDOM = {"A off": "random off", "B on": "random on", "A off + B on": "random off + on"}
 
 
-def _alpha(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
-    return value
-
-
 def build_parser():
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.set_defaults(data=["demo:prose", "demo:french"])
     group = parser.add_argument_group("contrast (--data: exactly two sources, A then B)")
-    group.add_argument("--alpha", type=_alpha, default=0.05,
+    group.add_argument("--alpha", type=open_fraction, default=0.05,
                        help="false discovery rate of the Benjamini–Hochberg correction over all layer × expert tests")
     group.add_argument("--bootstrap", type=at_least(0), default=1000,
                        help="document-bootstrap resamples of Δ's dependence-aware interval (0: none; candidates then "

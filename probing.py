@@ -42,7 +42,7 @@ import warnings
 from collections.abc import Sequence
 
 from common import cli
-from common.cli import at_least, base_parser, positive_float, run_main
+from common.cli import at_least, base_parser, open_fraction, positive_float, run_main
 from common.errors import InputError
 
 SCRIPT = "probing"
@@ -59,16 +59,6 @@ class _ListConcepts(argparse.Action):
 
         print(listing())
         parser.exit(0)
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (got {text})")
-    return value
 
 
 def build_parser():
@@ -94,7 +84,7 @@ def build_parser():
     probe.add_argument("--min_examples", type=at_least(2), default=50,
                        help="a (unit, concept) cell with fewer positives or fewer negatives than this is skipped "
                        "(counted in probing_examples.csv and run.json)")
-    probe.add_argument("--test_fraction", type=fraction, default=0.25,
+    probe.add_argument("--test_fraction", type=open_fraction, default=0.25,
                        help="share of each class held out for the F1 (stratified)")
     probe.add_argument("--C", dest="C", type=positive_float, default=1.0,
                        help="inverse L2 strength of the logistic regression (scikit-learn's C; features standardised)")

@@ -244,7 +244,7 @@ def test_script_writes_documented_outputs_and_refuses_bad_input(tmp_path, data, 
         "one set": (["--data", data[0]], "exactly two sets, A then B; got 1"),
         "a dense layer": (["--model", "random:qwen3_moe", "--layers", "0"], "layer 0 is a dense (non-MoE) layer"),
         "nothing counted": (["--data", data[0], f"blank={folder / 'blank.jsonl'}"], "has no token to count"),
-        "alpha": (["--alpha", "1"], "must lie in (0, 1)"),
+        "alpha": (["--alpha", "1"], "must lie strictly between 0 and 1"),
         "prompt too long": (["--prompt_len", "30", "--max_new_tokens", "10000"], "exceeds the model's context length"),
     }
     for case, (extra, message) in bad.items():

@@ -343,7 +343,7 @@ BAD = {
     "missing dense layer": (["--model", "random:olmoe", "--dense_model", "{dense}", "--dense_layers", "5"],
                             "--dense_layers: layer 5 does not exist"),
     "max below min": (["--max_examples", "10", "--min_examples", "20"], "below --min_examples"),
-    "bad fraction": (["--test_fraction", "1.5"], "argument --test_fraction: must be between 0 and 1"),
+    "bad fraction": (["--test_fraction", "1.5"], "argument --test_fraction: must lie strictly between 0 and 1"),
 }
 
 

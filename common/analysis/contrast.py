@@ -23,15 +23,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.overrides import TorchFunctionMode
 
 from common.data import Batch, Domain
-from common.hooks import ExpertRemoval, intervene
-from common.hooks.routing import Hooks
+from common.hooks import ExpertActivation, ExpertRemoval, intervene
+from common.hooks.intervene import ACTIVATION_MARGIN
 from common.model import MoELayer, MoEModel
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: 95% two-sided intervals
-ON_MARGIN = 0.1  # ε of the lift: z_e ← max_j z_j + max(ε, |max_j z_j| / 32) (survives bfloat16 rounding)
+ON_MARGIN = ACTIVATION_MARGIN  # ε of the lift: z_e ← max_j z_j + max(ε, |max_j z_j| / 32) (survives bfloat16)
 
 # ------------------------------------------------------------------------------------------------ counting
 
@@ -244,49 +243,15 @@ class Condition:
 # ------------------------------------------------------------------------------------------------ steering
 
 
-class _Lift(TorchFunctionMode):
-    """Sets `columns` of the first linear output of width `width` (the router logits) to the row's largest logit
-    plus a margin, so those experts enter the top-k with the token's top weight."""
-
-    def __init__(self, width: int, columns: torch.Tensor) -> None:
-        super().__init__()
-        self.width, self.columns, self.done = width, columns, False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not self.done and func is torch.nn.functional.linear and isinstance(out, torch.Tensor) and out.shape[-1] == self.width:
-            self.done = True
-            top = out.max(dim=-1, keepdim=True).values
-            lifted = top + torch.clamp(top.abs() / 32, min=ON_MARGIN)
-            out = torch.where(self.columns.to(out.device), lifted, out)
-        return out
-
-
 @contextlib.contextmanager
 def steered(moe: MoEModel, off: Mapping[int, Sequence[int]], on: Mapping[int, Sequence[int]]) -> Iterator[None]:
     """Inside the block the `off` experts cannot be chosen (z_e = −inf before selection, `ExpertRemoval` drop) and
-    the `on` experts are always chosen (z_e = max_j z_j + ε before selection); the router's own selection and
-    normalisation do the rest. Hooks removed on exit."""
-    removals = [ExpertRemoval(layer, tuple(experts), "drop") for layer, experts in off.items() if experts]
-    with intervene(moe, removals):
-        hooks = Hooks()  # inside intervene's block: its router wrapper is restored after these are
-        try:
-            for layer, experts in on.items():
-                if not experts:
-                    continue
-                moe_layer = moe.layer(layer)
-                columns = torch.zeros(moe_layer.num_choices, dtype=torch.bool)
-                columns[list(experts)] = True
-                original = moe_layer.router.forward
-
-                def lifted(*args, _original=original, _width=moe_layer.num_choices, _columns=columns, **kwargs):
-                    with _Lift(_width, _columns):
-                        return _original(*args, **kwargs)
-
-                hooks.replace_forward(moe_layer.router, lifted)
-            yield
-        finally:
-            hooks.remove()
+    the `on` experts are always chosen (z_e = max_j z_j + ε before selection, `ExpertActivation`); the router's own
+    selection and normalisation do the rest. Hooks removed on exit."""
+    edits = [*(ExpertRemoval(layer, tuple(experts), "drop") for layer, experts in off.items() if experts),
+             *(ExpertActivation(layer, tuple(experts)) for layer, experts in on.items() if experts)]
+    with intervene(moe, edits):
+        yield
 
 
 @torch.inference_mode()

@@ -7,7 +7,7 @@ import `common.cli.pipeline` (model + data set-up, captured batches) and `common
 Public surface:
 - `base_parser(description, *, layers, data)`: the shared flags (`--model`, `--data`, `--layers`, ...).
 - `ArgumentParser`: argparse with `--config FILE` (TOML) and one-line errors.
-- `at_least(n)`, `positive_float`: argument types.
+- `at_least(n)`, `positive_float`, `open_fraction`: argument types.
 - `config(args, script)`: the typed, frozen `common.config.Config` of a parsed command line.
 - `model_spec(args)`, `data_spec(args)`: its model and data parts.
 - `run_main(parser, body, argv)`: parse, run, turn an `InputError` into one line and exit code 2.
@@ -23,11 +23,12 @@ from common.cli.flags import (
     data_spec,
     listing,
     model_spec,
+    open_fraction,
     positive_float,
     run_main,
 )
 
 __all__ = [
     "MEMORY_FLAGS", "ArgumentParser", "at_least", "base_parser", "config", "data_spec", "listing", "model_spec",
-    "positive_float", "run_main",
+    "open_fraction", "positive_float", "run_main",
 ]

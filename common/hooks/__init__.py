@@ -8,6 +8,7 @@ This package is the only place that knows where hooks go: `capture` (what layers
 from common.hooks.capture import Capturable, Capture, LayerRecord, capture
 from common.hooks.intervene import (
     EditMode,
+    ExpertActivation,
     ExpertRemoval,
     RoutingEdit,
     TopKRestriction,
@@ -28,6 +29,7 @@ __all__ = [  # noqa: RUF022 (grouped by use, not sorted)
     "EditMode",  # the modes of a RoutingEdit
     "TopKRestriction",  # keep only each token's `keep` highest-weighted experts at one layer
     "ExpertRemoval",  # remove experts of one layer: drop (router logits -inf before selection) or zero (weight 0)
+    "ExpertActivation",  # force experts of one layer into every token's top-k (logit = the token's max + margin)
     "edit_routing",  # the RoutingEdit arithmetic on (index, weight) tensors, without hooks
     "restrict_topk",  # the TopKRestriction arithmetic on (index, weight) tensors, without hooks
     "registered_hook_count",  # hooks left on a module (0 after every block: tests use it)

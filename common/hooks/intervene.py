@@ -109,29 +109,32 @@ def edit_routing(
     return new_index, new_weight.to(weight.dtype)
 
 
-class _ShiftLogit(TorchFunctionMode):
-    """Adds `delta` to column `column` of the first linear output of width `width` (the router logits)."""
+class _RouterLogits(TorchFunctionMode):
+    """Rewrites the first linear output of width `width` inside the block (the router logits) with `rewrite`."""
 
-    def __init__(self, width: int, column: int, delta: float, mask_fn: Callable[[int, torch.device], torch.Tensor | None]):
+    def __init__(self, width: int, rewrite: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
-        self.width, self.column, self.delta, self.mask_fn, self.done = width, column, delta, mask_fn, False
+        self.width, self.rewrite, self.done = width, rewrite, False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if (
-            not self.done
-            and func is torch.nn.functional.linear
-            and isinstance(out, torch.Tensor)
-            and out.shape[-1] == self.width
-        ):
+        if not self.done and func is torch.nn.functional.linear and isinstance(out, torch.Tensor) \
+                and out.shape[-1] == self.width:
             self.done = True
-            flat = out.reshape(-1, self.width)
-            shift = torch.zeros(self.width, dtype=out.dtype, device=out.device)
-            shift[self.column] = self.delta
-            mask = self.mask_fn(flat.shape[0], out.device)
-            rows = shift.expand_as(flat) if mask is None else shift * mask.view(-1, 1).to(out.dtype)
-            out = (flat + rows).reshape(out.shape)
+            out = self.rewrite(out)
         return out
+
+
+def _rewrite_router_logits(moe_layer: MoELayer, rewrite: Callable[[torch.Tensor], torch.Tensor], hooks: Hooks) -> None:
+    """Every call of the layer's router rewrites its logits [..., C] with `rewrite` before selection."""
+    router = moe_layer.router
+    original_forward = router.forward
+
+    def rewritten_forward(*args, **kwargs):
+        with _RouterLogits(moe_layer.num_choices, rewrite):
+            return original_forward(*args, **kwargs)
+
+    hooks.replace_forward(router, rewritten_forward)
 
 
 @dataclass(frozen=True)
@@ -176,33 +179,35 @@ class ExpertRemoval:
     shared: bool = False  # also remove the layer's shared experts: their outputs become 0 (prune.py --include-shared)
 
 
-class _MaskLogits(TorchFunctionMode):
-    """Sets `columns` of the first linear output of width `width` (the router logits) to -inf."""
+ACTIVATION_MARGIN = 0.1  # ε of ExpertActivation: z_e ← max_j z_j + max(ε, |max_j z_j| / 32) (survives bfloat16)
 
-    def __init__(self, width: int, columns: torch.Tensor):
-        super().__init__()
-        self.width, self.columns, self.done = width, columns, False
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not self.done and func is torch.nn.functional.linear and isinstance(out, torch.Tensor) and out.shape[-1] == self.width:
-            self.done = True
-            out = out.masked_fill(self.columns.to(out.device), float("-inf"))
-        return out
+@dataclass(frozen=True)
+class ExpertActivation:
+    """Force routed experts of decoder layer `layer` into every token's top-k (SteerMoE's activation): their router
+    logits become the token's largest logit plus a margin before selection, so the router's own selection and
+    normalisation choose them with the token's top weight."""
+
+    layer: int
+    experts: tuple[int, ...]
+
+
+def _register_activation(moe_layer: MoELayer, activation: ExpertActivation, hooks: Hooks) -> None:
+    columns = torch.zeros(moe_layer.num_choices, dtype=torch.bool)
+    columns[list(activation.experts)] = True
+
+    def lift(out: torch.Tensor) -> torch.Tensor:
+        top = out.max(dim=-1, keepdim=True).values
+        return torch.where(columns.to(out.device), top + torch.clamp(top.abs() / 32, min=ACTIVATION_MARGIN), out)
+
+    _rewrite_router_logits(moe_layer, lift, hooks)
 
 
 def _register_removal(moe_layer: MoELayer, removal: ExpertRemoval, hooks: Hooks) -> None:
     removed = torch.zeros(moe_layer.num_choices, dtype=torch.bool)
     removed[list(removal.experts)] = True
     if removal.how == "drop":
-        router = moe_layer.router
-        original_forward = router.forward
-
-        def masked_forward(*args, **kwargs):
-            with _MaskLogits(moe_layer.num_choices, removed):
-                return original_forward(*args, **kwargs)
-
-        hooks.replace_forward(router, masked_forward)
+        _rewrite_router_logits(moe_layer, lambda out: out.masked_fill(removed.to(out.device), float("-inf")), hooks)
         return
 
     def rewrite(index: torch.Tensor, weight: torch.Tensor, num_tokens: int, device: torch.device):
@@ -213,7 +218,8 @@ def _register_removal(moe_layer: MoELayer, removal: ExpertRemoval, hooks: Hooks)
 
 
 @contextlib.contextmanager
-def intervene(moe: MoEModel, edits: Sequence[RoutingEdit | TopKRestriction | ExpertRemoval]) -> Iterator[None]:
+def intervene(moe: MoEModel, edits: Sequence[RoutingEdit | TopKRestriction | ExpertRemoval | ExpertActivation]
+              ) -> Iterator[None]:
     """Apply routing edits during every forward pass inside the block (register before any `capture`)."""
     hooks = Hooks()
     batch_shape: dict = {}
@@ -246,6 +252,15 @@ def intervene(moe: MoEModel, edits: Sequence[RoutingEdit | TopKRestriction | Exp
                                      f"{moe_layer.num_choices} experts leaves fewer than top-k = {moe_layer.top_k}")
                 _register_removal(moe_layer, edit, hooks)
                 continue
+            if isinstance(edit, ExpertActivation):
+                if not all(0 <= e < moe_layer.num_experts for e in edit.experts):
+                    raise InputError(f"layer {moe_layer.layer}: experts to activate must lie in 0..{moe_layer.num_experts - 1}")
+                if len(set(edit.experts)) > moe_layer.top_k:
+                    raise InputError(f"layer {moe_layer.layer}: {len(set(edit.experts))} experts cannot all enter a "
+                                     f"top-{moe_layer.top_k}")
+                if edit.experts:
+                    _register_activation(moe_layer, edit, hooks)
+                continue
             if isinstance(edit, TopKRestriction):
                 if edit.keep < 1:
                     raise InputError(f"top-k restriction: keep at least 1 expert (got {edit.keep})")
@@ -269,14 +284,15 @@ def _register_edit(moe_layer: MoELayer, edit: RoutingEdit, batch_shape: dict, ho
         return _token_mask(edit, batch_shape, num_tokens, device)
 
     if edit.mode == "logit":
-        router = moe_layer.router
-        original_forward = router.forward
+        def shift(out: torch.Tensor) -> torch.Tensor:
+            flat = out.reshape(-1, moe_layer.num_choices)
+            delta = torch.zeros(moe_layer.num_choices, dtype=out.dtype, device=out.device)
+            delta[edit.expert] = float(edit.value or 0.0)
+            mask = mask_for(flat.shape[0], out.device)
+            rows = delta.expand_as(flat) if mask is None else delta * mask.view(-1, 1).to(out.dtype)
+            return (flat + rows).reshape(out.shape)
 
-        def shifted_forward(*args, **kwargs):
-            with _ShiftLogit(moe_layer.num_choices, edit.expert, float(edit.value or 0.0), mask_for):
-                return original_forward(*args, **kwargs)
-
-        hooks.replace_forward(router, shifted_forward)
+        _rewrite_router_logits(moe_layer, shift, hooks)
         return
 
     def rewrite(index: torch.Tensor, weight: torch.Tensor, num_tokens: int, device: torch.device):
