@@ -160,17 +160,21 @@ def run(args: argparse.Namespace) -> None:
                 seen = peaks[i][np.isfinite(peaks[i])]
                 named.append((i, e, float(peaks[i][e]), float(np.median(seen)) if seen.size else np.nan))
         table = experts.inputs if args.rule_on == "input" else experts.outputs
+        by_domain = [experts.peaks(args.rule_on, d) for d in range(len(domains))]
         super_rows = []
         for i, e, value, median in named:
             peak = table[i].peak(e, rule_slot)
+            seen = [d for d in range(len(domains)) if np.isfinite(by_domain[d][i][e])]
+            above = [d for d in seen if by_domain[d][i][e] > args.multiple * np.nanmedian(by_domain[d][i])]
             super_rows.append({"layer": s.layers[i].layer, "expert": e, "rule_on": args.rule_on, "peak": value,
                                "layer_median": median, "ratio": value / median if median else np.nan,
                                "named_by": "--remove" if args.remove else f"peak > {args.multiple:g} x median",
                                "routed_tokens": int(experts.routed[i, e, rule_slot]),
+                               "domains_above": len(above), "domains_seen": len(seen),
                                **where(peak), "context": context(peak) if peak else ""})
         out.save_table(pd.DataFrame(super_rows, columns=["layer", "expert", "rule_on", "peak", "layer_median", "ratio",
-                                                         "named_by", "routed_tokens", "token_id", "token", "position",
-                                                         "context"]), "super_experts")
+                                                         "named_by", "routed_tokens", "domains_above", "domains_seen",
+                                                         "token_id", "token", "position", "context"]), "super_experts")
 
         massive = []
         for layer in range(num_layers):

@@ -97,6 +97,8 @@ def test_a_planted_peak_is_reported_exactly(peak_run):
     assert [(int(r.layer), int(r.expert)) for r in named.itertuples()] == [(PEAK_LAYER, expert)]
     assert named.iloc[0].token == PEAK_CHAR and named.iloc[0].position == position
     assert "[[c]]" in named.iloc[0].context
+    # 'c' occurs in domain a only: the expert stands out there, and in b (group 0 never occurs) it saw no token
+    assert (named.iloc[0].domains_above, named.iloc[0].domains_seen) == (1, 1)
     # the write into dimension OUT_DIM is the residual stream's largest entry after layer 1, on that token
     massive = pd.read_csv(run / "massive_activations.csv")
     top = massive[(massive.layer == PEAK_LAYER) & (massive.domain == "all") & (massive["rank"] == 1)].iloc[0]

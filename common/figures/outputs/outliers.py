@@ -46,9 +46,13 @@ OUTPUTS: tuple[Output, ...] = (
                     "ratio": "peak / layer_median (×)",
                     "named_by": "the rule (peak > --multiple × median) or --remove",
                     "routed_tokens": "real tokens routed to the expert over all domains (count)",
+                    "domains_above": "domains in which the expert's peak alone also exceeds --multiple × that "
+                                     "domain's layer median (count): a data-agnostic super expert passes in all",
+                    "domains_seen": "domains in which the expert saw a token (count)",
                     **_TOKEN,
                     "context": "the text around the peak's token (±4 tokens), the token itself in [[ ]]"},
-           integers=frozenset({"layer", "expert", "routed_tokens", "token_id", "position"})),
+           integers=frozenset({"layer", "expert", "routed_tokens", "domains_above", "domains_seen", "token_id",
+                               "position"})),
     Output("massive_activations.csv", "per decoder layer and domain: the residual stream's three largest |h| after "
            "the layer, with dimension and token, against its median and mean |h|", ANCHOR, SCRIPT,
            columns={"layer": "decoder-layer index (every layer, dense ones included)", "domain": DOMAIN,
