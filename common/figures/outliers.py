@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from common.plots import integer_axis, plt, text_label
+from common.plots import PAGE_WIDTH, integer_axis, plt, text_label
 
 SUPER = "C3"
 CONDITIONS = {"none": ("unedited model", "0.55", "-"), "super": ("super experts removed", SUPER, "-"),
@@ -22,7 +22,9 @@ def plot_expert_peaks(peaks: pd.DataFrame, named: pd.DataFrame, multiple: float,
     over all domains (log scale), the rule's threshold (multiple × the layer median) as a tick, super experts red."""
     table = peaks[peaks.domain == "all"]
     layers = sorted(table.layer.unique())
-    fig, axes = plt.subplots(1, 2, figsize=(max(6.5, 0.45 * len(layers) + 4.5), 3.4), layout="constrained")
+    stacked = len(layers) > 8  # many layers: the two panels one above the other, each the page's width
+    fig, axes = plt.subplots(2 if stacked else 1, 1 if stacked else 2, layout="constrained",
+                             figsize=(PAGE_WIDTH, 5.8 if stacked else 3.4))
     super_set = {(int(r.layer), int(r.expert)) for r in named.itertuples()} if len(named) else set()
     rng = np.random.default_rng(0)
     for ax, which, title in ((axes[0], "input", "down-projection input (neurons)"), (axes[1], "output", "expert output")):
@@ -41,7 +43,7 @@ def plot_expert_peaks(peaks: pd.DataFrame, named: pd.DataFrame, multiple: float,
                 ax.hlines(threshold, x - 0.35, x + 0.35, color=SUPER, lw=0.9, linestyles=":")
         ax.set_yscale("log")
         integer_axis(ax, "x", list(range(len(layers))))
-        ax.set_xticks(range(len(layers)), [str(v) for v in layers], fontsize=7)
+        ax.set_xticks(range(len(layers)), [str(v) for v in layers], fontsize=7 if len(layers) <= 24 else 5)
         ax.set_xlabel("MoE layer")
         ax.set_ylabel("peak |value| over routed tokens (log)")
         ax.set_title(title + (" — the rule reads this" if which == rule_on else ""), fontsize=8.5)
@@ -61,7 +63,7 @@ def plot_massive_activations(massive: pd.DataFrame) -> plt.Figure:
     the top-1's dimension and token written above it."""
     table = massive[massive.domain == "all"]
     layers = sorted(table.layer.unique())
-    fig, ax = plt.subplots(figsize=(max(5.5, 0.5 * len(layers) + 2.5), 3.4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(PAGE_WIDTH, 3.4), layout="constrained")
     for rank, marker in ((1, "o"), (2, "s"), (3, "^")):
         rows = table[table["rank"] == rank].set_index("layer").reindex(layers)
         ax.plot(layers, rows.value, marker=marker, ms=4, lw=1.2, label=f"top-{rank} |h|")
@@ -77,7 +79,7 @@ def plot_massive_activations(massive: pd.DataFrame) -> plt.Figure:
     ax.set_ylabel("|h| (log scale)")
     ax.margins(y=0.25)
     ax.legend(fontsize=7, frameon=False, loc="upper left")
-    ax.set_title("Massive activations in the residual stream (all domains; label: dimension and token of the top-1)",
+    ax.set_title("Massive activations in the residual stream (all domains)\nlabels: dimension and token of the top-1",
                  fontsize=8.5)
     return fig
 
@@ -103,7 +105,9 @@ def plot_sink_mass(sink: pd.DataFrame) -> plt.Figure:
     for the unedited model, with the super experts removed, and with as many random experts removed."""
     table = sink[sink.domain == "all"]
     layers = sorted(table.layer.unique())
-    fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 0.5 * len(layers) + 5), 3.3), layout="constrained")
+    stacked = len(layers) > 12
+    fig, axes = plt.subplots(2 if stacked else 1, 1 if stacked else 2, layout="constrained",
+                             figsize=(PAGE_WIDTH, 5.6 if stacked else 3.3))
     if table.sink_mass.notna().any():
         _condition_lines(axes[0], table, "sink_mass")
         uniform = table[table.condition == "none"].set_index("layer").uniform_mass.reindex(layers)
@@ -131,7 +135,7 @@ def plot_sink_mass(sink: pd.DataFrame) -> plt.Figure:
 def plot_outlier_perplexity(perplexity: pd.DataFrame, domains: Sequence[str]) -> plt.Figure:
     """Per domain (and pooled): perplexity of the unedited model, with the super experts removed, and with as many
     random experts removed (mean and the draws as dots), log scale."""
-    fig, ax = plt.subplots(figsize=(max(5.5, 1.1 * len(domains) + 2), 3.3), layout="constrained")
+    fig, ax = plt.subplots(figsize=(PAGE_WIDTH, 3.3), layout="constrained")
     conditions = [c for c in ("none", "super", "random") if c in set(perplexity.condition)]
     width = 0.8 / len(conditions)
     x = np.arange(len(domains))
@@ -145,10 +149,10 @@ def plot_outlier_perplexity(perplexity: pd.DataFrame, domains: Sequence[str]) ->
             for _, draw in rows.groupby("draw"):
                 ax.scatter(offset, draw.set_index("domain").reindex(domains).ppl, s=8, color="black", zorder=3)
     ax.set_yscale("log")
-    ax.set_xticks(x, ["all pooled" if d == "all" else d for d in domains], fontsize=8)
+    ax.set_xticks(x, ["all pooled" if d == "all" else text_label(d, 14, quoted=False) for d in domains],
+                  fontsize=8 if len(domains) <= 7 else 6, rotation=0 if len(domains) <= 7 else 30)
     ax.set_ylabel("perplexity (log scale)")
     ax.legend(fontsize=7, frameon=False, loc="upper left", ncols=len(conditions))
     ax.margins(y=0.2)
-    ax.set_title("Perplexity with the super experts removed vs as many random experts (dots: random draws)",
-                 fontsize=8.5)
+    ax.set_title("Perplexity: super experts removed vs as many random experts (dots: random draws)", fontsize=8.5)
     return fig
