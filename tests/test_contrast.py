@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from scipy import stats
 
 import contrast as script
@@ -20,6 +21,7 @@ from common.config import ModelSpec
 from common.data import resolve_domains, token_batches
 from common.hooks import capture, registered_hook_count
 from common.model import MoEModel, load_moe
+from common.plots import MAX_PNG_WIDTH
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +233,8 @@ def test_script_writes_documented_outputs_and_refuses_bad_input(tmp_path, data, 
     np.testing.assert_array_equal(rates[0].reshape(-1), experts.p_a)
     written = {p.name for p in (run / "figures").glob("*.png")}
     assert {"contrast_delta.png", "contrast_volcano.png"} <= written
+    for name in written:  # within the page width
+        assert Image.open(run / "figures" / name).size[0] <= MAX_PNG_WIDTH, name
     if (run / "contrast_steering.csv").exists():
         steering = pd.read_csv(run / "contrast_steering.csv")
         assert (steering[steering.condition == "none"].kl_a == 0).all()

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 import outliers
 from common.analysis import outliers as analysis
@@ -21,6 +22,7 @@ from common.config import ModelSpec
 from common.data import resolve_domains, token_batches
 from common.hooks import capture
 from common.model import load_moe, tiny_tokenizer
+from common.plots import MAX_PNG_WIDTH
 from tests import planted
 
 PEAK_LAYER, NEURON, OUT_DIM = 1, 3, planted.GROUP_DIMS + 200  # dim 200's token never occurs in the text
@@ -183,7 +185,7 @@ def test_script_writes_documented_outputs_and_refuses_bad_input(peak_run, tmp_pa
     _, _, run = peak_run
     assert set(pd.read_csv(run / "outlier_perplexity.csv").condition) == {"none", "super", "random"}
     for stem in ("expert_peaks", "massive_activations", "sink_mass", "outlier_perplexity"):
-        assert (run / "figures" / f"{stem}.png").is_file()
+        assert Image.open(run / "figures" / f"{stem}.png").size[0] <= MAX_PNG_WIDTH, stem  # within the page width
     assert np.load(run / "expert_peaks.npy").shape == (3, planted.NUM_EXPERTS, 3, 2)
     model, data, _ = peak_run
     base = ["--model", str(model), "--data", *data, "--num_tokens", "100", "--seq_len", "64", "--no-progress",
