@@ -145,9 +145,9 @@ def test_streamed_maxima_equal_a_whole_pass_argmax_on_the_demo():
             mine = (index == e).any(1)
             if not mine.any():
                 continue
-            fused = x[mine] @ experts.gate_up_proj[e].T
+            fused = x[mine] @ experts.gate_up_proj[e].detach().T
             neurons = torch.nn.functional.silu(fused[:, :inner]) * fused[:, inner:]
-            output = neurons @ experts.down_proj[e].T
+            output = neurons @ experts.down_proj[e].detach().T
             for peak, values in ((streamed.inputs[i].peak(e, 2), neurons), (streamed.outputs[i].peak(e, 2), output)):
                 flat = values.abs().reshape(-1)
                 best = int(torch.argmax(flat))
