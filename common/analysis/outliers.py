@@ -45,16 +45,26 @@ class _RunningMax:
         self.value = torch.full((units, slots), -1.0, dtype=torch.float64, device=device)
         self.where = torch.full((units, slots, 4), -1, dtype=torch.long, device=device)  # index, batch, row, position
 
-    def offer(self, unit: int, slot: int, values: torch.Tensor, index: torch.Tensor, batch: int,
+    def offer(self, unit: int, slots: torch.Tensor, values: torch.Tensor, index: torch.Tensor, batch: int,
               rows: torch.Tensor, positions: torch.Tensor) -> None:
-        """Candidates [n] (|value|, their neuron/dimension, row and position) of one batch."""
-        if values.numel() == 0:
+        """Candidates [n] of one batch in stream order: |value|, the domain slot of each, their neuron/dimension, row
+        and position; the last slot ('all') takes every candidate. No host synchronisation."""
+        n = values.numel()
+        if n == 0:
             return
-        best = int(torch.argmax(values))  # the first maximum
-        if float(values[best]) > float(self.value[unit, slot]):
-            self.value[unit, slot] = values[best].double()
-            self.where[unit, slot] = torch.stack([index[best], torch.tensor(batch, device=index.device), rows[best],
-                                                  positions[best]]).to(self.where.device)
+        device = self.value.device
+        values, order = values.to(device, torch.float64), torch.arange(n, device=device)
+        provenance = torch.stack([index.to(device), torch.full((n,), batch, device=device), rows.to(device),
+                                  positions.to(device)], 1)
+        count = self.value.shape[1]
+        for group in (slots.to(device), torch.full((n,), count - 1, device=device)):
+            best = torch.full((count,), -1.0, dtype=torch.float64, device=device).scatter_reduce(
+                0, group, values, "amax", include_self=True)
+            first = torch.full((count,), n, dtype=torch.long, device=device).scatter_reduce(
+                0, group, torch.where(values == best[group], order, n), "amin", include_self=True)  # first maximum
+            better = best > self.value[unit]
+            self.value[unit] = torch.where(better, best, self.value[unit])
+            self.where[unit] = torch.where(better.view(-1, 1), provenance[first.clamp(max=n - 1)], self.where[unit])
 
     def peak(self, unit: int, slot: int) -> Peak | None:
         if float(self.value[unit, slot]) < 0:
@@ -83,28 +93,29 @@ class ExpertPeaks:
         flat = torch.arange(real.numel(), device=real.device)
         rows_of, positions_of = flat // seq, flat % seq
         domains = batch.token_domains()
+        all_slot = self.num_domains
         for i, layer in enumerate(self.layers):
             record = records[layer.layer]
             index, weight = record.topk_index.long(), record.topk_weight
             routed = (weight != 0) & (index < layer.num_experts) & real.to(index.device).view(-1, 1)
-            token, slot = routed.nonzero(as_tuple=True)
+            token, slot = routed.nonzero(as_tuple=True)  # token ascending: stream order
             experts = index[token, slot]
-            for e in experts.unique().tolist():
-                tokens = token[experts == e]  # ascending: stream order within the batch
+            order = torch.argsort(experts, stable=True)  # grouped by expert, stream order kept within each
+            sizes = torch.bincount(experts, minlength=layer.num_experts).tolist()
+            for e, tokens in enumerate(torch.split(token[order], sizes)):
+                if not sizes[e]:
+                    continue
                 neurons = layer.expert_neurons(e, record.expert_input[tokens])
                 output = layer.expert_output_from_neurons(e, neurons)
                 in_value, in_index = neurons.detach().abs().max(dim=-1)
                 out_value, out_index = output.detach().abs().max(dim=-1)
-                rows, positions = rows_of[tokens.to(rows_of.device)], positions_of[tokens.to(rows_of.device)]
-                token_domains = domains[tokens.to(domains.device)]
-                for d in [*token_domains.unique().tolist(), self.num_domains]:
-                    mine = (torch.ones_like(token_domains, dtype=torch.bool) if d == self.num_domains
-                            else token_domains == d).to(in_value.device)
-                    self.routed[i, e, d] += float(mine.sum())
-                    self.inputs[i].offer(e, d, in_value[mine].float(), in_index[mine], number, rows[mine.to(rows.device)],
-                                         positions[mine.to(positions.device)])
-                    self.outputs[i].offer(e, d, out_value[mine].float(), out_index[mine], number,
-                                          rows[mine.to(rows.device)], positions[mine.to(positions.device)])
+                where = tokens.to(rows_of.device)
+                rows, positions, slots = rows_of[where], positions_of[where], domains[where.to(domains.device)]
+                self.routed[i, e].index_add_(0, slots.to(self.routed.device),
+                                             torch.ones(len(slots), dtype=torch.float64, device=self.routed.device))
+                self.routed[i, e, all_slot] += sizes[e]
+                self.inputs[i].offer(e, slots, in_value, in_index, number, rows, positions)
+                self.outputs[i].offer(e, slots, out_value, out_index, number, rows, positions)
 
     def peaks(self, which: str, slot: int) -> list[np.ndarray]:
         """Per layer, the peak of every routed expert in a slot (NaN for an expert never routed there)."""
