@@ -624,3 +624,28 @@ def test_replaced_forwards_are_restored_to_what_was_there_before(moe):
         assert registered_hook_count(moe.model) == baseline
     finally:
         del decoder[0].forward
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_expert_activation_puts_the_experts_in_every_tokens_topk(arch, saved_tiny_model):
+    """ExpertActivation (SteerMoE's "on"): the activated experts are selected at every token, the others keep their
+    order among themselves, and the logits of the experts left alone are untouched."""
+    from common.hooks import ExpertActivation
+
+    moe = load_moe(ModelSpec(model=str(saved_tiny_model(arch)), device="cpu", dtype="float32"))
+    layer = moe.layers[-1]
+    ids = torch.randint(3, moe.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with capture(moe, [layer], ("logits", "topk")) as records, torch.no_grad():
+        moe.forward(ids)
+        base_logits, base_index = records[layer.layer].logits.clone(), records[layer.layer].topk_index.clone()
+        # the expert the tokens choose least often, so the edit has to move most of them
+        counts = torch.bincount(base_index.reshape(-1), minlength=layer.num_choices)[: layer.num_experts]
+        target = int(counts.argmin())
+        with intervene(moe, [ExpertActivation(layer.layer, (target,))]):
+            moe.forward(ids)
+        index, logits = records[layer.layer].topk_index, records[layer.layer].logits
+    assert (index == target).any(dim=1).all()  # chosen at every token
+    others = [e for e in range(layer.num_choices) if e != target]
+    torch.testing.assert_close(logits[:, others], base_logits[:, others], rtol=0, atol=0)
+    top = base_logits.max(dim=-1).values
+    torch.testing.assert_close(logits[:, target], top + torch.clamp(top.abs() / 32, min=0.1))

@@ -186,7 +186,9 @@ ACTIVATION_MARGIN = 0.1  # ε of ExpertActivation: z_e ← max_j z_j + max(ε, |
 class ExpertActivation:
     """Force routed experts of decoder layer `layer` into every token's top-k (SteerMoE's activation): their router
     logits become the token's largest logit plus a margin before selection, so the router's own selection and
-    normalisation choose them with the token's top weight."""
+    normalisation choose them with the token's top weight. Routers that select on biased or group-limited scores
+    (DeepSeek-V3's correction bias) can still pass one over where the bias outweighs the margin; `RoutingEdit(mode=
+    "force")` puts an expert in the top-k whatever the router says."""
 
     layer: int
     experts: tuple[int, ...]
