@@ -80,6 +80,8 @@ def _check_domains(domains) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if len(args.data) == 2 and args.data[0] == args.data[1]:  # before the data layer's "two domains named ..."
+        raise InputError(f"--data: A and B are the same data ({args.data[0]}); give two different sources")
     config = cli.config(args, SCRIPT)
     from common.cli import pipeline
 

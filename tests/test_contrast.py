@@ -244,6 +244,7 @@ def test_script_writes_documented_outputs_and_refuses_bad_input(tmp_path, data, 
     (folder / "blank.jsonl").write_text(json.dumps({"text": "   "}))
     bad = {  # one line, exit 2, nothing written
         "A = B": (["--data", f"x={data[0].split('=', 1)[1]}", f"y={data[0].split('=', 1)[1]}"], "are the same data"),
+        "A = B unnamed": (["--data", data[0], data[0]], "A and B are the same data"),
         "three sets": (["--data", *data, "demo:french"], "exactly two sets, A then B; got 3"),
         "one set": (["--data", data[0]], "exactly two sets, A then B; got 1"),
         "a dense layer": (["--model", "random:qwen3_moe", "--layers", "0"], "layer 0 is a dense (non-MoE) layer"),
