@@ -32,6 +32,7 @@ Definitions: docs/METRICS.md#behaviour-experts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -83,6 +84,9 @@ def run(args: argparse.Namespace) -> None:
     if len(args.data) == 2 and args.data[0] == args.data[1]:  # before the data layer's "two domains named ..."
         raise InputError(f"--data: A and B are the same data ({args.data[0]}); give two different sources")
     config = cli.config(args, SCRIPT)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("contrast.py runs in one process (its counts, document bootstrap and generations are not "
+                         "gathered across torchrun ranks; a model too large for one GPU runs with --device_map auto)")
     from common.cli import pipeline
 
     window = args.prompt_len + args.max_new_tokens

@@ -260,3 +260,16 @@ def test_a_stopped_torchrun_run_resumes_on_every_rank(tmp_path, two_domains):
     one = _published(tmp_path / "one")
     for name in ("entropy_summary.csv", "entropy_histograms.csv"):
         _assert_same_table(pd.read_csv(one / name), pd.read_csv(two / name), name)
+
+
+@pytest.mark.parametrize("script", ["prune", "outliers", "stability", "contrast"])
+def test_single_process_scripts_refuse_torchrun_in_one_line(script, monkeypatch, tmp_path, capsys):
+    """Their state (kept batches, running maxima, paired passes, counts and generations) is not gathered across
+    ranks, so under torchrun they would publish one rank's share: refused before the model loads."""
+    import importlib
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert importlib.import_module(script).main(["--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runs in one process" in err[0] and "torchrun" in err[0], err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("run.json"))
