@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from common import cli
@@ -151,14 +152,9 @@ def run(args: argparse.Namespace) -> None:
 
         rule_slot = len(domains)  # the rule reads the peaks over all domains
         peaks = experts.peaks(args.rule_on, rule_slot)
-        named = outliers.super_experts(peaks, args.multiple)
-        if args.remove:
-            position = {m.layer: i for i, m in enumerate(s.layers)}
-            chosen = sorted({(position[s.moe.resolve_layer(layer)], expert) for layer, expert in args.remove})
-            named = []
-            for i, e in chosen:
-                seen = peaks[i][np.isfinite(peaks[i])]
-                named.append((i, e, float(peaks[i][e]), float(np.median(seen)) if seen.size else np.nan))
+        position = {m.layer: i for i, m in enumerate(s.layers)}
+        chosen = [(position[s.moe.resolve_layer(layer)], expert) for layer, expert in args.remove or ()]
+        named = outliers.super_experts(peaks, args.multiple, chosen if args.remove else None)
         table = experts.inputs if args.rule_on == "input" else experts.outputs
         by_domain = [experts.peaks(args.rule_on, d) for d in range(len(domains))]
         super_rows = []
@@ -199,8 +195,6 @@ def run(args: argparse.Namespace) -> None:
                     drawn.append(tuple(sorted(rng.choice(others, size=len(gone), replace=False).tolist())))
                 conditions.append(("random", draw, drawn))
         else:
-            import warnings
-
             warnings.warn(f"no expert's peak {args.rule_on} exceeds {args.multiple:g} x its layer's median: nothing "
                           "removed (a lower --multiple, or --remove LAYER:EXPERT, names experts)", stacklevel=1)
         perplexity_rows, sink_rows = [], []

@@ -36,12 +36,11 @@ from collections.abc import Sequence
 
 from common import cli
 from common.cli import at_least, base_parser, run_main
+from common.config import DTYPE_NAMES
 from common.errors import InputError
 
 SCRIPT = "stability"
 COMPARISONS = ("dtype", "router", "batch", "padding", "context")
-DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-               "float16": "float16", "fp16": "float16"}
 
 
 def _dtype(text: str) -> str:

@@ -16,7 +16,10 @@ SHIPPED_MODELS = {"demo": PROJECT_ROOT / "data" / "demo-moe", "demo-dense": PROJ
 # (data/demo-moe/TRAINING.md says which training run each comes from).
 SHIPPED_CHECKPOINTS = {"demo": PROJECT_ROOT / "data" / "demo-moe-checkpoints"}
 RANDOM_PREFIX = "random:"
-DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+# --dtype names (the torch names and their short forms) -> the torch name
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
+DTYPES = ("auto", *DTYPE_NAMES)
 
 
 def shipped_revisions(name: str) -> dict[str, Path]:

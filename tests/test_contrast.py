@@ -20,6 +20,7 @@ from common.analysis import contrast
 from common.config import ModelSpec
 from common.data import resolve_domains, token_batches
 from common.hooks import capture, registered_hook_count
+from common.hooks.intervene import ACTIVATION_MARGIN
 from common.model import MoEModel, load_moe
 from common.plots import MAX_PNG_WIDTH
 
@@ -164,7 +165,7 @@ def test_on_is_the_routers_softmax_over_lifted_logits_and_off_never_routes(saved
     assert registered_hook_count(moe.model) == baseline  # every wrapper and hook removed
     top = logits.max(-1, keepdim=True).values
     lifted = logits.clone()
-    lifted[:, 6] = (top + torch.clamp(top.abs() / 32, min=contrast.ON_MARGIN)).squeeze(-1)
+    lifted[:, 6] = (top + torch.clamp(top.abs() / 32, min=ACTIVATION_MARGIN)).squeeze(-1)
     lifted[:, 2] = float("-inf")
     probs = torch.softmax(lifted.double(), -1)
     expected_weight, expected_index = probs.topk(2, dim=-1)

@@ -26,11 +26,9 @@ import torch
 
 from common.data import Batch, Domain
 from common.hooks import ExpertActivation, ExpertRemoval, intervene
-from common.hooks.intervene import ACTIVATION_MARGIN
 from common.model import MoELayer, MoEModel
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: 95% two-sided intervals
-ON_MARGIN = ACTIVATION_MARGIN  # ε of the lift: z_e ← max_j z_j + max(ε, |max_j z_j| / 32) (survives bfloat16)
 
 # ------------------------------------------------------------------------------------------------ counting
 

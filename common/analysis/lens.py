@@ -343,6 +343,15 @@ def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return nll, targets != IGNORE_INDEX
 
 
+def add_domain_nll(nll_sum: np.ndarray, count: np.ndarray, logits: torch.Tensor, batch: Batch) -> None:
+    """Add a batch's next-token NLL (nats, summed over its counted predictions) and its prediction count into
+    per-domain totals [domain] (float64), each row to its domain."""
+    nll, counts = next_token_nll(logits, next_token_labels(batch))
+    domains = batch.domain_ids.cpu().numpy()
+    np.add.at(nll_sum, domains, (nll.double() * counts).sum(1).cpu().numpy())
+    np.add.at(count, domains, counts.sum(1).cpu().numpy())
+
+
 DEFAULT_LOGITS_MB = 256.0
 
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.analysis.lens import next_token_labels, next_token_nll
+from common.analysis.lens import add_domain_nll
+from common.analysis.pruning import removal_edits
 from common.data import Batch
-from common.hooks import ExpertRemoval, capture, intervene
+from common.hooks import capture, intervene
 from common.model import MoELayer, MoEModel
 
 # log10 |h| histogram of the residual stream, for its median: 0.002 decades per bin (0.46% relative resolution).
@@ -190,17 +191,20 @@ class ResidualPeaks:
         return out
 
 
-def super_experts(peaks: Sequence[np.ndarray], multiple: float) -> list[tuple[int, float, float]]:
+def super_experts(peaks: Sequence[np.ndarray], multiple: float,
+                  chosen: Sequence[tuple[int, int]] | None = None) -> list[tuple[int, float, float]]:
     """Per layer, the experts whose peak exceeds `multiple` × the median peak of the layer's routed experts (experts
-    never routed left out of the median): (layer position, expert, peak, median) in layer order, experts ascending."""
+    never routed left out of the median), or the (layer position, expert) pairs of `chosen` whatever their peak:
+    (layer position, expert, peak, median) in layer order, experts ascending."""
     named = []
     for i, values in enumerate(peaks):
         seen = values[np.isfinite(values)]
-        if seen.size == 0:
-            continue
-        median = float(np.median(seen))
-        for e in np.flatnonzero(np.nan_to_num(values, nan=-np.inf) > multiple * median):
-            named.append((i, int(e), float(values[e]), median))
+        median = float(np.median(seen)) if seen.size else float("nan")
+        if chosen is not None:
+            experts = sorted({e for j, e in chosen if j == i})
+        else:
+            experts = np.flatnonzero(np.nan_to_num(values, nan=-np.inf) > multiple * median) if seen.size else []
+        named.extend((i, int(e), float(values[e]), median) for e in experts)
     return named
 
 
@@ -288,30 +292,24 @@ def consequences(moe: MoEModel, batches: Sequence[Batch], removed: Sequence[tupl
                  layers: Sequence[MoELayer], num_domains: int, how: str = "zero") -> Consequence:
     """Next-token NLL per domain, sink mass and residual peak per decoder layer, with `removed[i]` taken out of
     layers[i] (`ExpertRemoval`, prune.py's drop / zero), in one forward per batch."""
-    edits = [ExpertRemoval(m.layer, tuple(experts), how) for m, experts in zip(layers, removed, strict=True) if experts]
     num_layers = len(moe.decoder_layers())
     nll_sum, count = np.zeros(num_domains), np.zeros(num_domains)
     sink = SinkMass(num_layers, num_domains)
     peak = np.zeros((num_layers, num_domains + 1))
     current: dict = {}
-    with intervene(moe, edits), attention_weights(moe, sink, current), \
+    with intervene(moe, removal_edits(layers, removed, how)), attention_weights(moe, sink, current), \
             capture(moe, [], ("residual",)) as records:
         for batch in batches:
             batch = batch.to(moe.device)
             current["batch"] = batch
-            logits = moe.forward(batch.input_ids, batch.attention_mask).logits
-            nll, counts = next_token_nll(logits, next_token_labels(batch))
-            del logits
+            add_domain_nll(nll_sum, count, moe.forward(batch.input_ids, batch.attention_mask).logits, batch)
             domains = batch.domain_ids.cpu().numpy()
-            np.add.at(nll_sum, domains, (nll.double() * counts).sum(1).cpu().numpy())
-            np.add.at(count, domains, counts.sum(1).cpu().numpy())
             real = batch.attention_mask.bool()
             for layer in range(num_layers):
                 h = records[layer].residual
                 h = h.reshape(*real.shape, -1).abs().amax(-1).masked_fill(~real.to(h.device), 0)  # [B, S]
                 per_row = h.amax(1).double().cpu().numpy()
-                for row, d in enumerate(domains):
-                    peak[layer, d] = max(peak[layer, d], per_row[row])
+                np.maximum.at(peak[layer], domains, per_row)
                 peak[layer, -1] = max(peak[layer, -1], per_row.max(initial=0.0))
             records.clear()
     return Consequence(nll_sum, count, sink.mass(), sink.uniform_mass(), peak)

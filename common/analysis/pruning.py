@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.analysis.lens import next_token_labels, next_token_nll
+from common.analysis.lens import add_domain_nll
 from common.data import Batch
 from common.hooks import ExpertRemoval, intervene
 from common.model import MoELayer, MoEModel
@@ -302,25 +302,21 @@ def removed_sets(layers: Sequence[MoELayer], orders: Sequence[Sequence[int]], fr
     return [tuple(sorted(c)) for c in chosen]
 
 
+def removal_edits(layers: Sequence[MoELayer], removed: Sequence[tuple[int, ...]], how: str) -> list[ExpertRemoval]:
+    """The edits that take `removed[i]` out of layers[i] (index E = the layer's shared experts as one unit)."""
+    return [ExpertRemoval(m.layer, tuple(e for e in experts if e < m.num_experts), how, shared=m.num_experts in experts)
+            for m, experts in zip(layers, removed, strict=True) if experts]
+
+
 @torch.no_grad()
 def perplexity(moe: MoEModel, batches: Iterable[Batch], removed: Sequence[tuple[int, ...]],
                layers: Sequence[MoELayer], num_domains: int, how: str = "drop") -> tuple[np.ndarray, np.ndarray]:
     """(Σ NLL [domain], predictions [domain]) of next tokens with `removed[i]` taken out of layers[i]."""
-    edits = [ExpertRemoval(m.layer, tuple(e for e in experts if e < m.num_experts), how,
-                           shared=m.num_experts in experts)
-             for m, experts in zip(layers, removed, strict=True) if experts]
     nll_sum, count = np.zeros(num_domains), np.zeros(num_domains)
-    with intervene(moe, edits):
+    with intervene(moe, removal_edits(layers, removed, how)):
         for batch in batches:
             batch = batch.to(moe.device)
-            labels = next_token_labels(batch)
-            logits = moe.forward(batch.input_ids, batch.attention_mask).logits
-            nll, counts = next_token_nll(logits, labels)
-            del logits
-            per_row = (nll.double() * counts).sum(1).cpu().numpy()
-            rows = counts.sum(1).cpu().numpy()
-            np.add.at(nll_sum, batch.domain_ids.cpu().numpy(), per_row)
-            np.add.at(count, batch.domain_ids.cpu().numpy(), rows)
+            add_domain_nll(nll_sum, count, moe.forward(batch.input_ids, batch.attention_mask).logits, batch)
     return nll_sum, count
 
 

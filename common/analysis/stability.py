@@ -26,11 +26,7 @@ import torch
 
 from common.hooks import capture
 from common.hooks.routing import Hooks, special_router_routing
-from common.model import MoELayer, MoEModel
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-CANONICAL = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from common.model import MoELayer, MoEModel, resolve_dtype
 
 # ------------------------------------------------------------------------------------------ per-token change
 
@@ -256,7 +252,8 @@ class RouterOnly:
         hooks = Hooks()
         try:
             for moe_layer in self.layers:
-                copies = {name: copy.deepcopy(moe_layer.router).to(DTYPES[name]) for name in self.dtypes}
+                copies = {name: copy.deepcopy(moe_layer.router).to(resolve_dtype(name, torch.device("cpu")))
+                          for name in self.dtypes}
                 hooks.add(moe_layer.router.register_forward_hook(self._hook(moe_layer, copies), with_kwargs=True))
             yield self
         finally:
@@ -268,7 +265,7 @@ class RouterOnly:
                 self.unsupported.add(moe_layer.layer)
                 return None
             for name, router in copies.items():
-                dtype = DTYPES[name]
+                dtype = resolve_dtype(name, torch.device("cpu"))
                 cast_args = tuple(_cast(a, dtype) for a in args)
                 cast_kwargs = {k: _cast(v, dtype) for k, v in kwargs.items()}
                 copy_out = router(*cast_args, **cast_kwargs)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from common import distributed, hub
-from common.config import RANDOM_PREFIX, ModelSpec
+from common.config import DTYPE_NAMES, RANDOM_PREFIX, ModelSpec
 from common.errors import InputError
 from common.model import deepseek_moe
 from common.model.adapter import MoEModel, find_moe_layers
@@ -43,11 +43,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """auto: bf16 on CUDA (the models' training precision, half the memory), fp32 on CPU (bf16 matmuls are slow there)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
+    if dtype not in DTYPE_NAMES:
         raise InputError(f"--dtype {dtype}: choose auto, float32, bfloat16 or float16")
-    return table[dtype]
+    return getattr(torch, DTYPE_NAMES[dtype])
 
 
 def _not_cached(spec: ModelSpec) -> InputError:
